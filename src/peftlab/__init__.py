@@ -1,0 +1,19 @@
+"""peftlab: parameter-efficient fine-tuning (LoRA, bottleneck adapters, prefix tuning, IA3)
+for any transformers model through one API, with checkpoints Hugging Face PEFT reads."""
+
+from peftlab.config import PeftConfig, TaskType
+from peftlab.methods.ia3 import IA3Config
+from peftlab.methods.lora import LoraConfig
+from peftlab.peft_model import PeftModel, get_peft_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IA3Config",
+    "LoraConfig",
+    "PeftConfig",
+    "PeftModel",
+    "TaskType",
+    "get_peft_model",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``peftlab`` CLI, one module each (see :mod:`peftlab.cli`)."""

@@ -1,0 +1,269 @@
+"""The one wrapper every module-level method uses, and the adapter units it holds.
+
+A targeted module (``nn.Linear``, GPT-2 ``Conv1D``, ...) is replaced on its parent by an
+:class:`AdaptedModule` that keeps the original as ``base_layer`` and holds one
+:class:`AdapterUnit` per adapter name. The wrapped forward is
+
+    y = post( base_layer(pre(x)) + sum(delta(pre(x))) )
+
+where each unit acts at one stage: ``pre`` rescales the input (IA3 on feed-forward
+layers), ``delta`` adds a term computed from the input (LoRA), ``post`` transforms the
+output (IA3 scaling, bottleneck adapters). Units declare their parameters simply by being
+modules: freezing, saving and counting walk ``AdaptedModule.adapters[name]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+Stage = Literal["pre", "delta", "post"]
+
+
+class AdapterState:
+    """Which adapters are active; one object shared by the model and all its wrappers.
+
+    Wrappers cache their active units against ``version``, so switching adapters costs one
+    counter bump instead of a walk over every wrapped module.
+    """
+
+    def __init__(self) -> None:
+        self.active: tuple[str, ...] = ()
+        self.disabled = False
+        self.version = 0
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        self.active = names
+        self.version += 1
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+        self.version += 1
+
+
+class AdapterUnit(nn.Module):
+    """One adapter's parameters at one wrapped module.
+
+    Subclasses set ``stage`` and implement the matching method. ``post_order`` sorts post
+    units so linear rescaling runs before non-linear transforms (which keeps IA3 mergeable
+    under a bottleneck adapter on the same module).
+    """
+
+    stage: Stage = "delta"
+    post_order: ClassVar[int] = 0
+    mergeable: ClassVar[bool] = False
+    unmergeable_reason: ClassVar[str] = ""
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def post(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merged_weights(
+        self, base_layer: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (weight, bias) of ``base_layer`` with this adapter folded in (not in place)."""
+        raise TypeError(self.unmergeable_reason or f"{type(self).__name__} cannot be merged")
+
+    def unmerged_weights(
+        self, base_layer: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inverse of :meth:`merged_weights`."""
+        raise TypeError(self.unmergeable_reason or f"{type(self).__name__} cannot be merged")
+
+    def check_unmergeable(self) -> str | None:
+        """Why merging this unit now could not be undone, or None when it can."""
+        return None
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return isinstance(module, Conv1D)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear`` or GPT-2 ``Conv1D`` (fan-in/fan-out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        n_in, n_out = module.weight.shape
+        return int(n_in), int(n_out)
+    raise TypeError(
+        f"{type(module).__name__} is not a linear layer; peftlab adapts nn.Linear and "
+        "transformers' Conv1D"
+    )
+
+
+class AdaptedModule(nn.Module):
+    """A target module wrapped with its adapters; ``base_layer`` is the untouched original."""
+
+    def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        # plain attributes (not submodules): shared state and merge bookkeeping
+        self._state = state
+        self.merged: list[str] = []
+        self._cache_version = -1
+        self._cached: tuple[
+            tuple[AdapterUnit, ...], tuple[AdapterUnit, ...], tuple[AdapterUnit, ...]
+        ] = ((), (), ())
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in {"base_layer", "adapters"}:
+                raise
+            return getattr(self.base_layer, name)
+
+    def add_unit(self, adapter_name: str, unit: AdapterUnit) -> None:
+        self.adapters[adapter_name] = unit
+        self._cache_version = -1
+
+    def remove_unit(self, adapter_name: str) -> None:
+        if adapter_name in self.merged:
+            self.unmerge([adapter_name])
+        del self.adapters[adapter_name]
+        self._cache_version = -1
+
+    def _active_units(
+        self,
+    ) -> tuple[tuple[AdapterUnit, ...], tuple[AdapterUnit, ...], tuple[AdapterUnit, ...]]:
+        state = self._state
+        if self._cache_version != state.version:
+            pre: list[AdapterUnit] = []
+            delta: list[AdapterUnit] = []
+            post: list[AdapterUnit] = []
+            if not state.disabled:
+                for name in state.active:
+                    unit = self.adapters[name] if name in self.adapters else None
+                    if unit is None or name in self.merged:
+                        continue
+                    assert isinstance(unit, AdapterUnit)
+                    {"pre": pre, "delta": delta, "post": post}[unit.stage].append(unit)
+            post.sort(key=lambda u: u.post_order)
+            self._cached = (tuple(pre), tuple(delta), tuple(post))
+            self._cache_version = state.version
+        return self._cached
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        pre, delta, post = self._active_units()
+        for unit in pre:
+            x = unit.pre(x)
+        y = self.base_layer(x, *args, **kwargs)
+        for unit in delta:
+            y = y + unit.delta(x)
+        for unit in post:
+            y = unit.post(y)
+        return y
+
+    # ---- merging -------------------------------------------------------------------
+    def _base_params(self) -> tuple[nn.Parameter, nn.Parameter | None]:
+        weight = self.base_layer.weight
+        bias = getattr(self.base_layer, "bias", None)
+        return weight, bias if isinstance(bias, nn.Parameter) else None
+
+    def merge(self, adapter_names: list[str]) -> None:
+        """Fold the named adapters into ``base_layer``'s weights, in forward order.
+
+        Deltas go first, then pre/post rescaling, because the wrapped forward adds deltas
+        before rescaling the output. Each result is checked to be finite before it is kept.
+        """
+        units = [(n, self.adapters[n]) for n in adapter_names if n in self.adapters]
+        units = [(n, u) for n, u in units if n not in self.merged]
+        order = {"delta": 0, "pre": 1, "post": 2}
+        units.sort(key=lambda nu: (order[nu[1].stage], nu[1].post_order))  # type: ignore[index]
+        for name, unit in units:
+            assert isinstance(unit, AdapterUnit)
+            if unit.stage != "delta":
+                pending = [
+                    n
+                    for n in self._state.active
+                    if n in self.adapters
+                    and n not in self.merged
+                    and n not in adapter_names
+                    and self.adapters[n].stage == "delta"
+                ]
+                if pending:
+                    raise ValueError(
+                        f"cannot merge {name!r} into this module while {pending} stay unmerged: "
+                        "their output would be rescaled differently; merge them together"
+                    )
+            weight, bias = self._base_params()
+            new_w, new_b = unit.merged_weights(self.base_layer)
+            if not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all()):
+                raise ValueError(
+                    f"merging adapter {name!r} would put NaN/inf into the base weights; "
+                    "the adapter's parameters are not finite (check training)"
+                )
+            with torch.no_grad():
+                weight.copy_(new_w)
+                if bias is not None and new_b is not None:
+                    bias.copy_(new_b)
+            self.merged.append(name)
+        self._cache_version = -1
+
+    def unmerge(self, adapter_names: list[str] | None = None) -> None:
+        """Undo merges in reverse order (all of them when ``adapter_names`` is None)."""
+        targets = set(self.merged if adapter_names is None else adapter_names)
+        # undo from the most recent merge back to the earliest named one
+        while targets & set(self.merged):
+            name = self.merged[-1]
+            unit = self.adapters[name]
+            assert isinstance(unit, AdapterUnit)
+            weight, bias = self._base_params()
+            new_w, new_b = unit.unmerged_weights(self.base_layer)
+            with torch.no_grad():
+                weight.copy_(new_w)
+                if bias is not None and new_b is not None:
+                    bias.copy_(new_b)
+            self.merged.pop()
+            targets.discard(name)
+        self._cache_version = -1
+
+
+class ModulesToSave(nn.Module):
+    """A module (e.g. a classification head) trained and saved in full per adapter.
+
+    ``original_module`` stays frozen; each adapter gets its own trainable copy in
+    ``modules_to_save`` and the first active adapter that has one is used.
+    """
+
+    def __init__(self, original_module: nn.Module, state: AdapterState) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self._state = state
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in {"original_module", "modules_to_save"}:
+                raise
+            return getattr(self.original_module, name)
+
+    def add_copy(self, adapter_name: str) -> None:
+        import copy
+
+        clone = copy.deepcopy(self.original_module)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[adapter_name] = clone
+
+    def current(self) -> nn.Module:
+        if not self._state.disabled:
+            for name in self._state.active:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current()(*args, **kwargs)

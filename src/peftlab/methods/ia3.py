@@ -1,0 +1,138 @@
+"""IA3: learned vectors that rescale activations (Liu et al., 2022, arXiv:2205.05638).
+
+On attention key/value projections the output is scaled, ``y = l * (W x + b)``; on
+feed-forward output projections the input is scaled, ``y = W (l * x) + b``. Vectors start
+at one, so the adapted model starts equal to the base. Merging multiplies rows (output
+scaling, bias included) or columns (input scaling) of W by l; unmerging divides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from peftlab.architectures import defaults_for
+from peftlab.config import PeftConfig, TaskType, normalize_targets
+from peftlab.injection import find_targets
+from peftlab.layers import AdapterUnit, is_conv1d, linear_features
+from peftlab.methods.base import Method, model_type_of, resolve_targets
+from peftlab.methods.lora import _check_modules_to_save
+
+# |l| below this cannot be divided back out of a merged weight without losing it
+_MIN_INVERTIBLE = 1e-6
+
+
+@dataclass
+class IA3Config(PeftConfig):
+    """Configuration of an IA3 adapter; field names and meanings follow HF PEFT."""
+
+    peft_type: ClassVar[str] = "IA3"
+    PEFT_DEFAULTS: ClassVar[dict[str, Any]] = {"exclude_modules": None}
+
+    target_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = None
+    init_ia3_weights: bool = True
+    modules_to_save: list[str] | None = None
+    task_type: TaskType | str | None = None
+    fan_in_fan_out: bool = field(default=False, repr=False)
+
+    def validate(self) -> None:
+        self.target_modules = normalize_targets("target_modules", self.target_modules)
+        self.feedforward_modules = normalize_targets("feedforward_modules", self.feedforward_modules)
+        if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ValueError(
+                    f"feedforward_modules: {extra} are not in target_modules "
+                    f"{self.target_modules}; feed-forward modules must be a subset of the targets"
+                )
+        if not isinstance(self.init_ia3_weights, bool):
+            raise ValueError(f"init_ia3_weights: must be True or False, got {self.init_ia3_weights!r}")
+        self.modules_to_save = _check_modules_to_save(self.modules_to_save)
+
+
+class IA3Unit(AdapterUnit):
+    """``ia3_l`` for one wrapped layer: shape (1, in) on feed-forward layers, (out, 1) else,
+    as in HF PEFT."""
+
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Module, config: IA3Config, feedforward: bool) -> None:
+        super().__init__()
+        in_features, out_features = linear_features(base_layer)
+        self.is_feedforward = feedforward
+        self.stage = "pre" if feedforward else "post"
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        shape = (1, in_features) if feedforward else (out_features, 1)
+        w = base_layer.weight
+        self.ia3_l = nn.Parameter(torch.empty(shape, device=w.device, dtype=w.dtype))
+        with torch.no_grad():
+            if config.init_ia3_weights:
+                nn.init.ones_(self.ia3_l)
+            else:
+                nn.init.normal_(self.ia3_l, mean=1.0, std=0.1)
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.ia3_l.flatten().to(x.dtype)
+
+    def post(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self.ia3_l.flatten().to(y.dtype)
+
+    def _weight_scale(self) -> torch.Tensor:
+        """l shaped to broadcast against the base weight (Linear: (out, in); Conv1D: (in, out))."""
+        v = self.ia3_l.flatten()
+        along_in = self.is_feedforward
+        if self.fan_in_fan_out:
+            return v[:, None] if along_in else v[None, :]
+        return v[None, :] if along_in else v[:, None]
+
+    def merged_weights(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = base_layer.weight, getattr(base_layer, "bias", None)
+        scale = self._weight_scale().to(w.dtype)
+        new_b = None if self.is_feedforward or b is None else b * self.ia3_l.flatten().to(b.dtype)
+        return w * scale, new_b
+
+    def unmerged_weights(
+        self, base_layer: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = base_layer.weight, getattr(base_layer, "bias", None)
+        scale = self._weight_scale().to(w.dtype)
+        new_b = None if self.is_feedforward or b is None else b / self.ia3_l.flatten().to(b.dtype)
+        return w / scale, new_b
+
+    def check_unmergeable(self) -> str | None:
+        smallest = float(self.ia3_l.detach().abs().min())
+        if smallest < _MIN_INVERTIBLE:
+            return (
+                f"an IA3 scale is {smallest:.1e}, too close to zero to divide back out on "
+                "unmerge; use merge_and_unload() if you do not need to unmerge"
+            )
+        return None
+
+
+class IA3Method(Method):
+    peft_type = "IA3"
+    config_class = IA3Config
+    mergeable = True
+
+    def targets(self, model: nn.Module, config: IA3Config) -> dict[str, Any]:
+        arch = defaults_for(model_type_of(model))
+        names = resolve_targets(model, config.target_modules, arch.ia3 if arch else None, method="IA3")
+        ff_target = config.feedforward_modules
+        if ff_target is None:
+            # default feed-forward modules only make sense with the default targets
+            ff_target = arch.ia3_feedforward if arch and config.target_modules is None else []
+        ff_names = set(find_targets(model, ff_target, field="feedforward_modules")) if ff_target else set()
+        outside = sorted(ff_names - set(names))
+        if outside:
+            raise ValueError(
+                f"feedforward_modules: {outside} are not among the target modules; "
+                "feed-forward modules must be a subset of target_modules"
+            )
+        return {name: name in ff_names for name in names}
+
+    def make_unit(self, base_layer: nn.Module, config: IA3Config, role: Any) -> AdapterUnit:
+        return IA3Unit(base_layer, config, feedforward=bool(role))

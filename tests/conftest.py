@@ -1,0 +1,106 @@
+"""Tiny, randomly initialised transformers models built from configs: offline and fast.
+
+``build_model(arch, seed)`` is deterministic; ``sample_inputs(arch)`` gives matching inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers.logging.set_verbosity_error()
+
+VOCAB = 96
+
+ARCHS = ("llama", "gpt2", "bert", "t5", "bart")
+
+
+def _configs() -> dict[str, tuple[Callable[..., nn.Module], Any]]:
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    return {
+        # grouped-query attention: 4 query heads share 2 key/value heads
+        "llama": (
+            LlamaForCausalLM,
+            LlamaConfig(
+                vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            ),
+        ),
+        "gpt2": (
+            GPT2LMHeadModel,
+            GPT2Config(
+                vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            ),
+        ),
+        "bert": (
+            BertForSequenceClassification,
+            BertConfig(
+                vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=64, num_labels=3, pad_token_id=0,
+            ),
+        ),
+        "t5": (
+            T5ForConditionalGeneration,
+            T5Config(
+                vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+            ),
+        ),
+        "bart": (
+            BartForConditionalGeneration,
+            BartConfig(
+                vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+            ),
+        ),
+    }
+
+
+def build_model(arch: str, seed: int = 0) -> nn.Module:
+    model_cls, config = _configs()[arch]
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    model.eval()
+    return model
+
+
+def sample_inputs(arch: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    inputs: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if arch in ("t5", "bart"):
+        inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 5), generator=g)
+    return inputs
+
+
+def model_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
