@@ -14,6 +14,6 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "TaskType",
-    "get_peft_model",
     "__version__",
+    "get_peft_model",
 ]

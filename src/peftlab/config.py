@@ -122,8 +122,7 @@ class PeftConfig:
                     )
             else:
                 raise ValueError(
-                    f"{target.__name__}: unknown field {key!r}; known fields are "
-                    f"{', '.join(sorted(names))}"
+                    f"{target.__name__}: unknown field {key!r}; known fields are {', '.join(sorted(names))}"
                 )
         return target(**kwargs)  # type: ignore[return-value]
 
@@ -139,8 +138,7 @@ def _parse_task_type(value: str) -> TaskType:
         return TaskType(value)
     except ValueError:
         raise ValueError(
-            f"task_type: {value!r} is not a task type; use one of "
-            f"{', '.join(t.value for t in TaskType)}"
+            f"task_type: {value!r} is not a task type; use one of {', '.join(t.value for t in TaskType)}"
         ) from None
 
 

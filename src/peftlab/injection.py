@@ -72,7 +72,12 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    return [name for name, module in logical_modules(model) if is_linear(module)]
+    """Linear layers that can carry an adapter (heads trained in full are not among them)."""
+    return [
+        name
+        for name, module in logical_modules(model)
+        if is_linear(module) and not isinstance(module, ModulesToSave)
+    ]
 
 
 def candidate_suffixes(model: nn.Module) -> list[str]:
@@ -92,7 +97,9 @@ def find_targets(
         heads = output_head_names(model)
         names = [n for n in linear_module_names(model) if n not in heads]
     else:
-        names = [n for n, _ in logical_modules(model) if matches(n, target)]
+        names = [
+            n for n, m in logical_modules(model) if matches(n, target) and not isinstance(m, ModulesToSave)
+        ]
         # a suffix that names a container (e.g. "mlp") is not a target; its linears are not
         # selected implicitly either, which keeps matching predictable
     if layers_to_transform is not None:
@@ -128,9 +135,7 @@ def wrap(model: nn.Module, name: str, state: AdapterState) -> AdaptedModule:
     if isinstance(module, AdaptedModule):
         return module
     if isinstance(module, ModulesToSave):
-        raise ValueError(
-            f"{name} is in modules_to_save (trained in full); it cannot also carry an adapter"
-        )
+        raise ValueError(f"{name} is in modules_to_save (trained in full); it cannot also carry an adapter")
     wrapper = AdaptedModule(module, state)
     setattr(parent, child, wrapper)
     return wrapper

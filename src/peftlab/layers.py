@@ -66,15 +66,11 @@ class AdapterUnit(nn.Module):
     def post(self, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def merged_weights(
-        self, base_layer: nn.Module
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def merged_weights(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (weight, bias) of ``base_layer`` with this adapter folded in (not in place)."""
         raise TypeError(self.unmergeable_reason or f"{type(self).__name__} cannot be merged")
 
-    def unmerged_weights(
-        self, base_layer: nn.Module
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def unmerged_weights(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Inverse of :meth:`merged_weights`."""
         raise TypeError(self.unmergeable_reason or f"{type(self).__name__} cannot be merged")
 
@@ -87,6 +83,18 @@ def is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def base_weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return weight
+
+
+def base_bias(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
 def linear_features(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an ``nn.Linear`` or GPT-2 ``Conv1D`` (fan-in/fan-out)."""
     if isinstance(module, nn.Linear):
@@ -95,8 +103,7 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
         n_in, n_out = module.weight.shape
         return int(n_in), int(n_out)
     raise TypeError(
-        f"{type(module).__name__} is not a linear layer; peftlab adapts nn.Linear and "
-        "transformers' Conv1D"
+        f"{type(module).__name__} is not a linear layer; peftlab adapts nn.Linear and transformers' Conv1D"
     )
 
 
@@ -111,9 +118,11 @@ class AdaptedModule(nn.Module):
         self._state = state
         self.merged: list[str] = []
         self._cache_version = -1
-        self._cached: tuple[
-            tuple[AdapterUnit, ...], tuple[AdapterUnit, ...], tuple[AdapterUnit, ...]
-        ] = ((), (), ())
+        self._cached: tuple[tuple[AdapterUnit, ...], tuple[AdapterUnit, ...], tuple[AdapterUnit, ...]] = (
+            (),
+            (),
+            (),
+        )
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -143,7 +152,7 @@ class AdaptedModule(nn.Module):
             post: list[AdapterUnit] = []
             if not state.disabled:
                 for name in state.active:
-                    unit = self.adapters[name] if name in self.adapters else None
+                    unit = self.adapters.get(name)
                     if unit is None or name in self.merged:
                         continue
                     assert isinstance(unit, AdapterUnit)

@@ -43,9 +43,8 @@ def quiet(verbose: bool = False) -> Iterator[None]:
         yield
         return
     import transformers
-    from transformers.utils import logging as hf_logging
-
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()

@@ -51,6 +51,8 @@ class PeftModel(nn.Module):
         self._state = AdapterState()
         self._frozen: set[str] = set()  # adapters loaded with is_trainable=False
         self._bias_params: dict[str, dict[str, nn.Parameter]] = {}
+        # adapters that live beside the model rather than in a wrapped module (prefix tuning)
+        self.model_adapters = nn.ModuleDict()
         for p in model.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, config)
@@ -90,8 +92,12 @@ class PeftModel(nn.Module):
         method = method_for(config)
         self.peft_config[adapter_name] = config
         try:
-            method.inject(self.base_model, config, adapter_name, self._state)
+            # heads trained in full are wrapped first, so no target pattern reaches into them
             self._add_modules_to_save(adapter_name, config)
+            method.inject(self.base_model, config, adapter_name, self._state)
+            model_level = method.create_model_adapter(self.base_model, config)
+            if model_level is not None:
+                self.model_adapters[adapter_name] = model_level
             self._add_bias_params(adapter_name, config)
         except Exception:
             self._remove_adapter(adapter_name)
@@ -105,9 +111,7 @@ class PeftModel(nn.Module):
         if requested:
             names += find_targets(self.base_model, requested, field="modules_to_save")
         for head in task_heads:
-            names += [
-                n for n, _ in logical_modules(self.base_model) if n == head or n.endswith("." + head)
-            ]
+            names += [n for n, _ in logical_modules(self.base_model) if n == head or n.endswith("." + head)]
         for name in dict.fromkeys(names):
             parent, child = get_parent(self.base_model, name)
             module = getattr(parent, child)
@@ -127,12 +131,12 @@ class PeftModel(nn.Module):
             for name, module in self.base_model.named_modules():
                 bias = getattr(module, "bias", None)
                 if isinstance(bias, nn.Parameter) and not isinstance(module, AdapterUnit):
-                    found[f"{name}.bias" if name else "bias"] = bias
+                    found[f"base_model.{name}.bias" if name else "base_model.bias"] = bias
         else:  # lora_only: biases of the layers this adapter wraps
             for name, wrapper in wrapped_modules(self.base_model):
                 bias = getattr(wrapper.base_layer, "bias", None)
                 if adapter_name in wrapper.adapters and isinstance(bias, nn.Parameter):
-                    found[f"{name}.base_layer.bias"] = bias
+                    found[f"base_model.{name}.base_layer.bias"] = bias
         self._bias_params[adapter_name] = found
 
     def _remove_adapter(self, adapter_name: str) -> None:
@@ -148,6 +152,8 @@ class PeftModel(nn.Module):
                 unwrap(self.base_model, name)
         for p in self._bias_params.pop(adapter_name, {}).values():
             p.requires_grad_(False)
+        if adapter_name in self.model_adapters:
+            del self.model_adapters[adapter_name]
         self.peft_config.pop(adapter_name, None)
         self._frozen.discard(adapter_name)
 
@@ -161,8 +167,7 @@ class PeftModel(nn.Module):
     def _require(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(
-                f"no adapter named {adapter_name!r}; this model has "
-                f"{sorted(self.peft_config) or 'none'}"
+                f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config) or 'none'}"
             )
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
@@ -212,16 +217,22 @@ class PeftModel(nn.Module):
 
     # ---- parameters -------------------------------------------------------------------
     def adapter_modules(self, adapter_name: str) -> Iterator[tuple[str, nn.Module]]:
-        """(path under ``base_model``, module) of every module holding this adapter's params."""
+        """(path in this PeftModel, module) of every module holding this adapter's params."""
         for name, wrapper in wrapped_modules(self.base_model):
             if adapter_name in wrapper.adapters:
-                yield f"{name}.adapters.{adapter_name}", wrapper.adapters[adapter_name]
+                yield f"base_model.{name}.adapters.{adapter_name}", wrapper.adapters[adapter_name]
         for name, saved in saved_modules(self.base_model):
             if adapter_name in saved.modules_to_save:
-                yield f"{name}.modules_to_save.{adapter_name}", saved.modules_to_save[adapter_name]
+                yield (
+                    f"base_model.{name}.modules_to_save.{adapter_name}",
+                    saved.modules_to_save[adapter_name],
+                )
+        if adapter_name in self.model_adapters:
+            yield f"model_adapters.{adapter_name}", self.model_adapters[adapter_name]
 
     def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
-        """The parameters an adapter declares, by path under ``base_model``."""
+        """The parameters an adapter declares, by their path in this PeftModel
+        (``self.get_parameter(path)`` finds each)."""
         params: dict[str, nn.Parameter] = {}
         for path, module in self.adapter_modules(adapter_name):
             for pname, p in module.named_parameters():
@@ -268,8 +279,7 @@ class PeftModel(nn.Module):
             method = method_for(self.peft_config[name])
             if not method.mergeable:
                 raise ValueError(
-                    f"adapter {name!r} ({method.peft_type}) cannot be merged: "
-                    f"{method.unmergeable_reason}"
+                    f"adapter {name!r} ({method.peft_type}) cannot be merged: {method.unmergeable_reason}"
                 )
 
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
@@ -283,7 +293,7 @@ class PeftModel(nn.Module):
         wrappers = [w for _, w in wrapped_modules(self.base_model)]
         for wrapper in wrappers:
             for name in names:
-                unit = wrapper.adapters[name] if name in wrapper.adapters else None
+                unit = wrapper.adapters.get(name)
                 reason = unit.check_unmergeable() if isinstance(unit, AdapterUnit) else None
                 if reason and name not in wrapper.merged:
                     raise ValueError(f"cannot merge adapter {name!r} reversibly: {reason}")
@@ -333,7 +343,10 @@ class PeftModel(nn.Module):
 
     # ---- checkpoints ------------------------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | os.PathLike[str], selected_adapters: list[str] | None = None, **kwargs: Any
+        self,
+        save_directory: str | os.PathLike[str],
+        selected_adapters: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
         from peftlab.checkpoint import save_pretrained
 
@@ -361,7 +374,9 @@ class PeftModel(nn.Module):
     ) -> PeftModel:
         from peftlab.checkpoint import from_pretrained
 
-        return from_pretrained(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+        return from_pretrained(
+            model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs
+        )
 
 
 def _no_per_sample(adapter_names: list[str] | None) -> None:
@@ -375,4 +390,3 @@ def _no_per_sample(adapter_names: list[str] | None) -> None:
 def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
     """Wrap ``model`` with one adapter, freezing every base parameter."""
     return PeftModel(model, config, adapter_name=adapter_name)
-

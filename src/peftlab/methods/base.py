@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from peftlab.config import PeftConfig
@@ -29,11 +30,25 @@ class Method:
     def make_unit(self, base_layer: nn.Module, config: Any, role: Any) -> AdapterUnit:
         raise NotImplementedError
 
+    def create_model_adapter(self, model: nn.Module, config: Any) -> nn.Module | None:
+        """A module holding a model-level adapter's parameters (prefix tuning), else None."""
+        return None
+
+    def export_model_adapter(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """A model-level adapter's tensors under HF PEFT's state-dict keys (checkpoint boundary)."""
+        return {name: p.detach() for name, p in module.named_parameters()}
+
+    def import_model_adapter(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`export_model_adapter`: load PEFT-keyed tensors into ``module``."""
+        module.load_state_dict(state, strict=True)
+
     def inject(
         self, model: nn.Module, config: Any, adapter_name: str, state: AdapterState
     ) -> list[AdaptedModule]:
         """Wrap every target and give it this adapter's unit; returns the wrappers touched."""
         touched: list[AdaptedModule] = []
+        if type(self).targets is Method.targets:
+            return touched  # a model-level method: nothing to wrap
         for name, role in self.targets(model, config).items():
             wrapper = wrap(model, name, state)
             try:

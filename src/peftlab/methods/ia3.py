@@ -17,7 +17,7 @@ from torch import nn
 from peftlab.architectures import defaults_for
 from peftlab.config import PeftConfig, TaskType, normalize_targets
 from peftlab.injection import find_targets
-from peftlab.layers import AdapterUnit, is_conv1d, linear_features
+from peftlab.layers import AdapterUnit, base_bias, base_weight, is_conv1d, linear_features
 from peftlab.methods.base import Method, model_type_of, resolve_targets
 from peftlab.methods.lora import _check_modules_to_save
 
@@ -67,7 +67,7 @@ class IA3Unit(AdapterUnit):
         self.stage = "pre" if feedforward else "post"
         self.fan_in_fan_out = is_conv1d(base_layer)
         shape = (1, in_features) if feedforward else (out_features, 1)
-        w = base_layer.weight
+        w = base_weight(base_layer)
         self.ia3_l = nn.Parameter(torch.empty(shape, device=w.device, dtype=w.dtype))
         with torch.no_grad():
             if config.init_ia3_weights:
@@ -90,15 +90,13 @@ class IA3Unit(AdapterUnit):
         return v[None, :] if along_in else v[:, None]
 
     def merged_weights(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        w, b = base_layer.weight, getattr(base_layer, "bias", None)
+        w, b = base_weight(base_layer), base_bias(base_layer)
         scale = self._weight_scale().to(w.dtype)
         new_b = None if self.is_feedforward or b is None else b * self.ia3_l.flatten().to(b.dtype)
         return w * scale, new_b
 
-    def unmerged_weights(
-        self, base_layer: nn.Module
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        w, b = base_layer.weight, getattr(base_layer, "bias", None)
+    def unmerged_weights(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = base_weight(base_layer), base_bias(base_layer)
         scale = self._weight_scale().to(w.dtype)
         new_b = None if self.is_feedforward or b is None else b / self.ia3_l.flatten().to(b.dtype)
         return w / scale, new_b

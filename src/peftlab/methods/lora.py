@@ -25,7 +25,7 @@ from peftlab.config import (
     check_probability,
     normalize_targets,
 )
-from peftlab.layers import AdapterUnit, is_conv1d, linear_features
+from peftlab.layers import AdapterUnit, base_weight, is_conv1d, linear_features
 from peftlab.methods.base import Method, model_type_of, resolve_targets
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -130,7 +130,7 @@ class LoraUnit(AdapterUnit):
     def __init__(self, base_layer: nn.Module, config: LoraConfig) -> None:
         super().__init__()
         in_features, out_features = linear_features(base_layer)
-        weight = base_layer.weight
+        weight = base_weight(base_layer)
         kw: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.lora_A = nn.Linear(in_features, config.r, bias=False, **kw)
@@ -164,13 +164,11 @@ class LoraUnit(AdapterUnit):
         return delta.T if self.fan_in_fan_out else delta
 
     def merged_weights(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        w = base_layer.weight
+        w = base_weight(base_layer)
         return w + self._layout(self.delta_weight()).to(w.dtype), None
 
-    def unmerged_weights(
-        self, base_layer: nn.Module
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        w = base_layer.weight
+    def unmerged_weights(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w = base_weight(base_layer)
         return w - self._layout(self.delta_weight()).to(w.dtype), None
 
 
