@@ -67,8 +67,9 @@ class PeftConfig:
     PEFT_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
-        if isinstance(getattr(self, "task_type", None), str):
-            self.task_type = _parse_task_type(self.task_type)  # type: ignore[attr-defined]
+        task_type = getattr(self, "task_type", None)
+        if isinstance(task_type, str) and not isinstance(task_type, TaskType):
+            setattr(self, "task_type", _parse_task_type(task_type))  # noqa: B010
         self.validate()
 
     def validate(self) -> None:

@@ -174,10 +174,8 @@ class AdaptedModule(nn.Module):
         return y
 
     # ---- merging -------------------------------------------------------------------
-    def _base_params(self) -> tuple[nn.Parameter, nn.Parameter | None]:
-        weight = self.base_layer.weight
-        bias = getattr(self.base_layer, "bias", None)
-        return weight, bias if isinstance(bias, nn.Parameter) else None
+    def _base_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return base_weight(self.base_layer), base_bias(self.base_layer)
 
     def merge(self, adapter_names: list[str]) -> None:
         """Fold the named adapters into ``base_layer``'s weights, in forward order.

@@ -294,7 +294,7 @@ class PeftModel(nn.Module):
         for wrapper in wrappers:
             for name in names:
                 unit = wrapper.adapters.get(name)
-                reason = unit.check_unmergeable() if isinstance(unit, AdapterUnit) else None
+                reason = unit.check_unmergeable() if isinstance(unit, AdapterUnit) else None  # type: ignore[operator]
                 if reason and name not in wrapper.merged:
                     raise ValueError(f"cannot merge adapter {name!r} reversibly: {reason}")
         done: list[tuple[AdaptedModule, int]] = []
