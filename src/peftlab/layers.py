@@ -152,7 +152,7 @@ class AdaptedModule(nn.Module):
             post: list[AdapterUnit] = []
             if not state.disabled:
                 for name in state.active:
-                    unit = self.adapters.get(name)
+                    unit = self.adapters[name] if name in self.adapters else None  # noqa: SIM401
                     if unit is None or name in self.merged:
                         continue
                     assert isinstance(unit, AdapterUnit)

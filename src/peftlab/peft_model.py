@@ -293,8 +293,8 @@ class PeftModel(nn.Module):
         wrappers = [w for _, w in wrapped_modules(self.base_model)]
         for wrapper in wrappers:
             for name in names:
-                unit = wrapper.adapters.get(name)
-                reason = unit.check_unmergeable() if isinstance(unit, AdapterUnit) else None  # type: ignore[operator]
+                unit = wrapper.adapters[name] if name in wrapper.adapters else None  # noqa: SIM401
+                reason = unit.check_unmergeable() if isinstance(unit, AdapterUnit) else None
                 if reason and name not in wrapper.merged:
                     raise ValueError(f"cannot merge adapter {name!r} reversibly: {reason}")
         done: list[tuple[AdaptedModule, int]] = []
