@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 # one line per sub-command module
-COMMANDS: tuple[str, ...] = ("count",)
+COMMANDS: tuple[str, ...] = ("compare", "count", "demo", "merge", "recommend")
 
 
 def build_parser() -> argparse.ArgumentParser:

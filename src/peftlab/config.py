@@ -95,6 +95,9 @@ class PeftConfig:
 
         data = dict(data)
         peft_type = data.pop("peft_type", None)
+        if isinstance(peft_type, enum.Enum):
+            # PEFT's to_dict() keeps its PeftType enum, whose str() is "PeftType.LORA"
+            peft_type = peft_type.value
         target: type[PeftConfig] = cls
         if cls is PeftConfig:
             if peft_type is None:

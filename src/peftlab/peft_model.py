@@ -40,9 +40,15 @@ def _check_name(name: str) -> None:
 
 
 class PeftModel(nn.Module):
-    """A model with adapters. ``base_model`` is the wrapped transformers model itself."""
+    """A model with adapters. ``base_model`` is the wrapped transformers model itself.
 
-    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
+    ``PeftModel(model)`` with no config freezes the model and adds no adapter yet, for the
+    AdapterHub style ``add_adapter(name, config=...)`` then ``train_adapter(name)``.
+    """
+
+    def __init__(
+        self, model: nn.Module, config: PeftConfig | None = None, adapter_name: str = "default"
+    ) -> None:
         super().__init__()
         if isinstance(model, PeftModel):
             raise ValueError("model is already a PeftModel; use add_adapter() to add another adapter")
@@ -53,10 +59,18 @@ class PeftModel(nn.Module):
         self._bias_params: dict[str, dict[str, nn.Parameter]] = {}
         # adapters that live beside the model rather than in a wrapped module (prefix tuning)
         self.model_adapters = nn.ModuleDict()
-        for p in model.parameters():
+        was_trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in was_trainable:
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+        if config is not None:
+            try:
+                self.add_adapter(adapter_name, config)
+            except Exception:
+                # a failed wrap leaves the user's model as it was, trainability included
+                for p in was_trainable:
+                    p.requires_grad_(True)
+                raise
+            self.set_adapter(adapter_name)
 
     # ---- attribute pass-through -------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -128,10 +142,18 @@ class PeftModel(nn.Module):
             return
         found: dict[str, nn.Parameter] = {}
         if mode == "all":
-            for name, module in self.base_model.named_modules():
-                bias = getattr(module, "bias", None)
-                if isinstance(bias, nn.Parameter) and not isinstance(module, AdapterUnit):
-                    found[f"base_model.{name}.bias" if name else "base_model.bias"] = bias
+            # real parameter paths: a wrapper's ``bias`` attribute passes through to its base
+            # layer, so named_modules() + getattr would list one bias under two paths
+            # and never another adapter's own parameters (its units, its head copies)
+            skip = {
+                id(p)
+                for other in self.peft_config
+                for _, module in self.adapter_modules(other)
+                for p in module.parameters()
+            }
+            for name, p in self.base_model.named_parameters():
+                if name.rsplit(".", 1)[-1] == "bias" and id(p) not in skip:
+                    found[f"base_model.{name}"] = p
         else:  # lora_only: biases of the layers this adapter wraps
             for name, wrapper in wrapped_modules(self.base_model):
                 bias = getattr(wrapper.base_layer, "bias", None)
@@ -200,6 +222,10 @@ class PeftModel(nn.Module):
             trainable = name in active and name not in self._frozen
             for p in self.adapter_parameters(name).values():
                 p.requires_grad_(trainable)
+        # a head trained in full runs its copy; the original stays frozen even when bias="all"
+        # declares its bias (saved for PEFT, which also keeps it frozen)
+        for _, saved in saved_modules(self.base_model):
+            saved.original_module.requires_grad_(False)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -259,11 +285,26 @@ class PeftModel(nn.Module):
     # ---- running ----------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         _no_per_sample(adapter_names)
-        return self.base_model(*args, **kwargs)
+        with self._model_adapter_scope():
+            return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         _no_per_sample(adapter_names)
-        return self.base_model.generate(*args, **kwargs)  # type: ignore[operator]
+        with self._model_adapter_scope():
+            return self.base_model.generate(*args, **kwargs)  # type: ignore[operator]
+
+    @contextlib.contextmanager
+    def _model_adapter_scope(self) -> Iterator[None]:
+        """Where model-level adapters act: an active one whose module has ``scope(model)`` (a
+        context manager) is in force for the whole call (prefix tuning enters here)."""
+        with contextlib.ExitStack() as stack:
+            if not self._state.disabled:
+                for name in self._state.active:
+                    adapter = self.model_adapters[name] if name in self.model_adapters else None  # noqa: SIM401
+                    scope = getattr(adapter, "scope", None)
+                    if scope is not None:
+                        stack.enter_context(scope(self.base_model))
+            yield
 
     # ---- merging ----------------------------------------------------------------------
     @property

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from peftlab.config import PeftConfig
 from peftlab.methods.base import Method
+from peftlab.methods.bottleneck import BottleneckMethod
 from peftlab.methods.ia3 import IA3Method
 from peftlab.methods.lora import LoraMethod
+from peftlab.methods.prefix import PrefixTuningMethod
 
-METHODS: dict[str, Method] = {m.peft_type: m for m in (LoraMethod(), IA3Method())}
+METHODS: dict[str, Method] = {
+    m.peft_type: m for m in (LoraMethod(), IA3Method(), PrefixTuningMethod(), BottleneckMethod())
+}
 
 
 def method_for(config: PeftConfig) -> Method:

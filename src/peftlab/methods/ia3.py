@@ -41,7 +41,11 @@ class IA3Config(PeftConfig):
 
     def validate(self) -> None:
         self.target_modules = normalize_targets("target_modules", self.target_modules)
-        self.feedforward_modules = normalize_targets("feedforward_modules", self.feedforward_modules)
+        ff = self.feedforward_modules
+        if isinstance(ff, (list, tuple, set, frozenset)) and len(ff) == 0:
+            self.feedforward_modules = []  # explicitly none (None means the architecture's)
+        else:
+            self.feedforward_modules = normalize_targets("feedforward_modules", ff)
         if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
             extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
             if extra:
@@ -121,9 +125,12 @@ class IA3Method(Method):
         names = resolve_targets(model, config.target_modules, arch.ia3 if arch else None, method="IA3")
         ff_target = config.feedforward_modules
         if ff_target is None:
-            # default feed-forward modules only make sense with the default targets
-            ff_target = arch.ia3_feedforward if arch and config.target_modules is None else []
+            # as in HF PEFT: the architecture's feed-forward modules, wherever they are targeted
+            # (so the same config gives the same adapter shapes in both libraries)
+            ff_target = arch.ia3_feedforward if arch else []
         ff_names = set(find_targets(model, ff_target, field="feedforward_modules")) if ff_target else set()
+        if config.feedforward_modules is None:
+            ff_names &= set(names)
         outside = sorted(ff_names - set(names))
         if outside:
             raise ValueError(

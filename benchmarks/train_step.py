@@ -1,0 +1,300 @@
+"""Train-step and inference overhead of peftlab's LoRA and IA3 on SmolLM2-135M, as ratios.
+
+Variants, each on its own copy of the same base model:
+
+- ``floor``: the frozen base, forward + backward with only the input embeddings' output
+  requiring grad (so backward runs through every layer) and no adapter: the least a
+  PEFT train step can cost.
+- peftlab and HF PEFT, LoRA (r=8, alpha 16, q_proj + v_proj) and IA3 (k_proj, v_proj,
+  down_proj; down_proj scaled at its input): forward + backward + AdamW step.
+- inference (forward under ``torch.no_grad``): the base, and peftlab LoRA / IA3 unmerged and
+  merged (``merge_adapter``).
+
+Everything runs in one process, interleaved: each repeat times every variant once, in an
+order rotated from repeat to repeat, so changes in machine load hit all variants alike.
+A ratio is the median over repeats of the paired per-repeat ratio (numerator and denominator
+timed seconds apart). Figures go to stdout as Markdown, optionally to ``--out`` as JSON.
+
+    python benchmarks/train_step.py                 # defaults: batch 4 x seq 64, 5 repeats
+    python benchmarks/train_step.py --quick         # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab import IA3Config, LoraConfig, TaskType, get_peft_model
+from peftlab.models import load_causal_lm
+
+
+@dataclass(frozen=True)
+class Target:
+    """A ratio to report: numerator / denominator, checked against [low, high] when given."""
+
+    label: str
+    numerator: str
+    denominator: str
+    low: float | None = None
+    high: float | None = None
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            mid, tol = (self.low + self.high) / 2, (self.high - self.low) / 2
+            return f"{mid:.2f} ± {tol:.2f}"
+        return f"≤ {self.high:.2f}" if self.high is not None else "-"
+
+    def verdict(self, value: float) -> str:
+        if self.high is None:
+            return ""
+        ok = value <= self.high and (self.low is None or value >= self.low)
+        return "PASS" if ok else "MISS"
+
+
+TARGETS = (
+    Target("LoRA train step / floor", "peftlab LoRA step", "floor step", high=1.05),
+    Target("IA3 train step / floor", "peftlab IA3 step", "floor step"),
+    Target("peftlab LoRA step / HF PEFT LoRA step", "peftlab LoRA step", "HF PEFT LoRA step", high=1.00),
+    Target("peftlab IA3 step / HF PEFT IA3 step", "peftlab IA3 step", "HF PEFT IA3 step", high=1.00),
+    Target("LoRA merged / base (inference)", "LoRA merged forward", "base forward", low=0.97, high=1.03),
+    Target("IA3 merged / base (inference)", "IA3 merged forward", "base forward", low=0.97, high=1.03),
+    Target("LoRA unmerged / base (inference)", "LoRA unmerged forward", "base forward", high=1.10),
+    Target("IA3 unmerged / base (inference)", "IA3 unmerged forward", "base forward", high=1.03),
+)
+
+LORA_TARGETS = ["q_proj", "v_proj"]
+IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]
+IA3_FEEDFORWARD = ["down_proj"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds over all variants (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    # one thread: on cores other processes share, OpenMP's extra threads wait on each other
+    # (2 threads ran a forward 4-5x slower than 1 on our busy 2-core machine)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke run: batch 1 x seq 32, 2 repeats")
+    p.add_argument("--out", default=None, help="also write the figures as JSON here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.seq_len, args.repeats, args.warmup = 1, 32, 2, 1
+    if min(args.batch_size, args.seq_len, args.repeats, args.threads) < 1 or args.warmup < 0:
+        p.error("sizes, repeats and threads must be >= 1, warmup >= 0")
+    return args
+
+
+def _hf_peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        sys.exit("this benchmark compares against HF PEFT: pip install -e '.[dev]'")
+    return peft
+
+
+def _require_input_grad(model: nn.Module) -> Any:
+    """Make the input embeddings' output require grad while grad is enabled (the floor)."""
+
+    def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            output.requires_grad_(True)
+
+    return model.get_input_embeddings().register_forward_hook(hook)  # type: ignore[operator]
+
+
+def train_step_fn(model: nn.Module, batch: dict[str, torch.Tensor], lr: float) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr) if params else None
+
+    def step() -> None:
+        model.train()
+        loss = model(**batch).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def forward_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def forward() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(**inputs)
+
+    return forward
+
+
+def build_variants(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]], dict[str, int]]:
+    peft = _hf_peft()
+    base, _tok = load_causal_lm()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(args.seed)
+    config: Any = base.config
+    vocab = int(config.vocab_size)
+    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def fresh() -> nn.Module:
+        return copy.deepcopy(base)
+
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS, task_type=TaskType.CAUSAL_LM)
+    ia3 = IA3Config(
+        target_modules=IA3_TARGETS, feedforward_modules=IA3_FEEDFORWARD, task_type=TaskType.CAUSAL_LM
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models: dict[str, nn.Module] = {
+            "peftlab LoRA": get_peft_model(fresh(), lora),
+            "peftlab IA3": get_peft_model(fresh(), ia3),
+            "HF PEFT LoRA": peft.get_peft_model(
+                fresh(),
+                peft.LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"),
+            ),
+            "HF PEFT IA3": peft.get_peft_model(
+                fresh(),
+                peft.IA3Config(
+                    target_modules=IA3_TARGETS, feedforward_modules=IA3_FEEDFORWARD, task_type="CAUSAL_LM"
+                ),
+            ),
+            # merged copies: init_lora_weights=False gives B != 0, so merging changes the weights
+            "LoRA merged": get_peft_model(fresh(), dataclasses.replace(lora, init_lora_weights=False)),
+            "IA3 merged": get_peft_model(fresh(), dataclasses.replace(ia3, init_ia3_weights=False)),
+        }
+    for name in ("LoRA merged", "IA3 merged"):
+        models[name].merge_adapter()  # type: ignore[operator]
+    trainable = {
+        name: sum(p.numel() for p in m.parameters() if p.requires_grad)
+        for name, m in models.items()
+        if "merged" not in name
+    }
+    _require_input_grad(base)
+    lr = 1e-4
+    variants: dict[str, Callable[[], None]] = {
+        "floor step": train_step_fn(base, batch, lr),
+        "peftlab LoRA step": train_step_fn(models["peftlab LoRA"], batch, lr),
+        "HF PEFT LoRA step": train_step_fn(models["HF PEFT LoRA"], batch, lr),
+        "peftlab IA3 step": train_step_fn(models["peftlab IA3"], batch, lr),
+        "HF PEFT IA3 step": train_step_fn(models["HF PEFT IA3"], batch, lr),
+        "base forward": forward_fn(base, batch),
+        "LoRA unmerged forward": forward_fn(models["peftlab LoRA"], batch),
+        "LoRA merged forward": forward_fn(models["LoRA merged"], batch),
+        "IA3 unmerged forward": forward_fn(models["peftlab IA3"], batch),
+        "IA3 merged forward": forward_fn(models["IA3 merged"], batch),
+    }
+    return variants, trainable
+
+
+def measure(variants: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call for each variant, one call per variant per round, order rotated."""
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            variants[name]()
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                times[name].append(elapsed)
+        print(f"round {r + 1}/{warmup + repeats} done", file=sys.stderr, flush=True)
+    return times
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def report(
+    args: argparse.Namespace, times: dict[str, list[float]], trainable: dict[str, int], meta: dict[str, Any]
+) -> dict[str, Any]:
+    lines = [
+        f"SmolLM2-135M, fp32, batch {args.batch_size} x seq {args.seq_len}, {args.threads} threads, "
+        f"{args.repeats} interleaved repeats after {args.warmup} warm-up; torch {torch.__version__}, "
+        f"{meta['cpu']}; load average {meta['load_before']} before, {meta['load_after']} after",
+        "",
+        "| variant | median ms | p25-p75 ms |",
+        "|---|---:|---:|",
+    ]
+    for name, values in times.items():
+        q1, q2, q3 = quartiles(values)
+        lines.append(f"| {name} | {q2 * 1e3:.1f} | {q1 * 1e3:.1f}-{q3 * 1e3:.1f} |")
+    lines += [
+        "",
+        "| ratio (median of paired per-repeat ratios) | value | p25-p75 | target | result |",
+        "|---|---:|---:|---:|---|",
+    ]
+    ratios: list[dict[str, Any]] = []
+    for t in TARGETS:
+        paired = [a / b for a, b in zip(times[t.numerator], times[t.denominator], strict=True)]
+        q1, q2, q3 = quartiles(paired)
+        verdict = t.verdict(q2)
+        lines.append(f"| {t.label} | {q2:.3f} | {q1:.3f}-{q3:.3f} | {t.describe()} | {verdict} |")
+        ratios.append(
+            {
+                "ratio": t.label,
+                "value": q2,
+                "p25": q1,
+                "p75": q3,
+                "target": t.describe(),
+                "result": verdict or None,
+            }
+        )
+    lines += [
+        "",
+        "trainable parameters: " + ", ".join(f"{k} {v:,d}" for k, v in trainable.items()),
+    ]
+    print("\n".join(lines))
+    return {
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "environment": meta,
+        "seconds": times,
+        "ratios": ratios,
+        "trainable_params": trainable,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    variants, trainable = build_variants(args)
+    meta: dict[str, Any] = {
+        "cpu": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }
+    times = measure(variants, args.repeats, args.warmup)
+    meta["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    result = report(args, times, trainable, meta)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""``peftlab recommend``: which PEFT method to use, with its settings and the reasons."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from peftlab.recommend import MODEL_TYPES, Constraints, load_results, recommend
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "recommend",
+        help="the method decision for your constraints, with its reasons",
+        description="Apply the lesson's decision procedure (or measured results) to your constraints.",
+    )
+    p.add_argument("--examples", type=int, default=None, help="number of training examples")
+    p.add_argument("--model-type", choices=MODEL_TYPES, default="causal", help="kind of base model")
+    p.add_argument("--memory-gb", type=float, default=None, help="training memory budget in GB")
+    p.add_argument(
+        "--lora-memory-gb",
+        type=float,
+        default=None,
+        help="LoRA's training memory on your model (see `peftlab count`), to test the budget against",
+    )
+    p.add_argument("--tasks", type=int, default=1, help="number of tasks to serve from one base model")
+    p.add_argument("--zero-overhead", action="store_true", help="inference must cost nothing extra")
+    p.add_argument("--results", default=None, help="results.json from `peftlab compare` (measured)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    constraints = Constraints(
+        num_examples=args.examples,
+        model_type=args.model_type,
+        memory_budget_gb=args.memory_gb,
+        lora_memory_gb=args.lora_memory_gb,
+        num_tasks=args.tasks,
+        zero_overhead=args.zero_overhead,
+    )
+    results = load_results(args.results) if args.results else None
+    rec = recommend(constraints, results)
+    if args.memory_gb is not None and args.lora_memory_gb is None and results is None:
+        rec.reasons.append(
+            "the memory budget was not tested: pass --lora-memory-gb (from `peftlab count`) or --results"
+        )
+    print(json.dumps(rec.to_dict(), indent=2) if args.json else rec.render())
+    return 0
