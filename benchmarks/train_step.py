@@ -92,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: batch 1 x seq 32, 2 repeats")
+    p.add_argument("--no-profile", action="store_true", help="skip the hook-timed wrapper cost")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = p.parse_args(argv)
     if args.quick:
@@ -145,7 +146,15 @@ def forward_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[],
     return forward
 
 
-def build_variants(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]], dict[str, int]]:
+@dataclass
+class Bench:
+    variants: dict[str, Callable[[], None]]  # name -> one timed call
+    trainable: dict[str, int]
+    models: dict[str, nn.Module]
+    batch: dict[str, torch.Tensor]
+
+
+def build_variants(args: argparse.Namespace) -> Bench:
     peft = _hf_peft()
     base, _tok = load_causal_lm()
     for p in base.parameters():
@@ -203,7 +212,7 @@ def build_variants(args: argparse.Namespace) -> tuple[dict[str, Callable[[], Non
         "IA3 unmerged forward": forward_fn(models["peftlab IA3"], batch),
         "IA3 merged forward": forward_fn(models["IA3 merged"], batch),
     }
-    return variants, trainable
+    return Bench(variants, trainable, models, batch)
 
 
 def measure(variants: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -222,6 +231,54 @@ def measure(variants: dict[str, Callable[[], None]], repeats: int, warmup: int) 
     return times
 
 
+def wrapper_overhead(model: nn.Module, call: Callable[[], None], repeats: int = 3) -> dict[str, float]:
+    """Time spent inside peftlab's wrappers beyond their base layers, per forward (medians).
+
+    A cross-check that machine noise cannot blur: hooks time every ``AdaptedModule`` and its
+    ``base_layer``; the difference is the adapter's own cost (its ops plus the wrapper's
+    Python), an upper bound since the base layer's hooks run inside the wrapper's timing.
+    """
+    from peftlab.layers import AdaptedModule
+
+    spent = {"wrapper": 0.0, "base": 0.0}
+    started: dict[tuple[str, int], float] = {}
+
+    def enter(kind: str) -> Callable[..., None]:
+        def hook(module: nn.Module, _args: Any) -> None:
+            started[(kind, id(module))] = time.perf_counter()
+
+        return hook
+
+    def leave(kind: str) -> Callable[..., None]:
+        def hook(module: nn.Module, _args: Any, _out: Any) -> None:
+            spent[kind] += time.perf_counter() - started.pop((kind, id(module)))
+
+        return hook
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, AdaptedModule):
+            for kind, m in (("wrapper", module), ("base", module.base_layer)):
+                handles += [m.register_forward_pre_hook(enter(kind)), m.register_forward_hook(leave(kind))]
+    extra, total = [], []
+    try:
+        for _ in range(repeats):
+            spent["wrapper"] = spent["base"] = 0.0
+            start = time.perf_counter()
+            call()
+            total.append(time.perf_counter() - start)
+            extra.append(spent["wrapper"] - spent["base"])
+    finally:
+        for h in handles:
+            h.remove()
+    fractions = [e / t for e, t in zip(extra, total, strict=True)]
+    return {
+        "adapter_ms": statistics.median(extra) * 1e3,
+        "forward_ms": statistics.median(total) * 1e3,
+        "fraction": statistics.median(fractions),
+    }
+
+
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     if len(values) < 2:
         return values[0], values[0], values[0]
@@ -230,7 +287,11 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def report(
-    args: argparse.Namespace, times: dict[str, list[float]], trainable: dict[str, int], meta: dict[str, Any]
+    args: argparse.Namespace,
+    times: dict[str, list[float]],
+    trainable: dict[str, int],
+    overhead: dict[str, dict[str, float]],
+    meta: dict[str, Any],
 ) -> dict[str, Any]:
     lines = [
         f"SmolLM2-135M, fp32, batch {args.batch_size} x seq {args.seq_len}, {args.threads} threads, "
@@ -264,6 +325,19 @@ def report(
                 "result": verdict or None,
             }
         )
+    if overhead:
+        lines += [
+            "",
+            "Adapter cost inside the wrappers (hook-timed, median of 3 forwards; not subject to the "
+            "paired-timing noise above):",
+            "",
+            "| forward | adapter ms | forward ms | share of forward |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, o in overhead.items():
+            lines.append(
+                f"| {name} | {o['adapter_ms']:.1f} | {o['forward_ms']:.1f} | {100 * o['fraction']:.2f}% |"
+            )
     lines += [
         "",
         "trainable parameters: " + ", ".join(f"{k} {v:,d}" for k, v in trainable.items()),
@@ -274,6 +348,7 @@ def report(
         "environment": meta,
         "seconds": times,
         "ratios": ratios,
+        "wrapper_overhead": overhead,
         "trainable_params": trainable,
     }
 
@@ -282,14 +357,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    variants, trainable = build_variants(args)
+    bench = build_variants(args)
     meta: dict[str, Any] = {
         "cpu": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
-    times = measure(variants, args.repeats, args.warmup)
+    times = measure(bench.variants, args.repeats, args.warmup)
     meta["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    result = report(args, times, trainable, meta)
+    overhead: dict[str, dict[str, float]] = {}
+    if not args.no_profile:
+        profiled = {
+            "LoRA unmerged": "peftlab LoRA",
+            "LoRA merged": "LoRA merged",
+            "IA3 unmerged": "peftlab IA3",
+            "IA3 merged": "IA3 merged",
+        }
+        for name, model in profiled.items():
+            overhead[name] = wrapper_overhead(bench.models[model], bench.variants[f"{name} forward"])
+    result = report(args, times, bench.trainable, overhead, meta)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)

@@ -402,3 +402,15 @@ def test_failed_add_adapter_leaves_model_unchanged() -> None:
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
     assert not any(".bad." in n for n, _ in model.named_parameters())
     assert_equal(model_output(model, inputs), out)
+
+
+def test_peft_style_modules_to_save_with_absent_head_is_accepted() -> None:
+    """PEFT writes ["classifier", "score"] for SEQ_CLS; a bert has only the first."""
+    from conftest import build_model
+
+    from peftlab import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_model("bert"), LoraConfig(modules_to_save=["classifier", "score"]))
+    assert any(".modules_to_save.default." in n for n in model.adapter_parameters("default"))
+    with pytest.raises(ValueError, match="nonexist"):
+        get_peft_model(build_model("bert"), LoraConfig(modules_to_save=["nonexist"]))

@@ -111,11 +111,11 @@ class CompareOptions:
     eval_data: str | None = None
     eval_fraction: float = 0.2
     methods: tuple[str, ...] = DEFAULT_METHODS
-    steps: int = 40
-    batch_size: int = 8
+    steps: int = 30
+    batch_size: int = 4
     seq_len: int = 128
     seeds: int = 1
-    num_eval: int = 48
+    num_eval: int = 32
     latency_repeats: int = 5
     out: str = "peftlab-compare"
     quick: bool = False
@@ -138,7 +138,7 @@ class CompareOptions:
             raise ValueError("--eval-data needs --data (the training file)")
 
 
-QUICK = {"steps": 12, "num_eval": 24, "seq_len": 64, "latency_repeats": 3, "task": "topic"}
+QUICK = {"steps": 8, "num_eval": 16, "seq_len": 64, "latency_repeats": 3, "task": "topic"}
 
 
 # ---- measuring ------------------------------------------------------------------------

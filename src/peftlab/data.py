@@ -33,6 +33,8 @@ def classification_prompt(text: str, labels: Sequence[str]) -> str:
 
 def _rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+        raise ValueError(f"{path}: unknown data format {suffix!r}; use .jsonl or .csv")
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -53,12 +55,10 @@ def _rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             rows.append((number, row))
-    elif suffix in (".csv", ".tsv"):
+    else:
         reader = csv.DictReader(raw.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
         for row in reader:
             rows.append((reader.line_num, dict(row)))
-    else:
-        raise ValueError(f"{path}: unknown data format {suffix!r}; use .jsonl or .csv")
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

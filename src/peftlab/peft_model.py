@@ -122,9 +122,13 @@ class PeftModel(nn.Module):
         requested: list[str] = list(getattr(config, "modules_to_save", None) or [])
         task_heads = _TASK_HEADS.get(getattr(config, "task_type", None), [])  # type: ignore[arg-type]
         names: list[str] = []
-        if requested:
-            names += find_targets(self.base_model, requested, field="modules_to_save")
-        for head in task_heads:
+        # PEFT writes the classification heads it might use ("classifier", "score") into
+        # modules_to_save; like the task defaults, those need not all exist
+        optional = set(_TASK_HEADS[TaskType.SEQ_CLS])
+        required = [n for n in requested if n not in optional]
+        if required:
+            names += find_targets(self.base_model, required, field="modules_to_save")
+        for head in [*task_heads, *(n for n in requested if n in optional)]:
             names += [n for n, _ in logical_modules(self.base_model) if n == head or n.endswith("." + head)]
         for name in dict.fromkeys(names):
             parent, child = get_parent(self.base_model, name)

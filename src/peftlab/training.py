@@ -248,8 +248,10 @@ def train(
                 history.step_times.append(elapsed)
                 history.learning_rates.append(lr)
                 history.tokens.append(int(batch["attention_mask"].sum()))
+                bar.set_postfix(
+                    loss=f"{value:.3f}", tok_s=f"{history.tokens[-1] / elapsed:.0f}", refresh=False
+                )
                 bar.update(1)
-                bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{history.tokens[-1] / elapsed:.0f}")
     finally:
         bar.close()
         model.train(was_training)

@@ -158,7 +158,6 @@ class BottleneckUnit(AdapterUnit):
         self.adapter_down = nn.Linear(d_model, size, **kw)
         self.adapter_up = nn.Linear(size, d_model, **kw)
         self.non_linearity = config.non_linearity
-        self._act = NON_LINEARITIES[config.non_linearity]
         self.reset_parameters(config.init_weights)
 
     def reset_parameters(self, init_weights: str) -> None:
@@ -177,7 +176,7 @@ class BottleneckUnit(AdapterUnit):
         # token, and skipping two nn.Module calls is most of the adapter's Python overhead
         down, up = self.adapter_down, self.adapter_up
         h = F.linear(y.to(down.weight.dtype), down.weight, down.bias)
-        h = F.linear(self._act(h), up.weight, up.bias)
+        h = F.linear(NON_LINEARITIES[self.non_linearity](h), up.weight, up.bias)
         if h.dtype == y.dtype:
             # in place into a fresh tensor whose value no backward needs: saves an allocation
             return h.add_(y)
