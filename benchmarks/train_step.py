@@ -293,8 +293,9 @@ def report(
     overhead: dict[str, dict[str, float]],
     meta: dict[str, Any],
 ) -> dict[str, Any]:
+    threads = f"{args.threads} thread" + ("s" if args.threads > 1 else "")
     lines = [
-        f"SmolLM2-135M, fp32, batch {args.batch_size} x seq {args.seq_len}, {args.threads} threads, "
+        f"SmolLM2-135M, fp32, batch {args.batch_size} x seq {args.seq_len}, {threads}, "
         f"{args.repeats} interleaved repeats after {args.warmup} warm-up; torch {torch.__version__}, "
         f"{meta['cpu']}; load average {meta['load_before']} before, {meta['load_after']} after",
         "",

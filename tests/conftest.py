@@ -16,6 +16,10 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers.logging.set_verbosity_error()
+# The tiny models do microsecond-sized ops: with several threads on a busy machine they spend
+# far longer in thread hand-offs than in arithmetic, so the whole suite runs on one thread
+# (tests that run the real 135M model pass --threads themselves).
+torch.set_num_threads(1)
 
 VOCAB = 96
 

@@ -14,10 +14,6 @@ from conftest import ARCHS, build_model
 from peftlab import IA3Config, LoraConfig, PeftConfig, PeftModel, TaskType
 from peftlab.layers import AdaptedModule, ModulesToSave
 
-# The tiny models do microsecond-sized ops: with several threads on a busy machine they spend
-# ~100x longer in thread hand-offs than in arithmetic. One thread keeps the suite fast.
-torch.set_num_threads(1)
-
 ATOL = 1e-5
 
 TASKS: dict[str, TaskType] = {

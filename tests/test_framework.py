@@ -407,7 +407,6 @@ def test_failed_add_adapter_leaves_model_unchanged() -> None:
 def test_peft_style_modules_to_save_with_absent_head_is_accepted() -> None:
     """PEFT writes ["classifier", "score"] for SEQ_CLS; a bert has only the first."""
     from conftest import build_model
-
     from peftlab import LoraConfig, get_peft_model
 
     model = get_peft_model(build_model("bert"), LoraConfig(modules_to_save=["classifier", "score"]))

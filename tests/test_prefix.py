@@ -23,8 +23,6 @@ TASKS = {
 }
 IMPLS = ("sdpa", "eager")
 TOL = 1e-5
-# tiny models: thread hand-offs cost more than the arithmetic (as in suite_helpers)
-torch.set_num_threads(1)
 
 
 def _base(arch: str, impl: str = "sdpa", seed: int = 0) -> nn.Module:

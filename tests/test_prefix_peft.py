@@ -20,8 +20,6 @@ from peftlab.methods import get_method
 TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 TOKENS = 3
 TOL = 1e-5
-# tiny models: thread hand-offs cost more than the arithmetic (as in suite_helpers)
-torch.set_num_threads(1)
 METHOD = get_method("PREFIX_TUNING")
 
 

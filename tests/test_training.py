@@ -29,9 +29,6 @@ from peftlab.training import (
     train,
 )
 
-# tiny models: more threads only add hand-off overhead
-torch.set_num_threads(1)
-
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -160,7 +160,7 @@ def _batch_order(n: int, batch_size: int, steps: int, generator: torch.Generator
         stream = stream[batch_size:]
 
 
-def linear_schedule(warmup_steps: int, total_steps: int) -> Any:
+def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """LR multiplier: 0 -> 1 over the warmup, then 1 -> 0 at the last step."""
 
     def factor(step: int) -> float:

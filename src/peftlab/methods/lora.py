@@ -153,8 +153,8 @@ class LoraUnit(AdapterUnit):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         a = self.lora_A.weight
-        out = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
-        return out * self.scaling
+        # scale the r-wide intermediate rather than the out-wide result: fewer multiplies
+        return self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))) * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B A in the (out, in) layout of nn.Linear."""
