@@ -404,11 +404,10 @@ def _measure_model(
     name: str,
 ) -> dict[str, Any]:
     """Exact counts, adapter file size and inference latency relative to the base model."""
-    from peftlab.counting import activation_assumption, memory_estimates
+    from peftlab.counting import activation_assumption, count_parameters, memory_estimates
 
     model.eval()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = count_parameters(model)
     estimate = memory_estimates(
         trainable, total, activation_assumption(base.config, base, opts.batch_size, opts.seq_len)
     )["fp32"]

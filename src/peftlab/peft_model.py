@@ -272,12 +272,9 @@ class PeftModel(nn.Module):
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts, shared parameters counted once."""
-        trainable = total = 0
-        for p in self.parameters():
-            total += p.numel()
-            if p.requires_grad:
-                trainable += p.numel()
-        return trainable, total
+        from peftlab.counting import count_parameters
+
+        return count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
