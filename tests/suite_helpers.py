@@ -123,3 +123,21 @@ def peft_twin(ours: PeftModel, arch: str, config: Any, adapter: str = "default",
     assert all(".original_module." in n for n in copied - trainable), sorted(copied - trainable)
     twin.eval()
     return twin
+
+
+def check_equal_to_peft(arch: str, ours_config: PeftConfig, peft_config: Any) -> None:
+    """A non-trivially initialised peftlab adapter and its PEFT twin give equal outputs, and
+    equal weights once both are merged (Conv1D layout included)."""
+    from conftest import model_output, sample_inputs
+    from peftlab import get_peft_model
+
+    ours = get_peft_model(build_model(arch), ours_config)
+    perturb(ours.adapter_parameters("default").values(), scale=0.1)  # biases, head copies too
+    twin = peft_twin(ours, arch, peft_config)
+    inputs = sample_inputs(arch)
+    out = model_output(ours, inputs)
+    assert differs(out, model_output(build_model(arch), inputs))
+    assert_close(out, model_output(twin, inputs))
+    mine = ours.merge_and_unload().state_dict()
+    for k, w in twin.merge_and_unload().state_dict().items():
+        assert_close(mine[k], w, atol=1e-6)

@@ -14,7 +14,7 @@ from peftlab import IA3Config, get_peft_model
 from peftlab.injection import wrapped_modules
 from peftlab.layers import AdaptedModule
 from peftlab.methods.ia3 import IA3Unit
-from suite_helpers import assert_close, differs, peft_twin, perturb, sub
+from suite_helpers import assert_close, check_equal_to_peft, sub
 
 GPT2: dict[str, Any] = {"fan_in_fan_out": True}  # PEFT wants it for Conv1D; peftlab detects the layout itself
 
@@ -62,17 +62,7 @@ NUMERIC_CASES: list[tuple[str, dict[str, Any]]] = [
 
 @pytest.mark.parametrize(("arch", "kw"), NUMERIC_CASES, ids=[case_id(c) for c in NUMERIC_CASES])
 def test_numerics_equal_peft(arch: str, kw: dict[str, Any]) -> None:
-    ours = get_peft_model(build_model(arch), IA3Config(init_ia3_weights=False, **kw))
-    perturb(ours.adapter_parameters("default").values(), scale=0.1)
-    twin = peft_twin(ours, arch, peft.IA3Config(**kw))
-    inputs = sample_inputs(arch)
-    out = model_output(ours, inputs)
-    assert differs(out, model_output(build_model(arch), inputs))
-    assert_close(out, model_output(twin, inputs))
-
-    mine = ours.merge_and_unload().state_dict()
-    for k, w in twin.merge_and_unload().state_dict().items():
-        assert_close(mine[k], w, atol=1e-6)
+    check_equal_to_peft(arch, IA3Config(init_ia3_weights=False, **kw), peft.IA3Config(**kw))
 
 
 def test_feedforward_scales_input_others_scale_output() -> None:

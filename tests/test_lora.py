@@ -17,10 +17,9 @@ from peftlab.methods.lora import LoraUnit
 from suite_helpers import (
     assert_close,
     assert_equal,
+    check_equal_to_peft,
     differs,
     loss_of,
-    peft_twin,
-    perturb,
     sub,
     weights,
 )
@@ -83,18 +82,7 @@ NUMERIC_CASES: list[tuple[str, dict[str, Any]]] = [
 
 @pytest.mark.parametrize(("arch", "kw"), NUMERIC_CASES, ids=[count_id(c) for c in NUMERIC_CASES])
 def test_numerics_equal_peft(arch: str, kw: dict[str, Any]) -> None:
-    ours = get_peft_model(build_model(arch), LoraConfig(init_lora_weights=False, **kw))
-    perturb(ours.adapter_parameters("default").values(), scale=0.1)  # biases, head copies too
-    twin = peft_twin(ours, arch, peft.LoraConfig(**kw))
-    inputs = sample_inputs(arch)
-    out = model_output(ours, inputs)
-    assert differs(out, model_output(build_model(arch), inputs))
-    assert_close(out, model_output(twin, inputs))
-
-    # merged weights agree too (Conv1D layout included)
-    mine = ours.merge_and_unload().state_dict()
-    for k, w in twin.merge_and_unload().state_dict().items():
-        assert_close(mine[k], w, atol=1e-6)
+    check_equal_to_peft(arch, LoraConfig(init_lora_weights=False, **kw), peft.LoraConfig(**kw))
 
 
 def test_gpt2_conv1d_merge_layout() -> None:
