@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from dataclasses import fields
 from typing import Any
 
@@ -72,9 +71,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         quick=args.quick,
         threads=args.threads,
-        command="peftlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        if sys.argv[1:]
-        else "peftlab compare",
+        command="peftlab " + " ".join(shlex.quote(a) for a in args.argv),
         learning_rates=_learning_rates(args.lr),
     )
     if args.quick:
