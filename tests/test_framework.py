@@ -247,14 +247,6 @@ def test_duplicate_adapter_name_rejected() -> None:
         get_peft_model(model, LoraConfig(r=2))
 
 
-def test_per_sample_adapter_names_not_yet_supported() -> None:
-    model, _ = two_adapters()
-    with pytest.raises(NotImplementedError, match="adapter_names"):
-        model(**sample_inputs("llama"), adapter_names=["default", "__base__"])
-    with pytest.raises(NotImplementedError, match="adapter_names"):
-        model.generate(**sample_inputs("llama"), adapter_names=["default", "__base__"])
-
-
 def test_attribute_pass_through() -> None:
     base = build_model("llama")
     model = get_peft_model(base, LoraConfig(r=2))

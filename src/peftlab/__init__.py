@@ -1,6 +1,7 @@
 """peftlab: parameter-efficient fine-tuning (LoRA, bottleneck adapters, prefix tuning, IA3)
 for any transformers model through one API, with checkpoints Hugging Face PEFT reads."""
 
+from peftlab.composition import Parallel, Stack
 from peftlab.config import PeftConfig, TaskType
 from peftlab.methods.bottleneck import AdapterConfig, BottleneckConfig, HoulsbyConfig, PfeifferConfig
 from peftlab.methods.ia3 import IA3Config
@@ -16,10 +17,12 @@ __all__ = [
     "HoulsbyConfig",
     "IA3Config",
     "LoraConfig",
+    "Parallel",
     "PeftConfig",
     "PeftModel",
     "PfeifferConfig",
     "PrefixTuningConfig",
+    "Stack",
     "TaskType",
     "__version__",
     "get_peft_model",

@@ -14,6 +14,7 @@ modules: freezing, saving and counting walk ``AdaptedModule.adapters[name]``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -23,17 +24,53 @@ from transformers.pytorch_utils import Conv1D
 Stage = Literal["pre", "delta", "post"]
 
 
+class Routing:
+    """Per-sample adapters for the span of one model call.
+
+    ``groups[g]`` is a tuple of adapter names applied together (``()`` is the base model) and
+    ``index[i]`` the group of sample ``i``. Units gather their per-group weights by ``index``
+    and apply them with batched products, so the cost does not grow with the number of groups.
+    ``cache`` holds per-call values (stacked weights) keyed by the module that made them.
+    """
+
+    def __init__(self, groups: Sequence[tuple[str, ...]], index: torch.Tensor) -> None:
+        self.groups = tuple(groups)
+        self.index = index
+        self.cache: dict[Any, Any] = {}
+        self._expanded: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def sample_index(self, batch: int, device: torch.device) -> torch.Tensor:
+        """The group of each row of a tensor with ``batch`` rows (beam search and
+        ``num_return_sequences`` repeat each sample in place, so rows map by repetition)."""
+        key = (batch, device)
+        found = self._expanded.get(key)
+        if found is None:
+            n = self.index.shape[0]
+            if batch % n != 0:
+                raise ValueError(
+                    f"adapter_names gives {n} samples but a layer saw a batch of {batch}; per-sample "
+                    "adapters need every layer to see the batch (or a whole multiple of it) in dim 0"
+                )
+            found = self.index.to(device)
+            if batch != n:
+                found = found.repeat_interleave(batch // n)
+            self._expanded[key] = found
+        return found
+
+
 class AdapterState:
     """Which adapters are active; one object shared by the model and all its wrappers.
 
     Wrappers cache their active units against ``version``, so switching adapters costs one
-    counter bump instead of a walk over every wrapped module.
+    counter bump instead of a walk over every wrapped module. ``routing`` is set for the span
+    of a call with per-sample adapters and then overrides ``active``.
     """
 
     def __init__(self) -> None:
         self.active: tuple[str, ...] = ()
         self.disabled = False
         self.version = 0
+        self.routing: Routing | None = None
 
     def set_active(self, names: tuple[str, ...]) -> None:
         self.active = names
@@ -77,6 +114,55 @@ class AdapterUnit(nn.Module):
     def check_unmergeable(self) -> str | None:
         """Why merging this unit now could not be undone, or None when it can."""
         return None
+
+    @classmethod
+    def routed(
+        cls,
+        stage: Stage,
+        per_group: Sequence[Sequence[AdapterUnit]],
+        index: torch.Tensor,
+        t: torch.Tensor,
+        cache: dict[str, Any],
+    ) -> torch.Tensor | None:
+        """Apply this class's units at ``stage`` to a batch whose row ``i`` belongs to group
+        ``index[i]``; ``per_group[g]`` lists group ``g``'s units of this class in order (often
+        none). ``pre``/``post`` return the transformed ``t``; ``delta`` returns the summed delta
+        for input ``t``, or None when no row gets one. ``cache`` lives for the whole call (all
+        decoding steps of a ``generate``) and is private to this module, class and stage.
+
+        This default runs each group on its rows in turn; methods override it with gathered
+        weights and batched products so that the cost stays flat in the number of groups.
+        """
+        pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for g, units in enumerate(per_group):
+            if not units:
+                continue
+            rows = (index == g).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            part = t.index_select(0, rows)
+            if stage == "pre":
+                for unit in units:
+                    part = unit.pre(part)
+            elif stage == "post":
+                for unit in units:
+                    part = unit.post(part)
+            else:
+                deltas = [unit.delta(part) for unit in units]
+                part = deltas[0]
+                for d in deltas[1:]:
+                    part = part + d
+            pieces.append((rows, part))
+        if stage == "delta":
+            if not pieces:
+                return None
+            first = pieces[0][1]
+            out = first.new_zeros((*t.shape[:-1], first.shape[-1]))
+        else:
+            out = t
+        for rows, part in pieces:
+            out = out.index_copy(0, rows, part.to(out.dtype))
+        return out
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -162,7 +248,63 @@ class AdaptedModule(nn.Module):
             self._cache_version = state.version
         return self._cached
 
+    def _route_plan(
+        self, routing: Routing
+    ) -> tuple[list[tuple[type[AdapterUnit], list[list[AdapterUnit]]]], ...]:
+        """Per stage, each unit class with its units per routing group (built once per call)."""
+        key = ("plan", id(self))
+        plan = routing.cache.get(key)
+        if plan is None:
+            stages: dict[str, dict[type[AdapterUnit], list[list[AdapterUnit]]]] = {
+                "pre": {},
+                "delta": {},
+                "post": {},
+            }
+            for g, names in enumerate(routing.groups):
+                for name in names:
+                    unit = self.adapters[name] if name in self.adapters else None  # noqa: SIM401
+                    if unit is None:
+                        continue
+                    assert isinstance(unit, AdapterUnit)
+                    per = stages[unit.stage].setdefault(type(unit), [[] for _ in routing.groups])
+                    per[g].append(unit)
+            post = sorted(stages["post"].items(), key=lambda item: item[0].post_order)
+            plan = (list(stages["pre"].items()), list(stages["delta"].items()), post)
+            routing.cache[key] = plan
+        return plan  # type: ignore[no-any-return]
+
+    def _routed_forward(self, routing: Routing, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.merged:
+            raise ValueError(
+                f"adapters {self.merged} are merged into the base weights, so per-sample adapters would "
+                "add them again; call unmerge_adapter() before passing adapter_names"
+            )
+        pre, delta, post = self._route_plan(routing)
+        index = routing.sample_index(x.shape[0], x.device)
+
+        def cache(cls: type[AdapterUnit], stage: str) -> dict[str, Any]:
+            found: dict[str, Any] = routing.cache.setdefault((id(self), cls, stage), {})
+            return found
+
+        for cls, per_group in pre:
+            out = cls.routed("pre", per_group, index, x, cache(cls, "pre"))
+            assert out is not None
+            x = out
+        y = self.base_layer(x, *args, **kwargs)
+        for cls, per_group in delta:
+            d = cls.routed("delta", per_group, index, x, cache(cls, "delta"))
+            if d is not None:
+                y = y + d.to(y.dtype)
+        for cls, per_group in post:
+            out = cls.routed("post", per_group, index, y, cache(cls, "post"))
+            assert out is not None
+            y = out
+        return y
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        routing = self._state.routing
+        if routing is not None:
+            return self._routed_forward(routing, x, *args, **kwargs)
         pre, delta, post = self._active_units()
         for unit in pre:
             x = unit.pre(x)
@@ -272,5 +414,35 @@ class ModulesToSave(nn.Module):
                     return self.modules_to_save[name]
         return self.original_module
 
+    def _module_for(self, names: tuple[str, ...]) -> nn.Module:
+        return next(
+            (self.modules_to_save[n] for n in names if n in self.modules_to_save), self.original_module
+        )
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.current()(*args, **kwargs)
+        routing = self._state.routing
+        if routing is None:
+            return self.current()(*args, **kwargs)
+        # a head per group: each distinct copy runs on its own rows (heads are small)
+        modules = [self._module_for(names) for names in routing.groups]
+        if all(m is modules[0] for m in modules):
+            return modules[0](*args, **kwargs)
+        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+            raise ValueError(
+                "per-sample adapters with different modules_to_save copies need the saved module to "
+                "take one tensor argument"
+            )
+        x = args[0]
+        index = routing.sample_index(x.shape[0], x.device)
+        out: torch.Tensor | None = None
+        for module in dict.fromkeys(modules):
+            groups = [g for g, m in enumerate(modules) if m is module]
+            rows = torch.isin(index, torch.tensor(groups, device=index.device)).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            part = module(x.index_select(0, rows))
+            if out is None:
+                out = part.new_zeros((x.shape[0], *part.shape[1:]))
+            out = out.index_copy(0, rows, part)
+        assert out is not None
+        return out

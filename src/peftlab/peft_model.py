@@ -12,8 +12,10 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
+from peftlab.composition import Parallel, Stack
 from peftlab.config import PeftConfig, TaskType
 from peftlab.injection import (
     find_targets,
@@ -23,7 +25,7 @@ from peftlab.injection import (
     unwrap,
     wrapped_modules,
 )
-from peftlab.layers import AdaptedModule, AdapterState, AdapterUnit, ModulesToSave
+from peftlab.layers import AdaptedModule, AdapterState, AdapterUnit, ModulesToSave, Routing
 from peftlab.methods import method_for
 
 BASE_ADAPTER = "__base__"
@@ -55,6 +57,7 @@ class PeftModel(nn.Module):
         self.base_model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self._state = AdapterState()
+        self._composition: Stack | Parallel | None = None  # how set_adapter was called
         self._frozen: set[str] = set()  # adapters loaded with is_trainable=False
         self._bias_params: dict[str, dict[str, nn.Parameter]] = {}
         # adapters that live beside the model rather than in a wrapped module (prefix tuning)
@@ -92,6 +95,11 @@ class PeftModel(nn.Module):
     @property
     def active_adapter(self) -> str:
         return self._state.active[0] if self._state.active else ""
+
+    @property
+    def active_composition(self) -> Stack | Parallel | None:
+        """The ``Stack`` / ``Parallel`` block given to ``set_adapter``, or None."""
+        return self._composition
 
     def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
         """Add a new, inactive adapter of any method (``set_adapter`` activates it)."""
@@ -187,6 +195,8 @@ class PeftModel(nn.Module):
         """Remove an adapter and free its parameters (unmerging it first if merged)."""
         self._require(adapter_name)
         self._remove_adapter(adapter_name)
+        if self._composition is not None and adapter_name in self._composition.names:
+            self._composition = None
         self._state.set_active(tuple(n for n in self._state.active if n != adapter_name))
         self._update_trainable()
 
@@ -196,9 +206,11 @@ class PeftModel(nn.Module):
                 f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config) or 'none'}"
             )
 
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Activate one adapter, or several at once (a list: all apply together)."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    def set_adapter(self, adapter_name: str | Sequence[str] | Stack | Parallel) -> None:
+        """Activate one adapter, or several: a list or ``Stack`` (all apply together, in
+        order) or a ``Parallel`` block (each branch on its own copy of the batch)."""
+        composition = adapter_name if isinstance(adapter_name, (Stack, Parallel)) else None
+        names = _names_of(adapter_name)
         if not names:
             raise ValueError("set_adapter needs at least one adapter name")
         for name in names:
@@ -206,18 +218,18 @@ class PeftModel(nn.Module):
         if len(set(names)) != len(names):
             raise ValueError(f"set_adapter: adapter names repeat in {names}")
         leaving = [n for n in self.merged_adapters if n not in names]
-        if leaving:
+        if leaving or (isinstance(composition, Parallel) and self.merged_adapters):
             self.unmerge_adapter()
+        self._composition = composition
         self._state.set_active(tuple(names))
         self._update_trainable()
 
-    def train_adapter(self, adapter_name: str | Sequence[str]) -> None:
+    def train_adapter(self, adapter_name: str | Sequence[str] | Stack | Parallel) -> None:
         """Activate the adapter(s) and make exactly their parameters trainable."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        for name in names:
+        for name in _names_of(adapter_name):
             self._require(name)
             self._frozen.discard(name)
-        self.set_adapter(names)
+        self.set_adapter(adapter_name)
         self.train()
 
     def _update_trainable(self) -> None:
@@ -284,20 +296,100 @@ class PeftModel(nn.Module):
         )
 
     # ---- running ----------------------------------------------------------------------
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        _no_per_sample(adapter_names)
-        with self._model_adapter_scope():
+    def forward(self, *args: Any, adapter_names: Sequence[str | Stack] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward with the active adapters; ``adapter_names`` (one adapter
+        name, ``"__base__"`` or ``Stack`` per sample) routes each sample through its own."""
+        args, kwargs, routing = self._plan_call(args, kwargs, adapter_names)
+        with self._model_adapter_scope(routing):
             return self.base_model(*args, **kwargs)
 
-    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        _no_per_sample(adapter_names)
-        with self._model_adapter_scope():
+    def generate(self, *args: Any, adapter_names: Sequence[str | Stack] | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate`` with the active adapters, or per sample with
+        ``adapter_names`` (as in :meth:`forward`; kept through every decoding step)."""
+        args, kwargs, routing = self._plan_call(args, kwargs, adapter_names)
+        with self._model_adapter_scope(routing):
             return self.base_model.generate(*args, **kwargs)  # type: ignore[operator]
 
+    def _plan_call(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_names: Sequence[str | Stack] | None
+    ) -> tuple[tuple[Any, ...], dict[str, Any], Routing | None]:
+        """The call's arguments and its per-sample routing (None: the active adapters apply)."""
+        parallel = self._composition if isinstance(self._composition, Parallel) else None
+        if adapter_names is None and (parallel is None or self._state.disabled):
+            return args, kwargs, None
+        if self._state.disabled:
+            raise ValueError("adapter_names inside disable_adapter(): leave the block, or pass '__base__'")
+        if self._state.routing is not None:
+            raise RuntimeError(
+                "this model is already running a call with per-sample adapters (nested or concurrent "
+                "calls); per-sample calls on one model must run one at a time"
+            )
+        batch = _batch_size(args, kwargs)
+        if adapter_names is not None:
+            if parallel is not None:
+                raise ValueError(
+                    "adapter_names cannot be combined with an active Parallel block; set_adapter() a name "
+                    "or list first, or drop adapter_names"
+                )
+            if isinstance(adapter_names, (str, Stack)) or len(adapter_names) != batch:
+                got = "one name" if isinstance(adapter_names, (str, Stack)) else f"{len(adapter_names)} names"
+                raise ValueError(
+                    f"adapter_names needs one entry per sample: the batch has {batch} samples, got {got}"
+                )
+            per_sample = [self._group_of(entry) for entry in adapter_names]
+        else:
+            assert parallel is not None
+            per_sample = [branch for branch in parallel.branches for _ in range(batch)]
+            args, kwargs = _repeat_batch(args, kwargs, batch, len(parallel.branches))
+        if self.merged_adapters:
+            raise ValueError(
+                f"adapters {self.merged_adapters} are merged into the base weights; call "
+                "unmerge_adapter() before running per-sample adapters or a Parallel block"
+            )
+        groups = list(dict.fromkeys(per_sample))
+        where = {g: i for i, g in enumerate(groups)}
+        device = next((p.device for p in self.base_model.parameters()), torch.device("cpu"))
+        index = torch.tensor([where[g] for g in per_sample], dtype=torch.long, device=device)
+        return args, kwargs, Routing(groups, index)
+
+    def _group_of(self, entry: str | Stack) -> tuple[str, ...]:
+        names = entry.names if isinstance(entry, Stack) else (entry,)
+        if not isinstance(entry, (str, Stack)):
+            raise ValueError(
+                f"adapter_names: {entry!r} is not an adapter name; give names or '{BASE_ADAPTER}'"
+            )
+        if names == (BASE_ADAPTER,):
+            return ()
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(
+                    f"adapter_names: no adapter named {name!r}; this model has "
+                    f"{sorted(self.peft_config) or 'none'} (and '{BASE_ADAPTER}' for no adapter)"
+                )
+        return names
+
     @contextlib.contextmanager
-    def _model_adapter_scope(self) -> Iterator[None]:
+    def _model_adapter_scope(self, routing: Routing | None = None) -> Iterator[None]:
         """Where model-level adapters act: an active one whose module has ``scope(model)`` (a
-        context manager) is in force for the whole call (prefix tuning enters here)."""
+        context manager) is in force for the whole call (prefix tuning enters here). With
+        per-sample routing, each class's ``routed_scope(model, per_group, routing)`` instead."""
+        if routing is not None:
+            self._state.routing = routing
+            try:
+                with contextlib.ExitStack() as stack:
+                    by_class: dict[type, list[list[nn.Module]]] = {}
+                    for g, names in enumerate(routing.groups):
+                        for name in names:
+                            if name in self.model_adapters:
+                                adapter = self.model_adapters[name]
+                                per = by_class.setdefault(type(adapter), [[] for _ in routing.groups])
+                                per[g].append(adapter)
+                    for cls, per_group in by_class.items():
+                        stack.enter_context(cls.routed_scope(self.base_model, per_group, routing))
+                    yield
+            finally:
+                self._state.routing = None
+            return
         with contextlib.ExitStack() as stack:
             if not self._state.disabled:
                 for name in self._state.active:
@@ -330,6 +422,11 @@ class PeftModel(nn.Module):
         Every merged weight is checked to be finite, and a merge that could not be undone
         (an IA3 scale near zero) is refused before anything changes.
         """
+        if adapter_names is None and isinstance(self._composition, Parallel):
+            raise ValueError(
+                "a Parallel block runs its branches side by side, so they cannot be merged into one set "
+                "of weights; set_adapter() one branch, or pass adapter_names to merge"
+            )
         names = list(self._state.active if adapter_names is None else adapter_names)
         self._check_mergeable(names)
         wrappers = [w for _, w in wrapped_modules(self.base_model)]
@@ -383,6 +480,21 @@ class PeftModel(nn.Module):
         self._state.set_active(())
         return self.base_model
 
+    # ---- combining ----------------------------------------------------------------------
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "linear",
+        **kwargs: Any,
+    ) -> None:
+        """Add ``adapter_name``, a weighted combination of existing adapters of one method
+        (see :func:`peftlab.weighted.add_weighted_adapter`)."""
+        from peftlab.weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
     # ---- checkpoints ------------------------------------------------------------------
     def save_pretrained(
         self,
@@ -421,12 +533,45 @@ class PeftModel(nn.Module):
         )
 
 
-def _no_per_sample(adapter_names: list[str] | None) -> None:
-    if adapter_names is not None:
-        raise NotImplementedError(
-            "adapter_names (one adapter per sample) is not available in this version of "
-            "peftlab; run each adapter's samples separately with set_adapter()"
-        )
+def _names_of(adapter_name: str | Sequence[str] | Stack | Parallel) -> list[str]:
+    if isinstance(adapter_name, (Stack, Parallel)):
+        return list(adapter_name.names)
+    if isinstance(adapter_name, str):
+        return [adapter_name]
+    names = list(adapter_name)
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(
+                f"set_adapter: a list holds adapter names only, got {name!r}; use Stack(...) or "
+                "Parallel(...) for composition"
+            )
+    return names
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    for key in ("input_ids", "inputs_embeds", "pixel_values", "input_features"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
+    raise ValueError("per-sample adapters need the inputs as tensors (input_ids or inputs_embeds)")
+
+
+def _repeat_batch(
+    args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, times: int
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Every per-sample tensor argument repeated ``times`` along the batch (block after block)."""
+
+    def rep(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value.repeat(times, *([1] * (value.dim() - 1)))
+        return value
+
+    if kwargs.get("past_key_values") is not None:
+        raise ValueError("a Parallel block cannot continue from past_key_values; run it on the full inputs")
+    return tuple(rep(a) for a in args), {k: rep(v) for k, v in kwargs.items()}
 
 
 def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:

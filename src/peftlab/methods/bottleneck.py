@@ -22,7 +22,7 @@ cannot be merged.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -181,6 +181,87 @@ class BottleneckUnit(AdapterUnit):
             # in place into a fresh tensor whose value no backward needs: saves an allocation
             return h.add_(y)
         return y + h.to(y.dtype)
+
+    @classmethod
+    def routed(
+        cls,
+        stage: Stage,
+        per_group: Sequence[Sequence[AdapterUnit]],
+        index: torch.Tensor,
+        t: torch.Tensor,
+        cache: dict[str, Any],
+    ) -> torch.Tensor | None:
+        """Per-sample bottleneck adapters: at each depth of a Stack, every group's down/up
+        projections (zero-padded to a common width; zeros for groups with no adapter at that
+        depth, which then add exactly nothing) are gathered per sample and applied with bmm."""
+        groups = [[u for u in g if isinstance(u, BottleneckUnit)] for g in per_group]
+        reuse = not torch.is_grad_enabled()
+        y = t
+        for depth in range(max(len(g) for g in groups)):
+            key = ("gathered", depth, index.shape[0], index.device)
+            weights = cache.get(key) if reuse else None
+            if weights is None:
+                weights = _gathered([g[depth] if depth < len(g) else None for g in groups], index)
+                if reuse:
+                    cache[key] = weights
+            y = _routed_step(weights, y)
+        return y
+
+
+_Gathered = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]
+
+
+def _gathered(units: list[BottleneckUnit | None], index: torch.Tensor) -> _Gathered:
+    """Per-sample (down bias, down weight^T, up bias, up weight^T), the non-linearities in use
+    and, when there are several, which one each sample takes."""
+    present = [u for u in units if u is not None]
+    ref = present[0].adapter_down
+    d_model = ref.weight.shape[1]
+    width = max(u.adapter_down.weight.shape[0] for u in present)
+    down_w, down_b, up_w, up_b = [], [], [], []
+    for unit in units:
+        if unit is None:
+            down_w.append(ref.weight.new_zeros(width, d_model))
+            down_b.append(ref.weight.new_zeros(width))
+            up_w.append(ref.weight.new_zeros(d_model, width))
+            up_b.append(ref.weight.new_zeros(d_model))
+            continue
+        down, up = unit.adapter_down, unit.adapter_up
+        pad = width - down.weight.shape[0]
+        down_w.append(F.pad(down.weight, (0, 0, 0, pad)))
+        down_b.append(F.pad(down.bias, (0, pad)))
+        up_w.append(F.pad(up.weight, (0, pad)))
+        up_b.append(up.bias)
+    i = index
+    kinds = sorted({u.non_linearity for u in present})
+    choice = None
+    if len(kinds) > 1:
+        choice = torch.tensor(
+            [kinds.index(u.non_linearity) if u is not None else 0 for u in units], device=i.device
+        )[i]
+    return (
+        torch.stack(down_b)[i].unsqueeze(1),
+        torch.stack(down_w)[i].transpose(1, 2),
+        torch.stack(up_b)[i].unsqueeze(1),
+        torch.stack(up_w)[i].transpose(1, 2),
+        kinds,
+        choice,
+    )
+
+
+def _routed_step(weights: _Gathered, y: torch.Tensor) -> torch.Tensor:
+    down_b, down_w, up_b, up_w, kinds, choice = weights
+    x = y.reshape(y.shape[0], -1, down_w.shape[1]).to(down_w.dtype)
+    z = torch.baddbmm(down_b, x, down_w)
+    if choice is None:
+        act = NON_LINEARITIES[kinds[0]](z)
+    else:
+        # different non-linearities per group: each sample takes its own (f(0) = 0 for all)
+        act = torch.zeros_like(z)
+        for k, kind in enumerate(kinds):
+            act = torch.where((choice == k).view(-1, 1, 1), NON_LINEARITIES[kind](z), act)
+    h = torch.baddbmm(up_b, act, up_w)
+    return y + h.reshape(y.shape).to(y.dtype)
 
 
 class BottleneckMethod(Method):

@@ -8,6 +8,7 @@ scaling, bias included) or columns (input scaling) of W by l; unmerging divides.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,7 +18,7 @@ from torch import nn
 from peftlab.architectures import defaults_for
 from peftlab.config import PeftConfig, TaskType, normalize_targets
 from peftlab.injection import find_targets
-from peftlab.layers import AdapterUnit, base_bias, base_weight, is_conv1d, linear_features
+from peftlab.layers import AdapterUnit, Stage, base_bias, base_weight, is_conv1d, linear_features
 from peftlab.methods.base import Method, model_type_of, resolve_targets
 from peftlab.methods.lora import _check_modules_to_save
 
@@ -84,6 +85,34 @@ class IA3Unit(AdapterUnit):
 
     def post(self, y: torch.Tensor) -> torch.Tensor:
         return y * self.ia3_l.flatten().to(y.dtype)
+
+    @classmethod
+    def routed(
+        cls,
+        stage: Stage,
+        per_group: Sequence[Sequence[AdapterUnit]],
+        index: torch.Tensor,
+        t: torch.Tensor,
+        cache: dict[str, Any],
+    ) -> torch.Tensor | None:
+        """Per-sample IA3: one scale vector per group (a Stack's scales multiply, ones for
+        groups without one), gathered per sample and multiplied in."""
+        reuse = not torch.is_grad_enabled()
+        key = ("gathered", index.shape[0], index.device, t.dtype)
+        per_sample = cache.get(key) if reuse else None
+        if per_sample is None:
+            ones = t.new_ones(t.shape[-1])
+            rows = []
+            for group in per_group:
+                scale = ones
+                for unit in group:
+                    assert isinstance(unit, IA3Unit)
+                    scale = scale * unit.ia3_l.flatten().to(t.dtype)
+                rows.append(scale)
+            per_sample = torch.stack(rows)[index]  # (batch, features)
+            if reuse:
+                cache[key] = per_sample
+        return t * per_sample.view(t.shape[0], *([1] * (t.dim() - 2)), t.shape[-1])
 
     def _weight_scale(self) -> torch.Tensor:
         """l shaped to broadcast against the base weight (Linear: (out, in); Conv1D: (in, out))."""

@@ -11,6 +11,7 @@ unmerging subtracts it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -25,7 +26,7 @@ from peftlab.config import (
     check_probability,
     normalize_targets,
 )
-from peftlab.layers import AdapterUnit, base_weight, is_conv1d, linear_features
+from peftlab.layers import AdapterUnit, Stage, base_weight, is_conv1d, linear_features
 from peftlab.methods.base import Method, model_type_of, resolve_targets
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -156,6 +157,41 @@ class LoraUnit(AdapterUnit):
         # scale the r-wide intermediate rather than the out-wide result: fewer multiplies
         return self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))) * self.scaling)
 
+    @classmethod
+    def routed(
+        cls,
+        stage: Stage,
+        per_group: Sequence[Sequence[AdapterUnit]],
+        index: torch.Tensor,
+        t: torch.Tensor,
+        cache: dict[str, Any],
+    ) -> torch.Tensor | None:
+        """Per-sample LoRA in two batched products (as Punica / S-LoRA do): each group's A's
+        stacked along the rank (a Stack's deltas add) and zero-padded to a common rank R,
+        gathered per sample, ``x (b, L, in) @ A_i^T (b, in, R) @ (s B_i)^T (b, R, out)``."""
+        units = [u for group in per_group for u in group]
+        assert all(isinstance(u, LoraUnit) for u in units)
+        lora = [[u for u in group if isinstance(u, LoraUnit)] for group in per_group]
+        if any(u.training and not isinstance(u.lora_dropout, nn.Identity) for g in lora for u in g):
+            # dropout masks are drawn per adapter; keep that exact by running groups apart
+            return super().routed(stage, per_group, index, t, cache)
+        # without autograd the gathered weights serve every decoding step of the call
+        reuse = not torch.is_grad_enabled()
+        key = ("gathered", index.shape[0], index.device)
+        gathered = cache.get(key) if reuse else None
+        if gathered is None:
+            stacked = _stacked(lora)
+            if stacked is None:
+                return None
+            a, b = stacked
+            gathered = (a[index].transpose(1, 2), b[index].transpose(1, 2))
+            if reuse:
+                cache[key] = gathered
+        a_t, b_t = gathered
+        x = t.reshape(t.shape[0], -1, t.shape[-1]).to(a_t.dtype)
+        out = torch.bmm(torch.bmm(x, a_t), b_t)
+        return out.reshape(*t.shape[:-1], out.shape[-1])
+
     def delta_weight(self) -> torch.Tensor:
         """s * B A in the (out, in) layout of nn.Linear."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -170,6 +206,26 @@ class LoraUnit(AdapterUnit):
     def unmerged_weights(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         w = base_weight(base_layer)
         return w - self._layout(self.delta_weight()).to(w.dtype), None
+
+
+def _stacked(groups: list[list[LoraUnit]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A (G, R, in), s*B (G, out, R)) per group, zero-padded to the largest summed rank R."""
+    ranks = [sum(u.lora_A.weight.shape[0] for u in g) for g in groups]
+    width = max(ranks)
+    if width == 0:
+        return None
+    first = next(u for g in groups for u in g)
+    a_ref, b_ref = first.lora_A.weight, first.lora_B.weight
+    a_rows, b_cols = [], []
+    for group, rank in zip(groups, ranks, strict=True):
+        a_parts = [u.lora_A.weight for u in group]
+        b_parts = [u.lora_B.weight * u.scaling for u in group]
+        if rank < width:
+            a_parts.append(a_ref.new_zeros(width - rank, a_ref.shape[1]))
+            b_parts.append(b_ref.new_zeros(b_ref.shape[0], width - rank))
+        a_rows.append(torch.cat(a_parts, 0))
+        b_cols.append(torch.cat(b_parts, 1))
+    return torch.stack(a_rows), torch.stack(b_cols)
 
 
 class LoraMethod(Method):

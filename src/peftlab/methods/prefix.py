@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from peftlab.config import PeftConfig, TaskType, check_positive_int
+from peftlab.layers import Routing
 from peftlab.methods.base import Method
 
 _WRAPPED = ("sdpa", "eager")
@@ -355,15 +356,7 @@ class PrefixEncoder(nn.Module):
     def scope(self, model: nn.Module) -> Iterator[None]:
         """Apply this prefix to every call of ``model`` inside the block (PeftModel's seam for
         model-level adapters); nested scopes of several adapters concatenate their prefixes."""
-        if (
-            torch.is_grad_enabled()
-            and model.training
-            and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-        ):
-            raise ValueError(
-                "prefix tuning does not work with gradient checkpointing (the recomputed attention would "
-                "run without the prefix); call model.gradient_checkpointing_disable()"
-            )
+        _refuse_checkpointing(model)
         table = self.key_values()
         run = _Run(_RUN.get())
         for site in self._sites:
@@ -376,46 +369,123 @@ class PrefixEncoder(nn.Module):
         finally:
             _RUN.reset(token)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def routed_scope(model: nn.Module, per_group: list[list[nn.Module]], routing: Routing) -> Iterator[None]:
+        """Per-sample prefixes for the span of one call: group ``g``'s prefixes (concatenated
+        when it stacks several) apply to the samples ``routing`` puts in group ``g``."""
+        encoders = [e for group in per_group for e in group]
+        assert all(isinstance(e, PrefixEncoder) for e in encoders)
+        _refuse_checkpointing(model)
+        run = _Run(_RUN.get(), routing)
+        by_module: dict[nn.Module, list[list[tuple[_Site, torch.Tensor, tuple[int, int]]]]] = {}
+        configs: list[Any] = []
+        for g, group in enumerate(per_group):
+            for encoder in group:
+                assert isinstance(encoder, PrefixEncoder)
+                table = encoder.key_values()
+                for site in encoder._sites:
+                    assert site.slots is not None
+                    slots = by_module.setdefault(site.module, [[] for _ in per_group])
+                    slots[g].append((site, table, site.slots))
+                configs += [c for c in encoder._configs if all(c is not d for d in configs)]
+        for module, groups in by_module.items():
+            run.entries.pop(module, None)
+            run.add_routed(module, groups)
+        token = _RUN.set(run)
+        try:
+            with _installed(configs):
+                yield
+        finally:
+            _RUN.reset(token)
+
+
+def _refuse_checkpointing(model: nn.Module) -> None:
+    if (
+        torch.is_grad_enabled()
+        and model.training
+        and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    ):
+        raise ValueError(
+            "prefix tuning does not work with gradient checkpointing (the recomputed attention would "
+            "run without the prefix); call model.gradient_checkpointing_disable()"
+        )
+
 
 # ---- the attention seam --------------------------------------------------------------------
 class _Run:
     """The prefixes in force for one call: per attention module, the (table, slots) pairs of
     every active prefix adapter, plus small caches valid only for this call."""
 
-    def __init__(self, parent: _Run | None) -> None:
+    def __init__(self, parent: _Run | None, routing: Routing | None = None) -> None:
         self.entries: dict[nn.Module, list[tuple[_Site, torch.Tensor, tuple[int, int]]]] = {}
         if parent is not None:
             self.entries = {m: list(v) for m, v in parent.entries.items()}
-        self._kv: dict[tuple[int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        # per-sample prefixes: per module, keys and values (G, heads, P, dim) right-aligned
+        # (a shorter prefix sits next to the real tokens) and which of the P columns are real
+        self.routing = routing
+        self.routed: dict[nn.Module, tuple[_Site, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._kv: dict[
+            tuple[int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+        ] = {}
         self._masks: list[tuple[Any, Any, torch.Tensor | None]] = []
 
     def add(self, site: _Site, table: torch.Tensor, slots: tuple[int, int]) -> None:
         self.entries.setdefault(site.module, []).append((site, table, slots))
 
-    def prefix(self, module: nn.Module, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Batch-expanded prefix keys and values for ``module`` in ``key``'s dtype, or None."""
-        found = self.entries.get(module)
-        if found is None:
-            return None
+    def prefix(
+        self, module: nn.Module, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """Batch-expanded prefix keys and values for ``module`` in ``key``'s dtype, and with
+        per-sample prefixes which prefix columns each sample sees (batch, P); or None."""
         batch = key.shape[0]
         cache_key = (id(module), batch, key.dtype)
         cached = self._kv.get(cache_key)
         if cached is not None:
             return cached
+        routed = self.routed.get(module)
+        if routed is not None:
+            assert self.routing is not None
+            site, keys_t, values_t, visible = routed
+            _check_heads(site, keys_t, key, dim=1)
+            index = self.routing.sample_index(batch, key.device)
+            result = (keys_t[index].to(key.dtype), values_t[index].to(key.dtype), visible[index])
+            self._kv[cache_key] = result
+            return result
+        found = self.entries.get(module)
+        if found is None:
+            return None
         keys, values = [], []
         for site, table, (k, v) in found:
-            if table.shape[1] != key.shape[1] or table.shape[3] != key.shape[3]:
-                raise ValueError(
-                    f"prefix for {site.name} has {table.shape[1]} heads x {table.shape[3]} dims but the "
-                    f"model's keys have {key.shape[1]} x {key.shape[3]}; set token_dim / num_attention_heads "
-                    "to the model's num_key_value_heads * head_dim / num_key_value_heads"
-                )
+            _check_heads(site, table, key, dim=1)
             keys.append(table[k].to(key.dtype))
             values.append(table[v].to(key.dtype))
         pk = torch.cat(keys, dim=1).unsqueeze(0).expand(batch, -1, -1, -1)
         pv = torch.cat(values, dim=1).unsqueeze(0).expand(batch, -1, -1, -1)
-        self._kv[cache_key] = (pk, pv)
-        return pk, pv
+        self._kv[cache_key] = (pk, pv, None)
+        return pk, pv, None
+
+    def add_routed(
+        self, module: nn.Module, per_group: list[list[tuple[_Site, torch.Tensor, tuple[int, int]]]]
+    ) -> None:
+        """Per-sample prefixes of ``module``: ``per_group[g]`` lists group g's (site, table, slots)."""
+        site = next(e[0] for group in per_group for e in group)
+        ref = next(e[1] for group in per_group for e in group)
+        heads, dim = ref.shape[1], ref.shape[3]
+        keys, values, lengths = [], [], []
+        for group in per_group:
+            k_parts = [table[k] for _, table, (k, _v) in group]
+            v_parts = [table[v] for _, table, (_k, v) in group]
+            keys.append(torch.cat(k_parts, dim=1) if k_parts else ref.new_zeros(heads, 0, dim))
+            values.append(torch.cat(v_parts, dim=1) if v_parts else ref.new_zeros(heads, 0, dim))
+            lengths.append(keys[-1].shape[1])
+        width = max(lengths)
+        pad = [(0, 0, width - n, 0) for n in lengths]  # in front: the prefix ends at the first token
+        keys_t = torch.stack([torch.nn.functional.pad(k, p) for k, p in zip(keys, pad, strict=True)])
+        values_t = torch.stack([torch.nn.functional.pad(v, p) for v, p in zip(values, pad, strict=True)])
+        columns = torch.arange(width, device=ref.device)
+        visible = columns[None, :] >= (width - torch.tensor(lengths, device=ref.device))[:, None]
+        self.routed[module] = (site, keys_t, values_t, visible)
 
     def memo(self, obj: Any, extra: Any, make: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
         """``make()`` once per (object identity, extra); holds the object so its id stays unique."""
@@ -428,21 +498,59 @@ class _Run:
         return result
 
     def bias_source(self, module: nn.Module) -> nn.Module | None:
+        if module in self.routed:
+            return self.routed[module][0].bias_source
         return self.entries[module][0][0].bias_source
+
+
+def _check_heads(site: _Site, table: torch.Tensor, key: torch.Tensor, dim: int) -> None:
+    """The prefix table (.., heads, P, head_dim) must fit the model's keys (b, heads, kv, head_dim)."""
+    heads, head_dim = table.shape[dim], table.shape[-1]
+    if heads != key.shape[1] or head_dim != key.shape[3]:
+        raise ValueError(
+            f"prefix for {site.name} has {heads} heads x {head_dim} dims but the "
+            f"model's keys have {key.shape[1]} x {key.shape[3]}; set token_dim / num_attention_heads "
+            "to the model's num_key_value_heads * head_dim / num_key_value_heads"
+        )
 
 
 _RUN: ContextVar[_Run | None] = ContextVar("peftlab_prefix_run", default=None)
 
 
-def _extend_mask(mask: torch.Tensor, prefix_len: int) -> torch.Tensor:
-    """Prepend ``prefix_len`` always-visible key columns to a 4D bool or additive mask."""
-    shape = (*mask.shape[:-1], prefix_len)
-    visible = (
-        torch.ones(shape, dtype=torch.bool, device=mask.device)
-        if mask.dtype == torch.bool
-        else torch.zeros(shape, dtype=mask.dtype, device=mask.device)
-    )
-    return torch.cat([visible, mask], dim=-1)
+def _extend_mask(mask: torch.Tensor, prefix_len: int, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Prepend ``prefix_len`` key columns to a 4D bool or additive mask: all visible, or per
+    sample where ``seen`` (batch, prefix_len) says so."""
+    if seen is None:
+        shape = (*mask.shape[:-1], prefix_len)
+        visible = (
+            torch.ones(shape, dtype=torch.bool, device=mask.device)
+            if mask.dtype == torch.bool
+            else torch.zeros(shape, dtype=mask.dtype, device=mask.device)
+        )
+        return torch.cat([visible, mask], dim=-1)
+    batch = seen.shape[0]
+    mask = mask.expand(batch, *mask.shape[1:])
+    cols = seen[:, None, None, :].expand(batch, mask.shape[1], mask.shape[2], prefix_len)
+    if mask.dtype != torch.bool:
+        hidden = torch.finfo(mask.dtype).min
+        cols = torch.zeros(cols.shape, dtype=mask.dtype, device=mask.device).masked_fill(~cols, hidden)
+    return torch.cat([cols.to(mask.device), mask], dim=-1)
+
+
+def _routed_mask(
+    impl: str, seen: torch.Tensor, q_len: int, kv_len: int, causal: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """The mask per-sample prefixes need where the model passed none: prefix columns per sample,
+    then all real keys (or the causal triangle sdpa's ``is_causal`` would have applied)."""
+    real = torch.ones(q_len, kv_len, dtype=torch.bool, device=seen.device)
+    if causal:
+        real = real.tril()
+    mask = real[None, None]
+    if impl == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=dtype, device=seen.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
+    return _extend_mask(mask, seen.shape[1], seen)
 
 
 def _causal_with_prefix(q_len: int, kv_len: int, prefix_len: int, device: torch.device) -> torch.Tensor:
@@ -482,11 +590,23 @@ def _prefixed_call(
     prefix = run.prefix(module, key) if run is not None else None
     if run is None or prefix is None:
         return inner(module, query, key, value, attention_mask, **kwargs)
-    pk, pv = prefix
+    pk, pv, seen = prefix
     prefix_len, q_len, kv_len = pk.shape[2], query.shape[2], key.shape[2]
     if attention_mask is not None:
         mask = attention_mask
-        attention_mask = run.memo(mask, prefix_len, lambda: _extend_mask(mask, prefix_len))
+        attention_mask = run.memo(mask, (prefix_len, id(seen)), lambda: _extend_mask(mask, prefix_len, seen))
+    elif seen is not None:
+        causal = False
+        if impl == "sdpa" and q_len > 1:
+            causal = kwargs.get("is_causal")
+            if causal is None:
+                causal = getattr(module, "is_causal", True)
+        routed_seen = seen
+        attention_mask = run.memo(
+            None,
+            ("routed", q_len, kv_len, id(seen), bool(causal), query.dtype),
+            lambda: _routed_mask(impl, routed_seen, q_len, kv_len, bool(causal), query.dtype),
+        )
     elif impl == "sdpa" and q_len > 1:
         causal = kwargs.get("is_causal")
         if causal is None:

@@ -1,0 +1,287 @@
+"""Many adapters on one model: per-sample ``adapter_names``, ``Stack`` / ``Parallel``, merging.
+
+Every adapter is initialised away from identity (LoRA B != 0, IA3 != 1, bottleneck up != 0,
+random prefixes) so "equal to running it alone" cannot hold by accident; each test also checks
+that the adapters really change the outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import ARCHS, build_model, sample_inputs
+from peftlab import (
+    BottleneckConfig,
+    IA3Config,
+    LoraConfig,
+    Parallel,
+    PeftModel,
+    PrefixTuningConfig,
+    Stack,
+)
+from suite_helpers import TASKS, assert_close, differs, perturb
+
+ADAPTERS = ("lora", "lora8", "ia3", "bn", "prefix")
+
+
+def configs(arch: str) -> dict[str, Any]:
+    task = TASKS[arch]
+    return {
+        "lora": LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type=task
+        ),
+        "lora8": LoraConfig(r=8, lora_alpha=4, init_lora_weights=False, task_type=task),
+        "ia3": IA3Config(init_ia3_weights=False, task_type=task),
+        "bn": BottleneckConfig(reduction_factor=4, non_linearity="gelu", task_type=task),
+        "prefix": PrefixTuningConfig(task_type=task, num_virtual_tokens=3),
+    }
+
+
+def many(arch: str, names: tuple[str, ...] = ADAPTERS) -> PeftModel:
+    model = PeftModel(build_model(arch))
+    for name in names:
+        model.add_adapter(name, configs(arch)[name])
+        # move every adapter clearly away from identity (the bottleneck init is small)
+        perturb(model.adapter_parameters(name).values(), seed=len(name), scale=0.3)
+    model.set_adapter(names[0])
+    model.eval()
+    return model
+
+
+def padded_inputs(arch: str, batch: int, seed: int = 3) -> dict[str, torch.Tensor]:
+    """A batch whose rows have different lengths (left padding for decoders, right for the rest)."""
+    inputs = sample_inputs(arch, batch=batch, seq=7, seed=seed)
+    mask = torch.ones_like(inputs["input_ids"])
+    for i in range(batch):
+        pad = i % 3
+        if pad:
+            if arch in ("llama", "gpt2"):
+                mask[i, :pad] = 0
+            else:
+                mask[i, -pad:] = 0
+    inputs["attention_mask"] = mask
+    inputs["input_ids"] = inputs["input_ids"].masked_fill(mask == 0, 0)
+    return inputs
+
+
+def row(inputs: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    return {k: v[i : i + 1] for k, v in inputs.items()}
+
+
+def alone(model: PeftModel, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        if name == "__base__":
+            with model.disable_adapter():
+                return model(**inputs).logits
+        model.set_adapter(name)
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_per_sample_forward_equals_each_alone(arch: str) -> None:
+    model = many(arch)
+    names = ["lora", "__base__", "ia3", "bn", "prefix", "lora8", "prefix", "lora"]
+    inputs = padded_inputs(arch, len(names))
+    with torch.no_grad():
+        mixed = model(**inputs, adapter_names=names).logits
+    base = alone(model, "__base__", inputs)
+    for i, name in enumerate(names):
+        expected = alone(model, name, row(inputs, i))
+        assert_close(mixed[i : i + 1], expected)
+        if name != "__base__":
+            assert differs(expected, base[i : i + 1]), f"{name} does not change the output"
+    # the call leaves no routing behind: the active adapter runs as before
+    model.set_adapter("lora")
+    assert_close(model(**row(inputs, 0)).logits, alone(model, "lora", row(inputs, 0)))
+
+
+def test_one_adapter_for_all_samples_equals_set_adapter() -> None:
+    model = many("llama")
+    inputs = padded_inputs("llama", 4)
+    for name in ADAPTERS:
+        with torch.no_grad():
+            routed = model(**inputs, adapter_names=[name] * 4).logits
+        assert_close(routed, alone(model, name, inputs))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5", "bart"])
+def test_per_sample_generate_equals_each_alone(arch: str) -> None:
+    model = many(arch)
+    names = ["prefix", "lora", "__base__", "bn", "ia3", "lora8"]
+    inputs = padded_inputs(arch, len(names))
+    inputs.pop("decoder_input_ids", None)
+    kw: dict[str, Any] = {"max_new_tokens": 6, "do_sample": False, "output_scores": True}
+    kw["return_dict_in_generate"] = True
+    with torch.no_grad():
+        mixed = model.generate(**inputs, adapter_names=names, **kw)
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    solo = model.generate(**row(inputs, i), **kw)
+            else:
+                model.set_adapter(name)
+                solo = model.generate(**row(inputs, i), **kw)
+            n = solo.sequences.shape[1]
+            assert torch.equal(mixed.sequences[i, :n], solo.sequences[0]), name
+            for step, scores in enumerate(solo.scores):
+                assert_close(mixed.scores[step][i : i + 1], scores)
+
+
+def test_beam_search_with_per_sample_adapters() -> None:
+    model = many("llama", ("lora", "prefix"))
+    inputs = padded_inputs("llama", 3)
+    names = ["lora", "prefix", "__base__"]
+    kw: dict[str, Any] = {"max_new_tokens": 4, "num_beams": 2, "do_sample": False}
+    with torch.no_grad():
+        mixed = model.generate(**inputs, adapter_names=names, **kw)
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    solo = model.generate(**row(inputs, i), **kw)
+            else:
+                model.set_adapter(name)
+                solo = model.generate(**row(inputs, i), **kw)
+            assert torch.equal(mixed[i, : solo.shape[1]], solo[0])
+
+
+def test_per_sample_gradients_reach_each_adapter() -> None:
+    model = many("llama", ("lora", "bn"))
+    model.train_adapter(["lora", "bn"])
+    inputs = padded_inputs("llama", 2)
+    out = model(**inputs, adapter_names=["lora", "bn"]).logits
+    out.pow(2).mean().backward()
+    for name in ("lora", "bn"):
+        grads = [p.grad for p in model.adapter_parameters(name).values()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), name
+
+
+def test_adapter_names_errors() -> None:
+    model = many("llama", ("lora", "ia3"))
+    inputs = padded_inputs("llama", 2)
+    with pytest.raises(ValueError, match="one entry per sample"):
+        model(**inputs, adapter_names=["lora"])
+    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+        model(**inputs, adapter_names=["lora", "nope"])
+    with pytest.raises(ValueError, match="one entry per sample"):
+        model(**inputs, adapter_names="lora")  # type: ignore[arg-type]
+    with model.disable_adapter(), pytest.raises(ValueError, match="disable_adapter"):
+        model(**inputs, adapter_names=["lora", "ia3"])
+    model.set_adapter("lora")
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        model(**inputs, adapter_names=["lora", "ia3"])
+    model.unmerge_adapter()
+    # a failed call leaves no routing behind
+    with torch.no_grad():
+        assert_close(model(**inputs).logits, alone(model, "lora", inputs))
+
+
+def test_modules_to_save_heads_per_sample() -> None:
+    """BERT classification: each adapter has its own trained head copy; rows use their own."""
+    model = many("bert", ("lora", "ia3"))
+    inputs = padded_inputs("bert", 3)
+    names = ["ia3", "lora", "__base__"]
+    with torch.no_grad():
+        mixed = model(**inputs, adapter_names=names).logits
+    for i, name in enumerate(names):
+        assert_close(mixed[i : i + 1], alone(model, name, row(inputs, i)))
+
+
+# ---- composition blocks ----------------------------------------------------------------------
+def test_stack_equals_list_and_composes_in_order() -> None:
+    model = many("llama", ("bn", "lora", "ia3", "prefix"))
+    inputs = padded_inputs("llama", 3)
+    bn2 = BottleneckConfig(reduction_factor=8, task_type=TASKS["llama"])
+    model.add_adapter("bn2", bn2)
+    perturb(model.adapter_parameters("bn2").values(), seed=9, scale=0.3)
+    with torch.no_grad():
+        model.set_adapter(Stack("bn", "bn2", "lora", "ia3", "prefix"))
+        stacked = model(**inputs).logits
+        assert model.active_adapters == ["bn", "bn2", "lora", "ia3", "prefix"]
+        assert model.active_composition == Stack("bn", "bn2", "lora", "ia3", "prefix")
+        model.set_adapter(["bn", "bn2", "lora", "ia3", "prefix"])
+        assert_close(model(**inputs).logits, stacked)
+        model.set_adapter(Stack("bn2", "bn", "lora", "ia3", "prefix"))
+        # bottleneck after bottleneck: the order matters
+        assert differs(model(**inputs).logits, stacked)
+        # a Stack per sample equals the Stack set for the whole batch
+        model.set_adapter("lora")
+        routed = model(**inputs, adapter_names=[Stack("bn", "bn2", "lora", "ia3", "prefix")] * 3).logits
+        assert_close(routed, stacked)
+
+
+def test_stack_of_one_method_by_hand() -> None:
+    """Stack of two LoRA adapters adds their deltas; of two IA3 adapters multiplies scales."""
+    model = many("llama", ("lora", "lora8"))
+    inputs = padded_inputs("llama", 2)
+    with torch.no_grad():
+        model.set_adapter(Stack("lora", "lora8"))
+        both = model(**inputs).logits
+        model.merge_adapter()  # merging adds both deltas into W
+        assert_close(model(**inputs).logits, both)
+        model.unmerge_adapter()
+
+
+@pytest.mark.parametrize("arch", ["llama", "bart"])
+def test_parallel_stacks_outputs_along_the_batch(arch: str) -> None:
+    model = many(arch)
+    inputs = padded_inputs(arch, 2)
+    block = Parallel("lora", Stack("bn", "ia3"), "prefix")
+    model.set_adapter(block)
+    assert model.active_adapters == ["lora", "bn", "ia3", "prefix"]
+    with torch.no_grad():
+        out = model(**inputs).logits
+    assert out.shape[0] == 6
+    expected = [alone(model, "lora", inputs)]
+    model.set_adapter(Stack("bn", "ia3"))
+    with torch.no_grad():
+        expected.append(model(**inputs).logits)
+    expected.append(alone(model, "prefix", inputs))
+    for k, exp in enumerate(expected):
+        assert_close(out[2 * k : 2 * k + 2], exp)
+    assert differs(expected[0], expected[2])
+
+
+def test_parallel_generate_and_errors() -> None:
+    model = many("llama", ("lora", "ia3"))
+    inputs = padded_inputs("llama", 2)
+    model.set_adapter(Parallel("lora", "ia3"))
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 4
+    with pytest.raises(ValueError, match="Parallel"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match="Parallel"):
+        model(**inputs, adapter_names=["lora", "ia3"])
+    with pytest.raises(ValueError, match="adapter names only"):
+        Stack("a", Parallel("b", "c"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="do not nest"):
+        Parallel("a", Parallel("b", "c"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least two"):
+        Parallel("a")
+    with pytest.raises(ValueError, match="no adapter named 'zzz'"):
+        model.set_adapter(Stack("lora", "zzz"))
+    with pytest.raises(ValueError, match="repeat"):
+        Stack("lora", "lora")
+
+
+# ---- merging several adapters ----------------------------------------------------------------
+def test_merge_several_lora_and_ia3_and_switch() -> None:
+    model = many("llama", ("lora", "lora8", "ia3", "bn"))
+    inputs = padded_inputs("llama", 2)
+    with torch.no_grad():
+        model.set_adapter(["lora", "lora8", "ia3"])
+        together = model(**inputs).logits
+        model.merge_adapter()
+        assert sorted(model.merged_adapters) == ["ia3", "lora", "lora8"]
+        assert_close(model(**inputs).logits, together)
+        # switching the active adapter of a merged model unmerges first
+        model.set_adapter("bn")
+        assert model.merged_adapters == []
+        assert_close(model(**inputs).logits, alone(model, "bn", inputs))
+        model.set_adapter(["lora", "lora8", "ia3"])
+        plain = model.merge_and_unload(["lora", "lora8", "ia3"])
+        assert_close(plain(**inputs).logits, together)
