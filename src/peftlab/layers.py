@@ -122,7 +122,7 @@ class AdapterUnit(nn.Module):
         per_group: Sequence[Sequence[AdapterUnit]],
         index: torch.Tensor,
         t: torch.Tensor,
-        cache: dict[str, Any],
+        cache: dict[Any, Any],
     ) -> torch.Tensor | None:
         """Apply this class's units at ``stage`` to a batch whose row ``i`` belongs to group
         ``index[i]``; ``per_group[g]`` lists group ``g``'s units of this class in order (often
@@ -282,8 +282,8 @@ class AdaptedModule(nn.Module):
         pre, delta, post = self._route_plan(routing)
         index = routing.sample_index(x.shape[0], x.device)
 
-        def cache(cls: type[AdapterUnit], stage: str) -> dict[str, Any]:
-            found: dict[str, Any] = routing.cache.setdefault((id(self), cls, stage), {})
+        def cache(cls: type[AdapterUnit], stage: str) -> dict[Any, Any]:
+            found: dict[Any, Any] = routing.cache.setdefault((id(self), cls, stage), {})
             return found
 
         for cls, per_group in pre:

@@ -381,11 +381,17 @@ class PeftModel(nn.Module):
                     for g, names in enumerate(routing.groups):
                         for name in names:
                             if name in self.model_adapters:
-                                adapter = self.model_adapters[name]
-                                per = by_class.setdefault(type(adapter), [[] for _ in routing.groups])
-                                per[g].append(adapter)
+                                module = self.model_adapters[name]
+                                per = by_class.setdefault(type(module), [[] for _ in routing.groups])
+                                per[g].append(module)
                     for cls, per_group in by_class.items():
-                        stack.enter_context(cls.routed_scope(self.base_model, per_group, routing))
+                        routed_scope = getattr(cls, "routed_scope", None)
+                        if routed_scope is None:
+                            raise ValueError(
+                                f"{cls.__name__} adapters cannot run per sample (no routed_scope); "
+                                "use set_adapter() and one batch per adapter"
+                            )
+                        stack.enter_context(routed_scope(self.base_model, per_group, routing))
                     yield
             finally:
                 self._state.routing = None

@@ -189,7 +189,7 @@ class BottleneckUnit(AdapterUnit):
         per_group: Sequence[Sequence[AdapterUnit]],
         index: torch.Tensor,
         t: torch.Tensor,
-        cache: dict[str, Any],
+        cache: dict[Any, Any],
     ) -> torch.Tensor | None:
         """Per-sample bottleneck adapters: at each depth of a Stack, every group's down/up
         projections (zero-padded to a common width; zeros for groups with no adapter at that

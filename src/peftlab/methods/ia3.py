@@ -93,7 +93,7 @@ class IA3Unit(AdapterUnit):
         per_group: Sequence[Sequence[AdapterUnit]],
         index: torch.Tensor,
         t: torch.Tensor,
-        cache: dict[str, Any],
+        cache: dict[Any, Any],
     ) -> torch.Tensor | None:
         """Per-sample IA3: one scale vector per group (a Stack's scales multiply, ones for
         groups without one), gathered per sample and multiplied in."""

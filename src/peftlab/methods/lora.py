@@ -164,7 +164,7 @@ class LoraUnit(AdapterUnit):
         per_group: Sequence[Sequence[AdapterUnit]],
         index: torch.Tensor,
         t: torch.Tensor,
-        cache: dict[str, Any],
+        cache: dict[Any, Any],
     ) -> torch.Tensor | None:
         """Per-sample LoRA in two batched products (as Punica / S-LoRA do): each group's A's
         stacked along the rank (a Stack's deltas add) and zero-padded to a common rank R,

@@ -596,7 +596,7 @@ def _prefixed_call(
         mask = attention_mask
         attention_mask = run.memo(mask, (prefix_len, id(seen)), lambda: _extend_mask(mask, prefix_len, seen))
     elif seen is not None:
-        causal = False
+        causal: Any = False
         if impl == "sdpa" and q_len > 1:
             causal = kwargs.get("is_causal")
             if causal is None:
