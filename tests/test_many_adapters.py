@@ -285,3 +285,11 @@ def test_merge_several_lora_and_ia3_and_switch() -> None:
         model.set_adapter(["lora", "lora8", "ia3"])
         plain = model.merge_and_unload(["lora", "lora8", "ia3"])
         assert_close(plain(**inputs).logits, together)
+
+
+def test_adapter_name_that_shadows_a_module_method_is_refused() -> None:
+    model = many("llama", ("lora",))
+    for name in ("half", "train", "forward"):
+        with pytest.raises(ValueError, match="torch.nn.Module method"):
+            model.add_adapter(name, LoraConfig(r=2))
+    assert list(model.peft_config) == ["lora"]

@@ -39,6 +39,9 @@ def _check_name(name: str) -> None:
             f"adapter name {name!r} is not usable: give a non-empty string without '.' "
             f"other than {BASE_ADAPTER!r}"
         )
+    if hasattr(nn.ModuleDict, name):
+        # adapters are keys of ModuleDicts, which cannot hold a key that names one of their methods
+        raise ValueError(f"adapter name {name!r} is the name of a torch.nn.Module method; pick another name")
 
 
 class PeftModel(nn.Module):
