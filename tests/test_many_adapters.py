@@ -290,6 +290,6 @@ def test_merge_several_lora_and_ia3_and_switch() -> None:
 def test_adapter_name_that_shadows_a_module_method_is_refused() -> None:
     model = many("llama", ("lora",))
     for name in ("half", "train", "forward"):
-        with pytest.raises(ValueError, match="torch.nn.Module method"):
+        with pytest.raises(ValueError, match=r"torch\.nn\.Module method"):
             model.add_adapter(name, LoraConfig(r=2))
     assert list(model.peft_config) == ["lora"]
