@@ -257,3 +257,46 @@ def test_evaluate_task_scores_the_first_examples() -> None:
     assert len(result.predictions) == len(result.references) == 3
     assert result.references == [ex.completion for ex in task.eval[:3]]
     assert result.metrics == task.score(result.predictions, result.references)
+
+
+# ---- accumulation and schedules --------------------------------------------------------
+
+
+def test_accumulation_gives_the_big_batch_gradient() -> None:
+    """batch 8 in one pass == 4 x 2 accumulated == 2 x 4: the loss is the token mean of the
+    whole step, whatever the micro-batches hold (examples of different lengths here)."""
+    g = torch.Generator().manual_seed(5)
+    data = []
+    for i in range(16):
+        prompt = torch.randint(3, 96, (3 + i % 5,), generator=g).tolist()
+        completion = [*torch.randint(3, 96, (1 + i % 4,), generator=g).tolist(), 2]
+        data.append(Encoded(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion))
+
+    def run(batch_size: int, grad_accum: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+        model = get_peft_model(build_model("llama"), LoraConfig(r=4, init_lora_weights=False))
+        cfg = TrainConfig(steps=4, batch_size=batch_size, grad_accum=grad_accum, learning_rate=1e-2)
+        history = train(model, data, cfg, pad_token_id=0, progress=False)
+        return history.losses, _snapshot(model)
+
+    losses, params = run(8, 1)
+    for batch_size, grad_accum in ((4, 2), (2, 4)):
+        other_losses, other = run(batch_size, grad_accum)
+        assert other_losses == pytest.approx(losses, rel=1e-6)
+        for name, p in params.items():
+            torch.testing.assert_close(other[name], p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lr_schedules() -> None:
+    from peftlab.training import lr_schedule
+
+    for kind in ("linear", "cosine", "constant"):
+        f = lr_schedule(kind, warmup_steps=2, total_steps=10)
+        assert [f(0), f(1)] == [pytest.approx(1 / 3), pytest.approx(2 / 3)] and f(2) == 1.0
+    cosine = lr_schedule("cosine", 2, 10)
+    assert cosine(6) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+    assert lr_schedule("linear", 2, 10)(6) == pytest.approx(0.5)
+    assert lr_schedule("constant", 0, 10)(9) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule must be one of linear, cosine, constant"):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="grad_accum"):
+        TrainConfig(grad_accum=0)

@@ -2,28 +2,38 @@
 
 Training minimises the next-token cross-entropy on completion tokens only (prompt and padding
 labels are -100), with AdamW over the parameters that require grad (adapter parameters of a
-:class:`~peftlab.PeftModel`, or everything for full fine-tuning) and a linear warmup/decay
-schedule. All randomness comes from the config's seed: batch order from an explicit
-``torch.Generator``, dropout from a forked, seeded global RNG that is restored afterwards.
+:class:`~peftlab.PeftModel`, or everything for full fine-tuning) and a warmup + linear, cosine
+or constant schedule. One optimizer step sees ``batch_size x grad_accum x world_size``
+examples; its loss is the mean over *all* completion tokens of that global batch, so gradient
+accumulation and data parallelism give the gradient of the same batch run at once.
+
+All randomness comes from the config's seed: batch order from an explicit generator
+(:class:`BatchStream`), dropout from a forked, seeded global RNG that is restored afterwards.
+:class:`TrainLoop` exposes every piece of that state, so a run can be checkpointed and resumed
+to the bit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from peftlab.tasks import Example, Task
 
 IGNORE_INDEX = -100
+SCHEDULES = ("linear", "cosine", "constant")
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,9 @@ class Encoded:
 
 @dataclass
 class TrainConfig:
+    """Optimisation settings. ``batch_size`` is per forward pass and per process; an optimizer
+    step sees ``batch_size x grad_accum x world_size`` examples."""
+
     steps: int = 30
     batch_size: int = 8
     learning_rate: float = 1e-3
@@ -44,9 +57,11 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     max_length: int = 256
     seed: int = 0
+    grad_accum: int = 1
+    lr_schedule: str = "linear"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "max_length"):
+        for name in ("steps", "batch_size", "max_length", "grad_accum"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_steps <= self.steps:
@@ -57,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
 
 
 @dataclass
@@ -78,6 +95,19 @@ class TrainHistory:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total_time": self.total_time, "tokens_per_second": self.tokens_per_second}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainHistory:
+        return cls(**{k: list(data[k]) for k in ("losses", "step_times", "learning_rates", "tokens")})
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the gradient norm) stopped being finite; the step was not applied."""
+
+    def __init__(self, step: int, value: float, what: str = "loss") -> None:
+        self.step = step
+        self.value = value
+        super().__init__(f"{what} became {value} at step {step}; lower the learning rate")
 
 
 # ---- data -----------------------------------------------------------------------------
@@ -150,23 +180,88 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _batch_order(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[list[int]]:
-    """``steps`` batches of indices: consecutive chunks of a stream of fresh permutations."""
-    stream: list[int] = []
-    for _ in range(steps):
-        while len(stream) < batch_size:
-            stream += torch.randperm(n, generator=generator).tolist()
-        yield stream[:batch_size]
-        stream = stream[batch_size:]
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of predicting token t+1 at position t over labels that are not -100
+    (0 when there are none): divided by the global batch's token count by the caller."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def num_targets(example: Encoded) -> int:
+    """How many tokens of ``example`` the loss scores (labels after the shift that are not -100)."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+
+
+class BatchStream:
+    """Batch indices as consecutive chunks of a stream of fresh permutations of ``range(n)``.
+
+    Its state (generator, the rest of the current permutation, samples drawn) is the data
+    position of a run: restoring it continues the exact same order.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        if n < 1:
+            raise ValueError("no training examples")
+        self.n = n
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pending: list[int] = []
+        self.samples_seen = 0
+
+    @property
+    def epoch(self) -> float:
+        """Passes over the data so far (fractional)."""
+        return self.samples_seen / self.n
+
+    def take(self, count: int) -> list[int]:
+        while len(self.pending) < count:
+            self.pending += torch.randperm(self.n, generator=self.generator).tolist()
+        out, self.pending = self.pending[:count], self.pending[count:]
+        self.samples_seen += count
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "generator": self.generator.get_state(),
+            "pending": list(self.pending),
+            "samples_seen": self.samples_seen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["n"]) != self.n:
+            raise ValueError(
+                f"the saved data position is for {state['n']} training examples but this run has {self.n}"
+            )
+        self.generator.set_state(state["generator"])
+        self.pending = [int(i) for i in state["pending"]]
+        self.samples_seen = int(state["samples_seen"])
 
 
 def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """LR multiplier: 0 -> 1 over the warmup, then 1 -> 0 at the last step."""
+    return lr_schedule("linear", warmup_steps, total_steps)
+
+
+def lr_schedule(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier at step ``s`` (0-based): linear warmup ``(s+1)/(warmup+1)``, then
+    ``linear`` 1 -> 0, ``cosine`` 1 -> 0 along a half cosine, or ``constant`` 1."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
 
     return factor
 
@@ -184,7 +279,199 @@ def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+def rng_state() -> dict[str, Any]:
+    """The process's global RNG states: torch (CPU and every initialised CUDA device), Python's
+    ``random`` and numpy's legacy global generator."""
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    if "cuda" in state:
+        if not torch.cuda.is_available() or torch.cuda.device_count() < len(state["cuda"]):
+            raise ValueError(
+                f"the saved RNG state covers {len(state['cuda'])} CUDA devices, which this machine lacks"
+            )
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 # ---- training -------------------------------------------------------------------------
+
+
+StepHook = Callable[["TrainLoop"], None]
+
+
+class TrainLoop:
+    """AdamW training of ``model``'s trainable parameters, one optimizer step at a time.
+
+    ``forward_module`` is what the forward pass calls (a ``DistributedDataParallel`` wrapper of
+    ``model`` under torch.distributed; ``model`` itself otherwise). Each process takes its
+    share of every global batch: micro-batch ``m`` of rank ``r`` is chunk ``m * world_size + r``
+    of the step's indices, so micro-batch ``m`` of a single process with ``world_size`` times
+    the batch size covers the same examples. :meth:`state_dict` / :meth:`load_state_dict`
+    hold everything but the parameters and the RNG, which :attr:`resume_rng` restores.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Sequence[Encoded],
+        config: TrainConfig,
+        *,
+        pad_token_id: int,
+        forward_module: nn.Module | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not data:
+            raise ValueError("no training examples")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(
+                "the model has no trainable parameters: attach an adapter (get_peft_model) or call "
+                "model.train_adapter(name), or unfreeze parameters for full fine-tuning"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.model = model
+        self.forward_module = forward_module if forward_module is not None else model
+        self.data = data
+        self.config = config
+        self.pad_token_id = pad_token_id
+        self.rank = rank
+        self.world_size = world_size
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_schedule(config.lr_schedule, config.warmup_steps, config.steps)
+        )
+        self.batches = BatchStream(len(data), config.seed)
+        self.history = TrainHistory()
+        self.step = 0  # optimizer steps done
+        self.resume_rng: dict[str, Any] | None = None  # applied instead of seeding when run() starts
+        self._targets = [num_targets(ex) for ex in data]
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.config.batch_size * self.config.grad_accum * self.world_size
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "batches": self.batches.state_dict(),
+            "history": asdict(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["batches"])
+        self.history = TrainHistory.from_dict(state["history"])
+        self.step = int(state["step"])
+
+    def run(
+        self, *, progress: bool = True, desc: str = "train", on_step: StepHook | None = None
+    ) -> TrainHistory:
+        """Train until ``config.steps`` optimizer steps are done, calling ``on_step(self)``
+        after each (inside the training RNG, so :func:`rng_state` there is the run's)."""
+        device = _device_of(self.model)
+        was_training = self.model.training
+        self.forward_module.train()
+        self.model.train()
+        bar = tqdm(
+            total=self.config.steps,
+            initial=self.step,
+            desc=desc,
+            disable=not progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        try:
+            # every process seeds its own dropout stream
+            with _seeded_rng(self.config.seed + self.rank, device):
+                if self.resume_rng is not None:
+                    set_rng_state(self.resume_rng)
+                    self.resume_rng = None
+                while self.step < self.config.steps:
+                    self._step(device)
+                    elapsed = self.history.step_times[-1]
+                    bar.set_postfix(
+                        loss=f"{self.history.losses[-1]:.3f}",
+                        tok_s=f"{self.history.tokens[-1] / elapsed:.0f}" if elapsed > 0 else "-",
+                        refresh=False,
+                    )
+                    bar.update(1)
+                    if on_step is not None:
+                        on_step(self)
+        finally:
+            bar.close()
+            self.model.train(was_training)
+        return self.history
+
+    def _step(self, device: torch.device) -> None:
+        cfg = self.config
+        indices = self.batches.take(self.global_batch_size)
+        n_targets = sum(self._targets[i] for i in indices)
+        if n_targets == 0:
+            raise ValueError("batch has no completion tokens to learn from (all labels are -100)")
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        # DDP averages gradients over processes; scaling by world_size makes that the sum over
+        # the global batch, which the 1 / n_targets turns into its token mean
+        scale = self.world_size / n_targets
+        for micro in range(cfg.grad_accum):
+            first = (micro * self.world_size + self.rank) * cfg.batch_size
+            chunk = indices[first : first + cfg.batch_size]
+            batch = {
+                k: v.to(device) for k, v in collate([self.data[i] for i in chunk], self.pad_token_id).items()
+            }
+            labels = batch.pop("labels")
+            last = micro == cfg.grad_accum - 1
+            # under DDP, only the last micro-batch all-reduces the accumulated gradients
+            skip_sync = not last and isinstance(self.forward_module, DistributedDataParallel)
+            with self.forward_module.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
+                summed = causal_lm_loss_sum(self.forward_module(**batch).logits, labels)
+                (summed * scale).backward()
+            loss_sum += summed.detach()
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(loss_sum)
+        loss = float(loss_sum) / n_targets
+        step = self.step + 1
+        if not math.isfinite(loss):
+            raise TrainingDiverged(step, loss)
+        if cfg.max_grad_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            if not math.isfinite(norm):
+                raise TrainingDiverged(step, norm, "gradient norm")
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.step = step
+        self.history.losses.append(loss)
+        self.history.step_times.append(time.perf_counter() - start)
+        self.history.learning_rates.append(lr)
+        self.history.tokens.append(sum(len(self.data[i].input_ids) for i in indices))
 
 
 def train(
@@ -201,61 +488,32 @@ def train(
     Works with a :class:`~peftlab.PeftModel` (only adapter parameters require grad) and with a
     plain model (full fine-tuning): whatever requires grad is optimised, nothing else is touched.
     """
-    if not data:
-        raise ValueError("no training examples")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(
-            "the model has no trainable parameters: attach an adapter (get_peft_model) or call "
-            "model.train_adapter(name), or unfreeze parameters for full fine-tuning"
-        )
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, linear_schedule(config.warmup_steps, config.steps)
-    )
-    generator = torch.Generator().manual_seed(config.seed)
+    loop = TrainLoop(model, data, config, pad_token_id=pad_token_id)
+    return loop.run(progress=progress, desc=desc)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module, data: Sequence[Encoded], *, pad_token_id: int, batch_size: int = 8
+) -> float:
+    """Mean cross-entropy over every completion token of ``data``, in eval mode."""
+    total = sum(num_targets(ex) for ex in data)
+    if total == 0:
+        raise ValueError("no completion tokens to evaluate")
     device = _device_of(model)
-    history = TrainHistory()
     was_training = model.training
-    model.train()
-    bar = tqdm(total=config.steps, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+    model.eval()
+    summed = 0.0
     try:
-        with _seeded_rng(config.seed, device):
-            for indices in _batch_order(len(data), config.batch_size, config.steps, generator):
-                start = time.perf_counter()
-                batch = {
-                    k: v.to(device) for k, v in collate([data[i] for i in indices], pad_token_id).items()
-                }
-                labels = batch.pop("labels")
-                logits = model(**batch).logits
-                loss = causal_lm_loss(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                value = float(loss.detach())
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - start
-                if not math.isfinite(value):
-                    raise RuntimeError(
-                        f"loss became {value} at step {len(history.losses) + 1}; lower the learning rate"
-                    )
-                history.losses.append(value)
-                history.step_times.append(elapsed)
-                history.learning_rates.append(lr)
-                history.tokens.append(int(batch["attention_mask"].sum()))
-                bar.set_postfix(
-                    loss=f"{value:.3f}", tok_s=f"{history.tokens[-1] / elapsed:.0f}", refresh=False
-                )
-                bar.update(1)
+        for start in range(0, len(data), batch_size):
+            batch = {
+                k: v.to(device) for k, v in collate(data[start : start + batch_size], pad_token_id).items()
+            }
+            labels = batch.pop("labels")
+            summed += float(causal_lm_loss_sum(model(**batch).logits, labels))
     finally:
-        bar.close()
         model.train(was_training)
-    return history
+    return summed / total
 
 
 # ---- evaluation -----------------------------------------------------------------------

@@ -238,6 +238,9 @@ class PrefixEncoder(nn.Module):
     ``embedding.weight`` ``(num_virtual_tokens, token_dim)`` and ``transform`` (MLP).
     """
 
+    # the parameters are read here, not in forward(): FSDP2 all-gathers around these calls
+    fsdp_forward_methods = ("key_values",)
+
     def __init__(
         self,
         config: PrefixTuningConfig,

@@ -1,0 +1,276 @@
+"""Peak memory and train-step time of PEFT methods vs full fine-tuning on SmolLM2-135M.
+
+One train step = forward + backward + AdamW step (the optimizer and its state are part of
+both the time and the memory). Methods: ``full`` (every weight trainable), ``lora`` (r=8,
+alpha 16, q_proj + v_proj), ``ia3`` (k_proj, v_proj, down_proj), ``bottleneck`` (reduction
+factor 16 after attention and FFN), ``prefix`` (20 virtual tokens).
+
+Each method runs in its own fresh subprocess, so its peak resident memory (``ru_maxrss``,
+what the kernel reports as VmHWM) is its own: loading the model, the optimizer state, the
+gradients and the activations of the biggest step. One round starts one subprocess per
+method, in an order rotated from round to round, so machine load hits all methods alike; a
+subprocess times ``--warmup`` untimed and ``--steps`` timed steps and reports their median. A
+time ratio is the median over rounds of the per-round ratio; memory ratios use the median
+peak of each method. Figures go to stdout as Markdown, optionally to ``--out`` as JSON.
+
+    python benchmarks/train_memory.py                  # batch 4 x seq 128, 3 rounds, 1 thread
+    python benchmarks/train_memory.py --quick          # smoke run
+    python benchmarks/train_memory.py --activation-checkpointing --methods full lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+METHODS = ("full", "lora", "ia3", "bottleneck", "prefix")
+# (label, numerator, denominator, kind, target): kind "time" or "memory"; ratio <= target passes
+TARGETS = (
+    ("LoRA step / full step", "lora", "full", "time", 0.70),
+    ("LoRA peak memory / full peak memory", "lora", "full", "memory", 0.50),
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3, help="subprocesses per method (interleaved)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps in each subprocess")
+    p.add_argument("--steps", type=int, default=3, help="timed steps in each subprocess (median)")
+    # one thread: on cores other processes share, OpenMP's extra threads wait on each other
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each decoder layer in backward, for every method (prefix tuning cannot: skipped)",
+    )
+    p.add_argument("--quick", action="store_true", help="smoke run: batch 1 x seq 32, 1 round, 1 step")
+    p.add_argument("--out", default=None, help="also write the figures as JSON here")
+    p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)  # internal: one measurement
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.seq_len, args.rounds, args.warmup, args.steps = 1, 32, 1, 1, 1
+    if min(args.batch_size, args.seq_len, args.rounds, args.steps, args.threads) < 1 or args.warmup < 0:
+        p.error("sizes, rounds, steps and threads must be >= 1, warmup >= 0")
+    if args.activation_checkpointing and "prefix" in args.methods and not args.child:
+        print("note: prefix tuning does not run with activation checkpointing; skipped", file=sys.stderr)
+        args.methods = [m for m in args.methods if m != "prefix"]
+    if not {"full", "lora"} <= set(args.methods):
+        p.error("--methods must include full and lora (the targets compare them)")
+    return args
+
+
+# ---- one method, in its own process ---------------------------------------------------------
+def _rss_mib() -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_child(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from peftlab import BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+    from peftlab.models import load_causal_lm
+
+    runtime_mib = _rss_mib()  # Python + torch + transformers, before any weights
+    model, _tok = load_causal_lm()
+    configs: dict[str, Any] = {
+        "lora": LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type=TaskType.CAUSAL_LM
+        ),
+        "ia3": IA3Config(task_type=TaskType.CAUSAL_LM),
+        "bottleneck": BottleneckConfig(reduction_factor=16, task_type=TaskType.CAUSAL_LM),
+        "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=20),
+    }
+    if args.activation_checkpointing:
+        # non-reentrant, and input grads switched on so frozen embeddings still pass gradients
+        model.activation_checkpointing_enable()  # type: ignore[operator]
+    torch.manual_seed(args.seed)  # the adapters' initial values
+    if args.child == "full":
+        model.requires_grad_(True)
+    else:
+        model = get_peft_model(model, configs[args.child])
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    generator = torch.Generator().manual_seed(args.seed)
+    config: Any = model.config
+    ids = torch.randint(0, int(config.vocab_size), (args.batch_size, args.seq_len), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    loaded_mib = _rss_mib()
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return {
+        "method": args.child,
+        "step_s": statistics.median(times),
+        "step_times_s": times,
+        "peak_mib": _peak_mib(),
+        "runtime_mib": runtime_mib,
+        "loaded_mib": loaded_mib,
+        "trainable": sum(p.numel() for p in params),
+        "loss": float(loss),
+    }
+
+
+# ---- the parent: rounds of fresh subprocesses -----------------------------------------------
+def _spawn(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    command = [
+        sys.executable, os.path.abspath(__file__), "--child", method,
+        "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--warmup", str(args.warmup),
+        "--steps", str(args.steps), "--threads", str(args.threads), "--seed", str(args.seed),
+    ]  # fmt: skip
+    if args.activation_checkpointing:
+        command.append("--activation-checkpointing")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def measure(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    methods = list(args.methods)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    for r in range(args.rounds):
+        shift = r % len(methods)
+        for method in methods[shift:] + methods[:shift]:
+            runs[method].append(_spawn(method, args))
+            last = runs[method][-1]
+            print(
+                f"round {r + 1}/{args.rounds} {method}: step {last['step_s']:.2f} s, "
+                f"peak {last['peak_mib']:.0f} MiB",
+                file=sys.stderr,
+                flush=True,
+            )
+    return runs
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def report(
+    args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], meta: dict[str, Any]
+) -> dict[str, Any]:
+    import torch
+
+    full = runs["full"]
+    med = {
+        m: {k: statistics.median(r[k] for r in rs) for k in ("step_s", "peak_mib", "runtime_mib")}
+        for m, rs in runs.items()
+    }
+    threads = f"{args.threads} thread" + ("s" if args.threads > 1 else "")
+    lines = [
+        f"SmolLM2-135M, fp32, AdamW, batch {args.batch_size} x seq {args.seq_len}, {threads}"
+        f"{', activation checkpointing' if args.activation_checkpointing else ''}; "
+        f"{args.rounds} rounds of one fresh process per method (order rotated), each {args.warmup} warm-up + "
+        f"{args.steps} timed steps; torch {torch.__version__}, {meta['cpu']}; load average "
+        f"{meta['load_before']} before, {meta['load_after']} after; wall time {meta['wall_s']:.0f} s",
+        "",
+        "| method | trainable params | step s (median) | p25-p75 s | step / full | peak RSS MiB "
+        "| peak / full | peak above runtime MiB | above-runtime / full |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    above_full = med["full"]["peak_mib"] - med["full"]["runtime_mib"]
+    table: dict[str, dict[str, Any]] = {}
+    for method, rs in runs.items():
+        steps = [r["step_s"] for r in rs]
+        q1, q2, q3 = quartiles(steps)
+        paired = [r["step_s"] / f["step_s"] for r, f in zip(rs, full, strict=True)]
+        above = med[method]["peak_mib"] - med[method]["runtime_mib"]
+        row = {
+            "trainable": rs[0]["trainable"],
+            "step_s": q2,
+            "step_p25_s": q1,
+            "step_p75_s": q3,
+            "step_ratio_vs_full": statistics.median(paired),
+            "peak_mib": med[method]["peak_mib"],
+            "peak_ratio_vs_full": med[method]["peak_mib"] / med["full"]["peak_mib"],
+            "above_runtime_mib": above,
+            "above_runtime_ratio_vs_full": above / above_full,
+            "runs": rs,
+        }
+        table[method] = row
+        lines.append(
+            f"| {method} | {row['trainable']:,d} | {q2:.2f} | {q1:.2f}-{q3:.2f} "
+            f"| {row['step_ratio_vs_full']:.3f} | {row['peak_mib']:.0f} | {row['peak_ratio_vs_full']:.3f} "
+            f"| {above:.0f} | {row['above_runtime_ratio_vs_full']:.3f} |"
+        )
+    lines += ["", "| target | value | target | result |", "|---|---:|---:|---|"]
+    verdicts = []
+    for label, num, den, kind, target in TARGETS:
+        if kind == "time":
+            value = statistics.median(
+                a["step_s"] / b["step_s"] for a, b in zip(runs[num], runs[den], strict=True)
+            )
+        else:
+            value = med[num]["peak_mib"] / med[den]["peak_mib"]
+        result = "PASS" if value <= target else "MISS"
+        verdicts.append({"target": label, "value": value, "limit": target, "result": result})
+        lines.append(f"| {label} | {value:.3f} | ≤ {target:.2f} | {result} |")
+    lines.append("")
+    runtime = med["full"]["runtime_mib"]
+    lines.append(f"runtime baseline (Python + torch + transformers imported, no weights): {runtime:.0f} MiB")
+    print("\n".join(lines))
+    return {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "child")},
+        "environment": meta,
+        "methods": table,
+        "targets": verdicts,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(args)))
+        return 0
+    import torch  # noqa: F401  (the report names its version)
+
+    started = time.perf_counter()
+    meta: dict[str, Any] = {
+        "cpu": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }
+    runs = measure(args)
+    meta["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    meta["wall_s"] = time.perf_counter() - started
+    result = report(args, runs, meta)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
