@@ -11,6 +11,7 @@ import pytest
 
 from peftlab.cli import main
 from peftlab.compare import METHODS, CompareOptions
+from peftlab.config import TaskType
 from peftlab.counting import MethodRow, count_methods
 from peftlab.data import load_data_file, task_from_files
 
@@ -45,7 +46,7 @@ def test_counts_equal_peftlab_count(quick_run: tuple[Path, dict[str, Any]]) -> N
 
     model_config = AutoConfig.for_model(**data)
     rows = [
-        MethodRow(name, lambda task, spec=spec: spec.make_config(model_config))
+        MethodRow(name, lambda task, spec=spec: spec.make_config(model_config, TaskType.CAUSAL_LM))
         for name, spec in METHODS.items()
     ]
     counted = {r.label: r for r in count_methods(data, rows=rows).rows}
@@ -84,6 +85,7 @@ def test_measurements_are_present_and_sane(quick_run: tuple[Path, dict[str, Any]
         ({"methods": ("lora", "dora")}, "unknown"),
         ({"steps": 0}, "--steps"),
         ({"task": "topic", "data": "x.jsonl"}, "either --task or --data"),
+        ({"data": "x.jsonl", "hf_dataset": "imdb"}, "not more than one"),
         ({"eval_data": "x.jsonl"}, "--eval-data needs --data"),
     ],
 )
@@ -105,11 +107,13 @@ def test_data_files(tmp_path: Path) -> None:
     assert data.kind == "classification" and data.labels == ("no", "yes")
     task = task_from_files(jsonl, eval_fraction=0.2, seed=3)
     assert len(task.eval) == 2 and len(task.train) == 8
+    assert sorted(ex.label for ex in task.eval) == ["no", "yes"]  # one per label: stratified
     assert task_from_files(jsonl, eval_fraction=0.2, seed=3).eval == task.eval
     assert task.score([" yes", "no"], [" yes", " yes"])["accuracy"] == 0.5
     csv = tmp_path / "g.csv"
+    # bad rows are skipped and counted, but 1 of 2 is past the bad-row limit: an error
     csv.write_text('prompt,completion\n"a","b"\n"c",\n')
-    with pytest.raises(ValueError, match=r"g\.csv:3: missing field 'completion'"):
+    with pytest.raises(ValueError, match=r"1 of 2 rows are bad.*g\.csv:3: missing field 'completion'"):
         load_data_file(csv)
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{oops\n')

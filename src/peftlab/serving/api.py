@@ -1,0 +1,375 @@
+"""The HTTP side of ``peftlab serve``: an OpenAI-compatible completions API on FastAPI.
+
+Endpoints: ``POST /v1/completions`` (``model`` = an adapter name or the base model's name),
+``GET /v1/models``, ``POST /v1/adapters`` / ``DELETE /v1/adapters/{name}`` (load and unload
+while serving), ``GET /health``. Errors use OpenAI's shape ``{"error": {"message", "type",
+"param", "code"}}``. With an API key every request needs ``Authorization: Bearer KEY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from peftlab.serving.engine import Engine, Job, SamplingParams, ServeError, StreamChunk
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+MAX_STOP = 4  # as OpenAI
+UNION_FIELDS = {"prompt": "a string or a list of strings", "stop": "a string, a list of strings or null"}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's completions request; fields peftlab does not implement must keep their defaults."""
+
+    # clients send fields of newer API versions; ignoring unknown ones is what OpenAI does too
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: str | list[str]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    best_of: int | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+
+class AdapterRequest(BaseModel):
+    name: str
+    path: str
+
+
+def _unsupported(req: CompletionRequest) -> None:
+    checks = [
+        (req.n != 1, "n", "n must be 1 (send the prompt several times for more completions)"),
+        (req.best_of not in (None, 1), "best_of", "best_of is not supported"),
+        (req.echo, "echo", "echo is not supported"),
+        (req.logprobs is not None, "logprobs", "logprobs are not supported"),
+        (req.suffix is not None, "suffix", "suffix (insertion) is not supported"),
+        (req.presence_penalty != 0, "presence_penalty", "presence_penalty is not supported"),
+        (req.frequency_penalty != 0, "frequency_penalty", "frequency_penalty is not supported"),
+        (bool(req.logit_bias), "logit_bias", "logit_bias is not supported"),
+    ]
+    for failed, param, message in checks:
+        if failed:
+            raise ServeError(400, message, param=param)
+
+
+def _sampling(req: CompletionRequest) -> SamplingParams:
+    if not 0.0 <= req.temperature <= 2.0:
+        raise ServeError(
+            400,
+            f"temperature must be between 0 and 2 (0: greedy), got {req.temperature}",
+            param="temperature",
+        )
+    if not 0.0 < req.top_p <= 1.0:
+        raise ServeError(400, f"top_p must be in (0, 1], got {req.top_p}", param="top_p")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP or any(not s for s in stop):
+        raise ServeError(400, f"stop takes up to {MAX_STOP} non-empty strings", param="stop")
+    return SamplingParams(
+        max_tokens=req.max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=req.seed,
+        stop=tuple(stop),
+    )
+
+
+def _error_body(status: int, message: str, kind: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _error_response(err: ServeError) -> JSONResponse:
+    return JSONResponse(
+        _error_body(err.status, err.message, err.kind, err.param), status_code=err.status, headers=err.headers
+    )
+
+
+def _validation_message(err: RequestValidationError) -> tuple[int, str]:
+    """(status, message): 400 for a body that is not JSON, 422 naming each bad field."""
+    problems = []
+    for e in err.errors():
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        where = ".".join(loc)
+        if e.get("type") == "json_invalid":
+            detail = e.get("ctx", {}).get("error", "")
+            return 400, f"the request body is not valid JSON ({detail}); send a JSON object"
+        if e.get("type") == "missing":
+            problems.append(f"missing field {where!r}")
+        elif not where:
+            problems.append(f"the body must be a JSON object ({e.get('msg')})")
+        elif loc[0] in UNION_FIELDS:
+            # pydantic reports one error per member of the union; say once what is accepted
+            problems.append(f"field {loc[0]!r} must be {UNION_FIELDS[loc[0]]}")
+        else:
+            problems.append(f"field {where!r}: {e.get('msg')}")
+    return 422, "invalid request: " + "; ".join(dict.fromkeys(problems))
+
+
+class ApiKeyMiddleware:
+    """Every request, on every path, must carry ``Authorization: Bearer KEY``."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                response = JSONResponse(
+                    _error_body(
+                        401,
+                        "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                        "authentication_error",
+                    ),
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine``; its lifespan starts and stops the model worker."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(title="peftlab serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)  # type: ignore[arg-type]
+
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, err: ServeError) -> JSONResponse:
+        return _error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        status, message = _validation_message(err)
+        return JSONResponse(_error_body(status, message, "invalid_request_error"), status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        message = (
+            f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else err.detail
+        )
+        return JSONResponse(
+            _error_body(err.status_code, str(message), kind), status_code=err.status_code, headers=err.headers
+        )
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": engine.base_name,
+            "adapters": list(engine.adapters),
+            "queue_depth": engine.queue_depth(),
+            "running": engine.running_rows,
+            "max_batch_size": engine.max_batch_size,
+            "stats": engine.stats.to_dict(),
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        data: list[dict[str, Any]] = [
+            {"id": engine.base_name, "object": "model", "created": engine.created, "owned_by": "peftlab",
+             "root": engine.base_name, "parent": None},
+        ]  # fmt: skip
+        for name, info in engine.adapters.items():
+            data.append(
+                {"id": name, "object": "model", "created": engine.created, "owned_by": "peftlab",
+                 "root": engine.base_name, "parent": engine.base_name, "method": info["method"]}
+            )  # fmt: skip
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/adapters")
+    async def load_adapter(req: AdapterRequest) -> dict[str, Any]:
+        return await engine.load_adapter(req.name, req.path)
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str) -> dict[str, Any]:
+        return await engine.unload_adapter(name)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest) -> dict[str, Any] | StreamingResponse:
+        _unsupported(req)
+        adapter = engine.resolve(req.model)
+        params = _sampling(req)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts:
+            raise ServeError(
+                400, "prompt is an empty list; give a string or a list of strings", param="prompt"
+            )
+        if len(prompts) > engine.max_queue:
+            raise ServeError(
+                400, f"{len(prompts)} prompts in one request; at most {engine.max_queue}", param="prompt"
+            )
+        prompt_ids = [engine.encode(p) for p in prompts]
+        engine.check_lengths(prompt_ids, params.max_tokens)
+        meta = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+        }
+        job = engine.submit(adapter, prompt_ids, params, stream=req.stream)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await _stream(job, meta, include_usage)
+        try:
+            await job.future
+        except asyncio.CancelledError:
+            job.cancel()  # the client went away: stop decoding its rows
+            raise
+        return {
+            **meta,
+            "choices": [
+                {"text": r.text, "index": r.index, "logprobs": None, "finish_reason": r.finish_reason}
+                for r in job.rows
+            ],
+            "usage": _usage(job),
+        }
+
+    return app
+
+
+def _usage(job: Job) -> dict[str, int]:
+    prompt = sum(len(r.prompt_ids) for r in job.rows)
+    completion = sum(len(r.tokens) for r in job.rows)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _stream(job: Job, meta: dict[str, Any], include_usage: bool) -> StreamingResponse:
+    """Server-sent events; the first event is awaited here, so an error before any text (the
+    adapter was unloaded meanwhile) is still an ordinary HTTP error."""
+    assert job.events is not None
+    events = job.events
+    try:
+        first = await events.get()
+    except asyncio.CancelledError:
+        job.cancel()
+        raise
+    if isinstance(first, ServeError):
+        raise first
+
+    def sse(data: dict[str, Any]) -> bytes:
+        return f"data: {json.dumps(data)}\n\n".encode()
+
+    async def body() -> AsyncIterator[bytes]:
+        finished = 0
+        event: StreamChunk | ServeError = first
+        try:
+            while True:
+                if isinstance(event, ServeError):
+                    yield sse(_error_body(event.status, event.message, event.kind, event.param))
+                    break
+                choice = {"text": event.text, "index": event.index, "logprobs": None,
+                          "finish_reason": event.finish_reason}  # fmt: skip
+                yield sse({**meta, "choices": [choice]})
+                if event.finish_reason is not None:
+                    finished += 1
+                    if finished == len(job.rows):
+                        if include_usage:
+                            yield sse({**meta, "choices": [], "usage": _usage(job)})
+                        break
+                event = await events.get()
+            yield b"data: [DONE]\n\n"
+        finally:
+            if finished < len(job.rows):
+                job.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on a background thread (tests, benchmarks, notebooks).
+
+    ``port=0`` picks a free port; ``url`` is where it listens once ``start()`` returns.
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, int(self.sock.getsockname()[1])
+        config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, name="peftlab-uvicorn", daemon=True)
+        self.error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        except BaseException as err:  # reported by start()
+            self.error = err
+
+    def start(self, timeout: float = 60.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start: {self.error!r}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
