@@ -238,7 +238,7 @@ def wrapper_overhead(model: nn.Module, call: Callable[[], None], repeats: int = 
     ``base_layer``; the difference is the adapter's own cost (its ops plus the wrapper's
     Python), an upper bound since the base layer's hooks run inside the wrapper's timing.
     """
-    from peftlab.layers import AdaptedModule
+    from peftlab.core.layers import AdaptedModule
 
     spent = {"wrapper": 0.0, "base": 0.0}
     started: dict[tuple[str, int], float] = {}

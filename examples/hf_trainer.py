@@ -15,9 +15,10 @@ import torch
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 from peftlab import LoraConfig, PeftModel, TaskType, get_peft_model
-from peftlab.hf_integration import AdapterTrainer
+from peftlab.data.catalog import get_task
+from peftlab.data.tasks import Example
+from peftlab.integrations.trainer import AdapterTrainer
 from peftlab.models import load_causal_lm
-from peftlab.tasks import Example, get_task
 
 
 def encode(tokenizer: Any, example: Example) -> dict[str, list[int]]:

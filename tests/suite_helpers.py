@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import ARCHS, build_model
 from peftlab import IA3Config, LoraConfig, PeftConfig, PeftModel, TaskType
-from peftlab.layers import AdaptedModule, ModulesToSave
+from peftlab.core.layers import AdaptedModule, ModulesToSave
 
 ATOL = 1e-5
 

@@ -23,7 +23,7 @@ from peftlab import (
     PfeifferConfig,
     get_peft_model,
 )
-from peftlab.injection import wrapped_modules
+from peftlab.core.injection import wrapped_modules
 from peftlab.methods.bottleneck import BottleneckUnit
 
 ATOL = 1e-5

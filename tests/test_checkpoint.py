@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,10 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import peftlab.checkpoint as ck
+import peftlab.core.checkpoint as ck
 from conftest import build_model, model_output, sample_inputs
 from peftlab import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model
-from peftlab.layers import AdaptedModule, ModulesToSave
+from peftlab.core.layers import AdaptedModule, ModulesToSave
 
 TESTS_DIR = Path(__file__).resolve().parent
 ATOL = 1e-5
@@ -337,9 +337,9 @@ class FakePrompt(nn.Module):
 
 
 @pytest.fixture
-def fake_prompt_method(monkeypatch: pytest.MonkeyPatch) -> Any:
-    from peftlab import methods
-    from peftlab.methods.base import Method
+def fake_prompt_method() -> Iterator[Any]:
+    from peftlab.core.method import Method
+    from peftlab.core.registry import register_method, unregister_method
 
     class FakePromptMethod(Method):
         peft_type = "FAKE_PROMPT"
@@ -356,9 +356,9 @@ def fake_prompt_method(monkeypatch: pytest.MonkeyPatch) -> Any:
             with torch.no_grad():
                 module.embedding.weight.copy_(state["prompt_embeddings"])
 
-    method = FakePromptMethod()
-    monkeypatch.setitem(methods.METHODS, "FAKE_PROMPT", method)
-    return method
+    method = register_method(FakePromptMethod())
+    yield method
+    unregister_method("FAKE_PROMPT")
 
 
 def test_model_level_adapter_round_trip(fake_prompt_method: Any, tmp_path: Path) -> None:
@@ -376,11 +376,9 @@ def test_model_level_adapter_round_trip(fake_prompt_method: Any, tmp_path: Path)
 
 
 def test_bottleneck_keys_if_available(tmp_path: Path) -> None:
-    from peftlab import methods
+    from peftlab.core.registry import get_method
 
-    if "BOTTLENECK" not in methods.METHODS:
-        pytest.skip("bottleneck adapters are not registered in this tree")
-    config = methods.METHODS["BOTTLENECK"].config_class()
+    config = get_method("BOTTLENECK").config_class()
     model = get_peft_model(build_model("llama"), config)
     perturb_peftlab(model, seed=8)
     model.save_pretrained(tmp_path)
@@ -578,6 +576,34 @@ def test_save_leaves_no_temp_files_and_normal_permissions(tmp_path: Path) -> Non
     assert (tmp_path / ck.WEIGHTS_NAME).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_saves_of_the_same_adapter_are_byte_identical(tmp_path: Path) -> None:
+    """safetensors writes its metadata in a random order; peftlab sorts it, so saving the same
+    adapter again (ten times here, each a fresh draw of that order) gives the same bytes."""
+    model = make_llama_lora(seed=1)
+    first = tmp_path / "0"
+    model.save_pretrained(first)
+    for i in range(1, 10):
+        again = tmp_path / str(i)
+        model.save_pretrained(again)
+        for name in (ck.CONFIG_NAME, ck.WEIGHTS_NAME):
+            assert (again / name).read_bytes() == (first / name).read_bytes(), (i, name)
+    header = (first / ck.WEIGHTS_NAME).read_bytes()
+    meta = json.loads(header[8 : 8 + int.from_bytes(header[:8], "little")])["__metadata__"]
+    assert list(meta) == sorted(meta) and set(meta) == {"format", ck.CONFIG_HASH_KEY}
+
+
+def test_sorted_metadata_keeps_the_file_readable() -> None:
+    from safetensors.torch import load, save
+
+    tensors = {"b": torch.arange(3.0), "a": torch.ones(2, 2)}
+    raw = save(tensors, metadata={"zz": "1", "format": "pt", "mm": "2"})
+    fixed = ck.sorted_metadata(raw)
+    assert len(fixed) == len(raw)
+    size = int.from_bytes(fixed[:8], "little")
+    assert list(json.loads(fixed[8 : 8 + size])["__metadata__"]) == ["format", "mm", "zz"]
+    assert all(torch.equal(load(fixed)[k], v) for k, v in tensors.items())
+
+
 def test_failed_save_keeps_previous(
     saved: tuple[Path, torch.Tensor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -600,7 +626,8 @@ def test_failed_save_keeps_previous(
 CHILD = """
 import sys, time
 sys.path.insert(0, sys.argv[3])
-import peftlab.checkpoint as ck
+import peftlab.core.checkpoint as ck
+from peftlab.core import atomic
 from test_checkpoint import NEW, make_llama_lora
 
 stage, folder = sys.argv[1], sys.argv[2]
@@ -616,15 +643,15 @@ if stage == "writing":  # killed while the weights' temporary file is half writt
         pause()
     ck._write_weights = half
 elif stage == "before_commit":  # both files staged, neither renamed
-    ck._commit = lambda tmp, final: pause()
+    atomic.commit = lambda tmp, final: pause()
 elif stage == "between_commits":  # weights renamed into place, config not yet
-    commit, done = ck._commit, []
+    commit, done = atomic.commit, []
     def once(tmp, final):
         if done:
             pause()
         done.append(final)
         commit(tmp, final)
-    ck._commit = once
+    atomic.commit = once
 
 states = [make_llama_lora(**NEW), make_llama_lora(seed=1)]
 if stage == "loop":  # save two different adapters in turn until killed

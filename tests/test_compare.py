@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from peftlab.cli import main
-from peftlab.compare import METHODS, CompareOptions
-from peftlab.config import TaskType
-from peftlab.counting import MethodRow, count_methods
-from peftlab.data import load_data_file, task_from_files
+from peftlab.compare import CompareOptions
+from peftlab.count import count_methods
+from peftlab.data.files import load_data_file, task_from_files
+from peftlab.presets import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_quick_writes_every_file(quick_run: tuple[Path, dict[str, Any]]) -> None
     for name in ("results.json", "report.md", "quality_vs_params.png", "cost.png",
                  "inference_overhead.png", "loss_curves.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
-    assert [r["method"] for r in results["methods"]] == list(METHODS)
+    assert [r["method"] for r in results["methods"]] == list(PRESETS)
     report = (out / "report.md").read_text()
     for row in results["methods"]:
         assert row["label"] in report
@@ -42,17 +42,11 @@ def test_counts_equal_peftlab_count(quick_run: tuple[Path, dict[str, Any]]) -> N
 
     path, _ = resolve_model_path(None)
     data = json.loads((Path(path) / "config.json").read_text())
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.for_model(**data)
-    rows = [
-        MethodRow(name, lambda task, spec=spec: spec.make_config(model_config, TaskType.CAUSAL_LM))
-        for name, spec in METHODS.items()
-    ]
-    counted = {r.label: r for r in count_methods(data, rows=rows).rows}
+    # both size each preset from the model's own config, through the one table of presets
+    counted = {r.label: r for r in count_methods(data).rows}
     for row in results["methods"]:
-        assert row["trainable_params"] == counted[row["method"]].trainable, row["method"]
-        assert row["total_params"] == counted[row["method"]].total, row["method"]
+        assert row["trainable_params"] == counted[row["label"]].trainable, row["method"]
+        assert row["total_params"] == counted[row["label"]].total, row["method"]
 
 
 def test_every_method_beats_the_untrained_model(quick_run: tuple[Path, dict[str, Any]]) -> None:

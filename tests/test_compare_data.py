@@ -13,7 +13,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from peftlab.classify import (
+from peftlab.cli import main
+from peftlab.data.files import classification_prompt
+from peftlab.data.tasks import Example
+from peftlab.training.classify import (
     ClassifierAsNextToken,
     _score_continuations,
     classify,
@@ -21,10 +24,7 @@ from peftlab.classify import (
     fit_prompts,
     score_label_words,
 )
-from peftlab.cli import main
-from peftlab.data import classification_prompt
-from peftlab.tasks import Example
-from peftlab.training import TrainConfig, TrainLoop, encode_examples, evaluate_loss, pad_id
+from peftlab.training.loop import TrainConfig, TrainLoop, encode_examples, evaluate_loss, pad_id
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<eos>"]
 WORDS = ["good", "great", "fine", "bad", "awful", "dull", "film", "movie", "plot", "the", "a", "was",

@@ -15,12 +15,10 @@ import pytest
 from conftest import build_model
 from peftlab import IA3Config, LoraConfig, TaskType, get_peft_model
 from peftlab.cli import main
-from peftlab.counting import (
+from peftlab.count import (
     ADAMW_STATE_BYTES,
-    METHOD_ROWS,
     CountReport,
     CountRow,
-    MethodRow,
     build_meta_model,
     count_methods,
     load_preset,
@@ -28,6 +26,9 @@ from peftlab.counting import (
     model_config,
     preset_names,
 )
+from peftlab.presets import PRESETS, MethodPreset
+
+METHOD_ROWS = tuple(PRESETS.values())
 
 LLAMA_70B = {
     "architectures": ["LlamaForCausalLM"],
@@ -81,7 +82,7 @@ def test_presets_are_the_published_models() -> None:
 
 
 def test_mistral_lora_qv_is_exact(mistral: CountReport) -> None:
-    lora = row(mistral, "LoRA r=8 (q,v)")
+    lora = row(mistral, "LoRA (r=8, q+v)")
     # grouped-query attention: v_proj is 4096 -> 1024, so 32 * 8 * ((4096 + 4096) + (4096 + 1024))
     assert lora.trainable == 3_407_872
     assert lora.targets == ["q_proj", "v_proj"] and lora.adapted_modules == 64
@@ -106,17 +107,17 @@ def test_model_is_built_on_meta_device() -> None:
 def test_70b_config_counts_without_weights() -> None:
     # would need ~276 GB in fp32 if anything were allocated; on the meta device it takes seconds
     report = count_methods(LLAMA_70B, label="llama-70b")
-    assert row(report, "full fine-tuning").total == 68_976_648_192
+    assert row(report, "Full fine-tuning").total == 68_976_648_192
     # 80 layers * 8 * ((8192 + 8192) + (8192 + 1024))
-    assert row(report, "LoRA r=8 (q,v)").trainable == 80 * 8 * (16384 + 9216)
+    assert row(report, "LoRA (r=8, q+v)").trainable == 80 * 8 * (16384 + 9216)
     # IA3: k and v outputs (1024 each) and down_proj's input (28672) per layer
     assert row(report, "IA3").trainable == 80 * (1024 + 1024 + 28672)
 
 
 HF_ROWS: list[tuple[str, Callable[[Any], Any]]] = [
-    ("LoRA r=8 (q,v)", lambda t: _peft().LoraConfig(r=8, lora_alpha=16, task_type=t)),
+    ("LoRA (r=8, q+v)", lambda t: _peft().LoraConfig(r=8, lora_alpha=16, task_type=t)),
     (
-        "LoRA r=16 all-linear",
+        "LoRA (r=16, all-linear)",
         lambda t: _peft().LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type=t),
     ),
     ("IA3", lambda t: _peft().IA3Config(task_type=t)),
@@ -135,8 +136,8 @@ def test_counts_equal_hf_peft_on_presets(preset: str) -> None:
     report = count_methods(data)
     peft = _peft()
     explicit = {
-        "LoRA r=8 (q,v)": peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-        "LoRA r=16 all-linear": peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+        "LoRA (r=8, q+v)": peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        "LoRA (r=16, all-linear)": peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
         "IA3": peft.IA3Config(
             target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
         ),
@@ -168,6 +169,22 @@ def test_counts_equal_hf_peft_on_tiny_models(arch: str) -> None:
         assert (ours.trainable, ours.total) == hf_peft_counts(data, make(task.value), task), (arch, label)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5", "bart"])
+def test_prefix_rows_show_the_attention_layers_they_enter(arch: str) -> None:
+    data = build_model(arch).config.to_dict()
+    prefix = row(count_methods(data, task=TINY_TASKS[arch]), "Prefix tuning")
+    assert prefix.error is None, prefix.error
+    # two layers; encoder-decoder models get PEFT's layout: the decoder's self-attention only
+    assert prefix.adapted_modules == 2
+    assert prefix.targets == {"llama": ["self_attn"], "gpt2": ["attn"], "t5": ["SelfAttention"]}.get(
+        arch, ["self_attn"]
+    )
+    assert any(
+        line.startswith("| Prefix tuning") and line.rstrip(" |").endswith("2")
+        for line in count_methods(data, task=TINY_TASKS[arch]).render().splitlines()
+    )
+
+
 def test_seq_cls_head_is_trainable() -> None:
     data = build_model("bert").config.to_dict()
     report = count_methods(data, task=TaskType.SEQ_CLS)
@@ -175,12 +192,12 @@ def test_seq_cls_head_is_trainable() -> None:
     head = 32 * 3 + 3  # classifier: hidden 32 -> 3 labels, trained in full as a copy
     vectors = 2 * (32 + 32 + 32 + 64)  # per layer: key, value, attention.output.dense out, output.dense in
     assert ia3.trainable == head + vectors
-    assert ia3.total == row(report, "full fine-tuning").total + head + vectors
+    assert ia3.total == row(report, "Full fine-tuning").total + head + vectors
 
 
 # ---- memory arithmetic ---------------------------------------------------------------------
 def test_memory_estimates_follow_the_stated_formula(mistral: CountReport) -> None:
-    lora = row(mistral, "LoRA r=8 (q,v)")
+    lora = row(mistral, "LoRA (r=8, q+v)")
     a = mistral.activations
     assert (a.batch_size, a.seq_len, a.num_layers, a.hidden_size, a.output_size) == (1, 512, 32, 4096, 32000)
     acts16 = 32 * 512 * 4096 * 34 + 512 * 32000 * 4
@@ -199,7 +216,7 @@ def test_memory_estimates_follow_the_stated_formula(mistral: CountReport) -> Non
         acts32,
     )
     assert fp32.total == fp32.weights + fp32.gradients + fp32.optimizer + fp32.activations
-    full = row(mistral, "full fine-tuning").memory["bf16"]
+    full = row(mistral, "Full fine-tuning").memory["bf16"]
     assert full.gradients == 7_241_732_096 * 2 and full.optimizer == 7_241_732_096 * 8
 
 
@@ -217,15 +234,24 @@ def test_encoder_decoder_counts_both_stacks() -> None:
 
 
 # ---- the row frame -------------------------------------------------------------------------
-def test_rows_extend_with_one_line_and_bad_rows_are_reported() -> None:
+def test_rows_extend_with_one_preset_and_bad_rows_are_reported() -> None:
     data = build_model("llama").config.to_dict()
     rows = [
         *METHOD_ROWS,
-        MethodRow(
+        MethodPreset(
+            "lora-qkvo",
             "LoRA r=4 (q,k,v,o)",
-            lambda t: LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+            lambda c, t: LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+            1e-3,
+            1e-3,
         ),
-        MethodRow("IA3 on a missing module", lambda t: IA3Config(target_modules=["no_such_proj"])),
+        MethodPreset(
+            "ia3-missing",
+            "IA3 on a missing module",
+            lambda c, t: IA3Config(target_modules=["no_such_proj"]),
+            1e-3,
+            1e-3,
+        ),
     ]
     report = count_methods(data, rows=rows)
     extra = row(report, "LoRA r=4 (q,k,v,o)")
@@ -242,9 +268,9 @@ def test_cli_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["count", "--preset", "mistral-7b", "--batch-size", "2", "--seq-len", "256"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    lora = next(line for line in lines if line.startswith("| LoRA r=8 (q,v)"))
+    lora = next(line for line in lines if line.startswith("| LoRA (r=8, q+v)"))
     assert "3,407,872" in lora and "7,245,139,968" in lora and "0.0470" in lora
-    for label in ("full fine-tuning", "LoRA r=16 all-linear", "IA3"):
+    for label in ("Full fine-tuning", "LoRA (r=16, all-linear)", "IA3"):
         assert any(line.startswith(f"| {label}") for line in lines), label
     assert "Training memory estimate, fp32" in out and "Training memory estimate, bf16" in out
     assert "b=2, seq len s=256" in out and "Korthikanti" in out
@@ -257,7 +283,7 @@ def test_cli_json_and_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[
     data = json.loads(capsys.readouterr().out)
     assert data["model_type"] == "llama" and data["assumptions"]["seq_len"] == 512
     rows = {r["method"]: r for r in data["rows"]}
-    assert rows["LoRA r=8 (q,v)"]["trainable_params"] == 30 * 8 * ((576 + 576) + (576 + 192))
+    assert rows["LoRA (r=8, q+v)"]["trainable_params"] == 30 * 8 * ((576 + 576) + (576 + 192))
     assert rows["IA3"]["memory_bytes"]["bf16"]["optimizer"] == rows["IA3"]["trainable_params"] * 8
     # a folder holding config.json works too
     assert main(["count", "--config", str(tmp_path), "--json"]) == 0

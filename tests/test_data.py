@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from peftlab.data import (
+from peftlab.data.files import (
     MAX_BAD_FRACTION,
     interleave,
     load_data_file,
@@ -19,7 +19,7 @@ from peftlab.data import (
     task_from_files,
     task_from_hf_dataset,
 )
-from peftlab.tasks import Example
+from peftlab.data.tasks import Example
 
 
 def _rows(n: int, labels: tuple[str, ...] = ("neg", "pos")) -> list[dict[str, Any]]:

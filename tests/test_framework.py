@@ -15,8 +15,8 @@ from torch import nn
 
 from conftest import build_model, model_output, sample_inputs
 from peftlab import IA3Config, LoraConfig, PeftModel, get_peft_model
-from peftlab.injection import linear_module_names, wrapped_modules
-from peftlab.layers import AdaptedModule
+from peftlab.core.injection import linear_module_names, wrapped_modules
+from peftlab.core.layers import AdaptedModule
 from suite_helpers import (
     CASE_IDS,
     CASES,

@@ -1,4 +1,4 @@
-"""FSDP for peftlab models (``peftlab.fsdp``): which modules become units, and on CPU with gloo
+"""FSDP for peftlab models (``peftlab.integrations.fsdp``): which modules become units, and on CPU with gloo
 (2 processes) that FSDP2 and FSDP1 keep trainable and frozen weights in separate units, train
 only the adapters, and match a single-process step on the same global batch."""
 
@@ -16,8 +16,8 @@ from torch import nn
 
 from conftest import build_model, sample_inputs
 from peftlab import BottleneckConfig, IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
-from peftlab.fsdp import block_classes, fsdp_auto_wrap_policy, fsdp_units
-from peftlab.layers import AdaptedModule, AdapterUnit, ModulesToSave
+from peftlab.core.layers import AdaptedModule, AdapterUnit, ModulesToSave
+from peftlab.integrations.fsdp import block_classes, fsdp_auto_wrap_policy, fsdp_units
 
 WORLD = 2
 
@@ -122,7 +122,7 @@ def _full(p: torch.Tensor) -> torch.Tensor:
 
 
 def _check_fsdp2(rank: int, out: Path) -> None:
-    from peftlab.fsdp import apply_fsdp2, save_pretrained, shard_groups
+    from peftlab.integrations.fsdp import apply_fsdp2, save_pretrained, shard_groups
 
     batch = sample_inputs("llama", batch=2 * WORLD, seq=7)
     mine = {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}

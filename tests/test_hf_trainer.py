@@ -1,4 +1,4 @@
-"""peftlab models under transformers' Trainer (``peftlab.hf_integration.AdapterTrainer``):
+"""peftlab models under transformers' Trainer (``peftlab.integrations.trainer.AdapterTrainer``):
 training, adapter-only checkpoints, loading them back, exact resume."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from transformers.trainer_pt_utils import LabelSmoother
 
 from conftest import VOCAB, build_model, sample_inputs
 from peftlab import IA3Config, LoraConfig, PeftModel, get_peft_model
-from peftlab.checkpoint import CheckpointError
-from peftlab.hf_integration import AdapterTrainer, load_adapter_weights
+from peftlab.core.checkpoint import CheckpointError
+from peftlab.integrations.trainer import AdapterTrainer, load_adapter_weights
 
 # what Trainer writes besides the model in a checkpoint folder
 TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}

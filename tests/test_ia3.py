@@ -11,8 +11,8 @@ from torch import nn
 
 from conftest import build_model, model_output, sample_inputs
 from peftlab import IA3Config, get_peft_model
-from peftlab.injection import wrapped_modules
-from peftlab.layers import AdaptedModule
+from peftlab.core.injection import wrapped_modules
+from peftlab.core.layers import AdaptedModule
 from peftlab.methods.ia3 import IA3Unit
 from suite_helpers import assert_close, check_equal_to_peft, sub
 

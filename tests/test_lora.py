@@ -11,8 +11,8 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import build_model, model_output, sample_inputs
 from peftlab import LoraConfig, get_peft_model
-from peftlab.injection import wrapped_modules
-from peftlab.layers import AdaptedModule
+from peftlab.core.injection import wrapped_modules
+from peftlab.core.layers import AdaptedModule
 from peftlab.methods.lora import LoraUnit
 from suite_helpers import (
     assert_close,

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from peftlab.data import label_scorer, match_label
-from peftlab.metrics import (
+from peftlab.data.files import label_scorer, match_label
+from peftlab.data.metrics import (
     classification_metrics,
     exact_match,
     generation_metrics,

@@ -143,8 +143,10 @@ def test_sdpa_and_eager_agree(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_equals_explicit_prefix_in_cache_with_unchanged_positions(arch: str, impl: str) -> None:
-    """Reference: the prefix put in transformers' own KV cache, real tokens at positions 0..q-1."""
+def test_equals_explicit_prefix_in_cache(arch: str, impl: str) -> None:
+    """Reference: the prefix put in transformers' own KV cache. Real tokens sit at positions
+    0..q-1 on rotary models (peftlab converts their checkpoints instead) and after the prefix,
+    3..q+2, on models with learned absolute positions, as in HF PEFT."""
     model = _prefixed(arch, impl)
     inputs = sample_inputs(arch)
     batch, q = inputs["input_ids"].shape
@@ -152,6 +154,7 @@ def test_equals_explicit_prefix_in_cache_with_unchanged_positions(arch: str, imp
     layers = [
         (table[2 * i].expand(batch, -1, -1, -1), table[2 * i + 1].expand(batch, -1, -1, -1)) for i in range(2)
     ]
+    first = 0 if arch == "llama" else 3
     base = model.base_model
     with torch.no_grad():
         ours = model(**inputs).logits
@@ -159,9 +162,19 @@ def test_equals_explicit_prefix_in_cache_with_unchanged_positions(arch: str, imp
             input_ids=inputs["input_ids"],
             attention_mask=torch.cat([torch.ones(batch, 3, dtype=torch.long), inputs["attention_mask"]], 1),
             cache=DynamicCache([(k.clone(), v.clone()) for k, v in layers], config=base.config),
-            position_ids=torch.arange(q).expand(batch, -1),
+            position_ids=(torch.arange(q) + first).expand(batch, -1),
         ).logits
     assert float((ours - reference).abs().max()) < TOL
+
+
+def test_positions_past_the_embedding_are_refused() -> None:
+    """GPT-2 numbers real tokens after the prefix: a prefix that pushes them past the model's
+    positions is a clear error, not an index error deep in the embedding."""
+    model = _prefixed("gpt2", "sdpa")
+    limit = model.base_model.config.n_positions
+    ids = torch.randint(3, 96, (1, limit - 1))
+    with pytest.raises(ValueError, match=r"moves real tokens to position .* has only \d+ positions"):
+        model(input_ids=ids)
 
 
 # ---- padding ---------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from conftest import build_model, sample_inputs
 from peftlab import PeftConfig, PeftModel, PrefixTuningConfig, get_peft_model
-from peftlab.methods import get_method
+from peftlab.core.registry import get_method
 
-TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
+TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM", "bart": "SEQ_2_SEQ_LM"}
 TOKENS = 3
 TOL = 1e-5
 METHOD = get_method("PREFIX_TUNING")
@@ -43,10 +43,12 @@ def _logits(model: Any, inputs: dict[str, torch.Tensor], **extra: Any) -> torch.
 
 
 def _peft_positions_as_ours(arch: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """PEFT numbers real tokens from num_virtual_tokens (it adds that to given position ids);
-    these position ids make it number them from 0, as peftlab does."""
-    if arch == "t5":
-        return {}  # relative positions: PEFT and peftlab agree as they are
+    """PEFT numbers real tokens from num_virtual_tokens (it adds that to given position ids).
+    peftlab does the same with learned absolute positions (GPT-2, BART) and relative ones agree
+    anyway (T5); on rotary models it numbers them from 0 and converts checkpoints instead, so for
+    the same raw vectors these position ids make PEFT number them from 0."""
+    if arch != "llama":
+        return {}
     batch, q = inputs["input_ids"].shape
     return {"position_ids": (torch.arange(q) - TOKENS).expand(batch, -1)}
 
@@ -63,7 +65,7 @@ def test_outputs_equal_peft_for_the_same_prefix(arch: str, projection: bool) -> 
     assert ours.get_nb_trainable_parameters()[0] == theirs.get_nb_trainable_parameters()[0]
 
 
-@pytest.mark.parametrize("arch", ["llama", "t5"])
+@pytest.mark.parametrize("arch", list(TASKS))
 def test_peftlab_prefix_runs_the_same_in_peft(arch: str) -> None:
     """Exported tensors (PEFT's numbering: rotary keys turned by num_virtual_tokens) give PEFT
     our outputs with PEFT's own positions."""
@@ -75,7 +77,7 @@ def test_peftlab_prefix_runs_the_same_in_peft(arch: str) -> None:
     assert float((_logits(ours, inputs) - _logits(theirs, inputs)).abs().max()) < TOL
 
 
-@pytest.mark.parametrize("arch", ["llama", "t5"])
+@pytest.mark.parametrize("arch", list(TASKS))
 def test_peft_prefix_runs_the_same_in_peftlab(arch: str) -> None:
     ours, theirs = _ours(arch), _peft(arch)
     METHOD.import_model_adapter(ours.model_adapters["default"], get_peft_model_state_dict(theirs))
@@ -86,16 +88,16 @@ def test_peft_prefix_runs_the_same_in_peftlab(arch: str) -> None:
     assert torch.allclose(again, get_peft_model_state_dict(theirs)["prompt_embeddings"], atol=1e-6)
 
 
-def test_absolute_positions_are_exchanged_as_is() -> None:
-    """GPT-2: no rotation can stand in for PEFT's shifted absolute positions; the vectors are
-    exchanged unchanged and agree with PEFT once PEFT numbers real tokens from 0."""
-    ours, theirs = _ours("gpt2"), _peft("gpt2")
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_absolute_positions_are_exchanged_as_is(arch: str) -> None:
+    """Learned absolute positions: real tokens are numbered after the prefix in both libraries,
+    so the vectors are exchanged unchanged and give the same outputs with PEFT's own positions."""
+    ours, theirs = _ours(arch), _peft(arch)
     exported = METHOD.export_model_adapter(ours.model_adapters["default"])["prompt_embeddings"]
     assert torch.equal(exported, ours.model_adapters["default"].embedding.weight.detach())
     set_peft_model_state_dict(theirs, {"prompt_embeddings": exported})
-    inputs = sample_inputs("gpt2")
-    expected = _logits(theirs, inputs, **_peft_positions_as_ours("gpt2", inputs))
-    assert float((_logits(ours, inputs) - expected).abs().max()) < TOL
+    inputs = sample_inputs(arch)
+    assert float((_logits(ours, inputs) - _logits(theirs, inputs)).abs().max()) < TOL
 
 
 @pytest.mark.parametrize("arch", ["llama", "t5"])
@@ -134,7 +136,7 @@ def _greedy_by_full_forwards(model: Any, inputs: dict[str, torch.Tensor], steps:
     return tokens
 
 
-@pytest.mark.parametrize("arch", ["llama", "t5"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
 def test_cached_generation_equals_peft_greedy_decoding(arch: str) -> None:
     """PEFT 0.21's own generate() disagrees with itself (cached vs not) on transformers 5.24;
     the reference is therefore greedy decoding with PEFT's forward, step by step."""
@@ -165,16 +167,19 @@ def test_configs_are_read_both_ways() -> None:
     assert (read_by_us.num_transformer_submodules, read_by_us.num_layers, read_by_us.token_dim) == (2, 2, 32)
 
 
-@pytest.mark.parametrize("arch", ["llama", "t5"])
-def test_checkpoint_files_both_ways(arch: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", list(TASKS))
+@pytest.mark.parametrize("projection", [False, True])
+def test_checkpoint_files_both_ways(arch: str, projection: bool, tmp_path: Path) -> None:
+    """The same file gives the same outputs in both libraries, written by either, for every
+    architecture both support (rotary, absolute and relative positions)."""
     inputs = sample_inputs(arch)
-    ours = _ours(arch)
+    ours = _ours(arch, prefix_projection=projection)
     ours.save_pretrained(tmp_path / "ours")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         in_peft = peft.PeftModel.from_pretrained(build_model(arch), tmp_path / "ours")
     assert float((_logits(ours, inputs) - _logits(in_peft, inputs)).abs().max()) < TOL
-    theirs = _peft(arch)
+    theirs = _peft(arch, prefix_projection=projection)
     theirs.save_pretrained(tmp_path / "theirs")
     in_ours = PeftModel.from_pretrained(build_model(arch), tmp_path / "theirs")
     assert float((_logits(in_ours, inputs) - _logits(theirs, inputs)).abs().max()) < TOL

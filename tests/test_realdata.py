@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from peftlab import realdata
-from peftlab.realdata import MEMBER, sha256_of
-from peftlab.tasks import get_task
+from peftlab.data import rotten_tomatoes as realdata
+from peftlab.data.catalog import get_task
+from peftlab.data.rotten_tomatoes import MEMBER, sha256_of
 
 
 def _corpus(n_fresh: int = 30, n_rotten: int = 20, n_plot: int = 5) -> bytes:

@@ -18,8 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import build_model
 from peftlab import LoraConfig, cli, get_peft_model
-from peftlab.training import Encoded, TrainConfig, TrainLoop
-from peftlab.trainstate import (
+from peftlab.training.checkpoints import (
     decode_state,
     encode_state,
     latest_checkpoint,
@@ -28,6 +27,7 @@ from peftlab.trainstate import (
     step_folders,
     write_state,
 )
+from peftlab.training.loop import Encoded, TrainConfig, TrainLoop
 from test_training import save_tiny_causal_lm
 
 
@@ -109,7 +109,7 @@ def _loop(seed: int = 0) -> TrainLoop:
 
 
 def test_loop_state_round_trips_through_json_and_safetensors(tmp_path: Path) -> None:
-    from peftlab.training import rng_state
+    from peftlab.training.loop import rng_state
 
     full = _loop()
     full.run(progress=False)
@@ -182,7 +182,7 @@ def test_checkpoint_folders_are_atomic_and_rotated(tmp_path: Path) -> None:
     assert sorted(p.name for p in root.iterdir()) == ["step-4", "step-6"]
     assert latest_checkpoint(root) == root / "step-6"
     # a temporary folder left by a kill is ignored, then cleaned by the next save
-    (root / ".step-8.tmp-dead").mkdir()
+    (root / ".step-8.dead.tmp").mkdir()
     assert latest_checkpoint(root) == root / "step-6"
     save_checkpoint(root, 8, write, keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["step-6", "step-8"]

@@ -7,15 +7,9 @@ import re
 
 import pytest
 
-from peftlab.tasks import (
-    TOPIC_LABELS,
-    get_task,
-    number_words,
-    parse_json_object,
-    score_structured,
-    score_topic,
-    task_names,
-)
+from peftlab.data.catalog import get_task, task_names
+from peftlab.data.generated import TOPIC_LABELS, number_words, score_structured, score_topic
+from peftlab.data.metrics import parse_json_object
 
 
 @pytest.mark.parametrize("name", ["structured", "topic"])

@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from peftlab import PeftModel, cli
-from peftlab.commands.train import parse_target_modules
-from peftlab.training import evaluate_loss, pad_id
-from peftlab.trainrun import RunConfig, merge_settings, read_run_file, run_training
+from peftlab.cli.train import parse_target_modules
+from peftlab.training.loop import evaluate_loss, pad_id
+from peftlab.training.run import RunConfig, merge_settings, read_run_file, run_training
 from test_training import save_tiny_causal_lm
 
 
@@ -100,7 +100,7 @@ def test_run_files_and_flags(tmp_path: Path) -> None:
         read_run_file(tmp_path / "run.toml")
     with pytest.raises(ValueError, match="batch_size: must be an integer"):
         RunConfig.from_dict({"task": "topic", "batch_size": "8"})
-    from peftlab.trainrun import total_steps
+    from peftlab.training.run import total_steps
 
     assert total_steps(RunConfig(task="topic"), 256, 8) == 32  # one epoch by default
     assert total_steps(RunConfig(task="topic", epochs=1.5), 250, 8) == 47  # rounded up
@@ -178,8 +178,8 @@ def test_training_learns_and_saves_a_peft_adapter(tiny_model_dir: Path, tmp_path
     assert {"eval_loss", "accuracy"} <= set(final)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["final_eval"] == final
     # LoRA starts as the base model (B = 0): the base's held-out loss is the starting point
-    from peftlab.training import encode_examples
-    from peftlab.trainrun import load_run_task
+    from peftlab.training.loop import encode_examples
+    from peftlab.training.run import load_run_task
 
     held_out = encode_examples(tok, load_run_task(config).eval, 256)
     with model.disable_adapter():
@@ -279,7 +279,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_checkpoint(
 def test_injected_nan_loss_stops_before_the_update(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import peftlab.training as training
+    import peftlab.training.loop as training
 
     real = training.causal_lm_loss_sum
     calls = {"n": 0}

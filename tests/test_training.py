@@ -16,8 +16,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from conftest import build_model
 from peftlab import IA3Config, LoraConfig, get_peft_model
-from peftlab.tasks import Example, get_task
-from peftlab.training import (
+from peftlab.data.catalog import get_task
+from peftlab.data.tasks import Example
+from peftlab.training.loop import (
     IGNORE_INDEX,
     Encoded,
     TrainConfig,
@@ -287,7 +288,7 @@ def test_accumulation_gives_the_big_batch_gradient() -> None:
 
 
 def test_lr_schedules() -> None:
-    from peftlab.training import lr_schedule
+    from peftlab.training.loop import lr_schedule
 
     for kind in ("linear", "cosine", "constant"):
         f = lr_schedule(kind, warmup_steps=2, total_steps=10)

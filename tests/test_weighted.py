@@ -23,8 +23,8 @@ from peftlab import (
     PeftModel,
     PrefixTuningConfig,
 )
-from peftlab.injection import wrapped_modules
-from peftlab.layers import is_conv1d
+from peftlab.core.injection import wrapped_modules
+from peftlab.core.layers import is_conv1d
 from peftlab.methods.bottleneck import BottleneckUnit
 from peftlab.methods.ia3 import IA3Unit
 from peftlab.methods.lora import LoraUnit

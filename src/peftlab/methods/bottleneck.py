@@ -17,7 +17,8 @@ projection, no copied forwards). Parameter names, which are also the checkpoint 
 ``adapter_up.weight`` (d, b), ``adapter_up.bias`` (d).
 
 The non-linearity ``f`` makes the adapter no linear change of the wrapped weight, so it
-cannot be merged.
+cannot be merged. Weighted combination averages every parameter, ``p = sum_i w_i p_i``, of
+adapters on the same modules with the same sizes and non-linearity.
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.architectures import defaults_for
-from peftlab.config import PeftConfig, TaskType, check_positive_int, normalize_targets
-from peftlab.layers import AdapterUnit, Stage, base_weight, linear_features
-from peftlab.methods.base import Method, model_type_of, resolve_targets
+from peftlab.core.config import PeftConfig, TaskType, check_positive_int, normalize_targets
+from peftlab.core.layers import AdapterUnit, Stage, base_weight, linear_features
+from peftlab.core.method import Method, Targets, architecture_of, resolve_targets
 
 NON_LINEARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -43,6 +43,22 @@ NON_LINEARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
 }
 INIT_SCHEMES = ("bert", "houlsby", "zeros")
+# mh_modules / output_modules = None: the attention block's output projection and the FFN's
+# output projection, both before their residual add
+DEFAULT_MH_MODULES: dict[str, Targets] = {
+    "llama": ["o_proj"],
+    "gpt2": ["attn.c_proj"],
+    "bert": ["attention.output.dense"],
+    "t5": ["SelfAttention.o", "EncDecAttention.o"],
+    "bart": ["self_attn.out_proj", "encoder_attn.out_proj"],
+}
+DEFAULT_OUTPUT_MODULES: dict[str, Targets] = {
+    "llama": ["down_proj"],
+    "gpt2": ["mlp.c_proj"],
+    "bert": r".*\.layer\.\d+\.output\.dense",
+    "t5": ["DenseReluDense.wo"],
+    "bart": ["fc2"],
+}
 # std of the normal init: BERT's initializer range, and Houlsby's near-identity scale
 _BERT_STD = 0.02
 _HOULSBY_STD = 1e-2
@@ -267,16 +283,16 @@ def _routed_step(weights: _Gathered, y: torch.Tensor) -> torch.Tensor:
 class BottleneckMethod(Method):
     peft_type = "BOTTLENECK"
     config_class = BottleneckConfig
+    name = "bottleneck"
     mergeable = False
     unmergeable_reason = UNMERGEABLE_REASON
 
     def targets(self, model: nn.Module, config: BottleneckConfig) -> dict[str, Any]:
         """Attention output projections (role ``"mh"``) and FFN output projections (``"output"``)."""
-        arch = defaults_for(model_type_of(model))
-        attn_default, ffn_default = (arch.attn_output, arch.ffn_output) if arch else (None, None)
+        arch = architecture_of(model) or ""
         positions = (
-            ("mh", config.mh_adapter, config.mh_modules, attn_default),
-            ("output", config.output_adapter, config.output_modules, ffn_default),
+            ("mh", config.mh_adapter, config.mh_modules, DEFAULT_MH_MODULES.get(arch)),
+            ("output", config.output_adapter, config.output_modules, DEFAULT_OUTPUT_MODULES.get(arch)),
         )
         roles: dict[str, str] = {}
         for role, enabled, configured, default in positions:
@@ -294,3 +310,20 @@ class BottleneckMethod(Method):
 
     def make_unit(self, base_layer: nn.Module, config: BottleneckConfig, role: Any) -> AdapterUnit:
         return BottleneckUnit(base_layer, config)
+
+    def check_combinable(
+        self, module: str, first_name: str, name: str, first: AdapterUnit, unit: AdapterUnit
+    ) -> None:
+        assert isinstance(first, BottleneckUnit) and isinstance(unit, BottleneckUnit)
+        size, first_size = unit.adapter_down.weight.shape[0], first.adapter_down.weight.shape[0]
+        if size != first_size:
+            raise ValueError(
+                f"bottleneck adapters {first_name!r} and {name!r} differ in shape at {module} (bottleneck "
+                f"size {first_size} vs {size}); a weighted average needs same-shaped adapters: give them the "
+                "same bottleneck_size / reduction_factor"
+            )
+        if unit.non_linearity != first.non_linearity:
+            raise ValueError(
+                f"bottleneck adapters {first_name!r} and {name!r} use different non-linearities "
+                f"({first.non_linearity} vs {unit.non_linearity}); average adapters of one non_linearity"
+            )

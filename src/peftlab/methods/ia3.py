@@ -4,6 +4,9 @@ On attention key/value projections the output is scaled, ``y = l * (W x + b)``; 
 feed-forward output projections the input is scaled, ``y = W (l * x) + b``. Vectors start
 at one, so the adapted model starts equal to the base. Merging multiplies rows (output
 scaling, bias included) or columns (input scaling) of W by l; unmerging divides.
+
+Weighted combination: ``l = sum_i w_i l_i`` (the inputs must scale the same modules, in the
+same roles).
 """
 
 from __future__ import annotations
@@ -15,15 +18,33 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peftlab.architectures import defaults_for
-from peftlab.config import PeftConfig, TaskType, normalize_targets
-from peftlab.injection import find_targets
-from peftlab.layers import AdapterUnit, Stage, base_bias, base_weight, is_conv1d, linear_features
-from peftlab.methods.base import Method, model_type_of, resolve_targets
-from peftlab.methods.lora import _check_modules_to_save
+from peftlab.core import combination
+from peftlab.core.combination import Inputs
+from peftlab.core.config import PeftConfig, TaskType, check_module_names, normalize_targets
+from peftlab.core.host import AdapterHost
+from peftlab.core.injection import exact_suffixes, find_targets
+from peftlab.core.layers import AdapterUnit, Stage, base_bias, base_weight, is_conv1d, linear_features
+from peftlab.core.method import Method, Targets, architecture_of, resolve_targets
 
 # |l| below this cannot be divided back out of a merged weight without losing it
 _MIN_INVERTIBLE = 1e-6
+# target_modules=None: keys, values and the FFN's output projection, whose input is scaled
+# (the feed-forward modules); peftlab uses this for every architecture (HF PEFT differs for
+# bart and qwen2), and saved configs list the modules, so both libraries read the same adapter
+DEFAULT_TARGETS: dict[str, Targets] = {
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "bert": ["key", "value", "output.dense"],
+    "t5": ["k", "v", "wo"],
+    "bart": ["k_proj", "v_proj", "fc2"],
+}
+DEFAULT_FEEDFORWARD: dict[str, Targets] = {
+    "llama": ["down_proj"],
+    "gpt2": ["mlp.c_proj"],
+    "bert": ["output.dense"],
+    "t5": ["wo"],
+    "bart": ["fc2"],
+}
 
 
 @dataclass
@@ -56,7 +77,7 @@ class IA3Config(PeftConfig):
                 )
         if not isinstance(self.init_ia3_weights, bool):
             raise ValueError(f"init_ia3_weights: must be True or False, got {self.init_ia3_weights!r}")
-        self.modules_to_save = _check_modules_to_save(self.modules_to_save)
+        self.modules_to_save = check_module_names("modules_to_save", self.modules_to_save)
 
 
 class IA3Unit(AdapterUnit):
@@ -147,16 +168,17 @@ class IA3Unit(AdapterUnit):
 class IA3Method(Method):
     peft_type = "IA3"
     config_class = IA3Config
+    name = "IA3"
     mergeable = True
 
     def targets(self, model: nn.Module, config: IA3Config) -> dict[str, Any]:
-        arch = defaults_for(model_type_of(model))
-        names = resolve_targets(model, config.target_modules, arch.ia3 if arch else None, method="IA3")
+        arch = architecture_of(model) or ""
+        names = resolve_targets(model, config.target_modules, DEFAULT_TARGETS.get(arch), method="IA3")
         ff_target = config.feedforward_modules
         if ff_target is None:
             # as in HF PEFT: the architecture's feed-forward modules, wherever they are targeted
             # (so the same config gives the same adapter shapes in both libraries)
-            ff_target = arch.ia3_feedforward if arch else []
+            ff_target = DEFAULT_FEEDFORWARD.get(arch, [])
         ff_names = set(find_targets(model, ff_target, field="feedforward_modules")) if ff_target else set()
         if config.feedforward_modules is None:
             ff_names &= set(names)
@@ -170,3 +192,38 @@ class IA3Method(Method):
 
     def make_unit(self, base_layer: nn.Module, config: IA3Config, role: Any) -> AdapterUnit:
         return IA3Unit(base_layer, config, feedforward=bool(role))
+
+    def check_combinable(
+        self, module: str, first_name: str, name: str, first: AdapterUnit, unit: AdapterUnit
+    ) -> None:
+        assert isinstance(first, IA3Unit) and isinstance(unit, IA3Unit)
+        if unit.is_feedforward != first.is_feedforward:
+            raise ValueError(
+                f"IA3 adapters {first_name!r} and {name!r} scale {module} differently (one its input as a "
+                "feed-forward module, one its output); give them the same feedforward_modules"
+            )
+
+    def combined_config(
+        self, host: AdapterHost, inputs: Inputs, firsts: dict[str, AdapterUnit]
+    ) -> PeftConfig:
+        """The first input's config when it reproduces the modules and roles, else one that lists them."""
+        roles = {m: isinstance(u, IA3Unit) and u.is_feedforward for m, u in firsts.items()}
+        config = combination.copy_config(host.peft_config[inputs[0][0]], modules_to_save=None)
+        if self._reproduces(host, config, roles):
+            return config
+        ff = {m for m, is_ff in roles.items() if is_ff}
+        config = combination.copy_config(
+            config,
+            target_modules=exact_suffixes(host.base_model, set(roles)),
+            feedforward_modules=exact_suffixes(host.base_model, ff) if ff else [],
+        )
+        if not self._reproduces(host, config, roles):
+            raise RuntimeError("internal error: no IA3 config reproduces the inputs' modules and roles")
+        return config
+
+    def _reproduces(self, host: AdapterHost, config: PeftConfig, roles: dict[str, bool]) -> bool:
+        assert isinstance(config, IA3Config)
+        try:
+            return self.targets(host.base_model, config) == roles
+        except ValueError:
+            return False

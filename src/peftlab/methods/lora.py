@@ -6,6 +6,26 @@ For a frozen weight W (out x in) LoRA learns A (r x in) and B (out x r) and comp
 
 B starts at zero so the adapted model starts equal to the base. Merging adds s * B A to W;
 unmerging subtracts it.
+
+Weighted combination (``add_weighted_adapter``; adapter ``i``: ``A_i`` (r_i x in), ``B_i``
+(out x r_i), scaling ``s_i``; the new adapter has ``lora_alpha = r``, so its own scaling is 1
+and its delta is ``B A``):
+
+- ``"cat"``: ``A = [w_1 s_1 A_1; ...; w_n s_n A_n]``, ``B = [B_1 ... B_n]``, rank ``sum r_i``.
+  Exact: ``B A = sum_i w_i s_i B_i A_i``. Same parameters as HF PEFT's ``"cat"``.
+- ``"svd"``: per module the best rank-``k`` approximation (Eckart-Young) of that exact sum,
+  ``B = U_k S_k``, ``A = V_k^T``; ``k = svd_rank`` (default: the largest ``r_i``). The SVD is
+  taken of the small factor matrices (QR of the concatenated ``B`` and ``A``), never of the
+  dense out x in delta. Where a module's delta has fewer than ``k`` singular values the
+  remaining rank is zero. Same delta as HF PEFT's ``"svd"``.
+- ``"linear"``: HF PEFT's rule, for adapters of one rank ``r``:
+  ``A = sum_i sign(w_i) sqrt(|w_i| s_i) A_i``, ``B = sum_i sqrt(|w_i| s_i) B_i``, rank ``r``.
+  ``A`` and ``B`` are combined separately, so ``B A`` holds cross terms ``B_i A_j``: it equals
+  the weighted delta sum only for one adapter. Cheap and approximate; prefer ``"cat"``/``"svd"``.
+
+A module that only some inputs adapt takes only their terms (the others contribute zero); the
+new adapter targets the union of the inputs' modules. LoRA's trainable biases are the base
+model's own, so nothing is combined and the new adapter has ``bias="none"``.
 """
 
 from __future__ import annotations
@@ -18,18 +38,30 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peftlab.architectures import defaults_for
-from peftlab.config import (
+from peftlab.core import combination
+from peftlab.core.combination import Inputs, Values
+from peftlab.core.config import (
     PeftConfig,
     TaskType,
+    check_module_names,
     check_positive_int,
     check_probability,
     normalize_targets,
 )
-from peftlab.layers import AdapterUnit, Stage, base_weight, is_conv1d, linear_features
-from peftlab.methods.base import Method, model_type_of, resolve_targets
+from peftlab.core.host import AdapterHost
+from peftlab.core.injection import exact_suffixes
+from peftlab.core.layers import AdapterUnit, Stage, base_weight, is_conv1d, linear_features
+from peftlab.core.method import Method, Targets, architecture_of, resolve_targets
 
 BIAS_MODES = ("none", "all", "lora_only")
+# target_modules=None: the query and value projections (Hu et al.)
+DEFAULT_TARGETS: dict[str, Targets] = {
+    "llama": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "t5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+}
 
 
 @dataclass
@@ -95,20 +127,12 @@ class LoraConfig(PeftConfig):
                 f"init_lora_weights: {self.init_lora_weights!r} is not supported; use True "
                 "(Kaiming A, zero B), 'gaussian' (normal A, zero B) or False (random A and B)"
             )
-        self.modules_to_save = _check_modules_to_save(self.modules_to_save)
+        self.modules_to_save = check_module_names("modules_to_save", self.modules_to_save)
         self.layers_to_transform = _check_layers(self.layers_to_transform)
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-
-def _check_modules_to_save(value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"modules_to_save: must be a list of module names, got {value!r}")
-    return list(value)
 
 
 def _check_layers(value: Any) -> list[int] | None:
@@ -231,14 +255,16 @@ def _stacked(groups: list[list[LoraUnit]]) -> tuple[torch.Tensor, torch.Tensor] 
 class LoraMethod(Method):
     peft_type = "LORA"
     config_class = LoraConfig
+    name = "LoRA"
     mergeable = True
+    combination_types = ("linear", "cat", "svd")
+    combination_options: ClassVar[dict[str, tuple[str, ...]]] = {"svd_rank": ("svd",)}
 
     def targets(self, model: nn.Module, config: LoraConfig) -> dict[str, Any]:
-        arch = defaults_for(model_type_of(model))
         names = resolve_targets(
             model,
             config.target_modules,
-            arch.lora if arch else None,
+            DEFAULT_TARGETS.get(architecture_of(model) or ""),
             method="LoRA",
             layers_to_transform=config.layers_to_transform,  # type: ignore[arg-type]
         )
@@ -247,3 +273,129 @@ class LoraMethod(Method):
     def make_unit(self, base_layer: nn.Module, config: LoraConfig, role: Any) -> AdapterUnit:
         linear_features(base_layer)  # clear error for non-linear targets
         return LoraUnit(base_layer, config)
+
+    def combine(
+        self, host: AdapterHost, inputs: Inputs, adapter_name: str, combination_type: str, **options: Any
+    ) -> tuple[PeftConfig, Values]:
+        """See the module docstring for what each ``combination_type`` computes."""
+        configs = [host.peft_config[n] for n, _ in inputs]
+        assert all(isinstance(c, LoraConfig) for c in configs)
+        ranks = [c.r for c in configs]  # type: ignore[attr-defined]
+        svd_rank = options.get("svd_rank")
+        if svd_rank is not None and (
+            isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1
+        ):
+            raise ValueError(
+                f"svd_rank: must be a positive integer (the new adapter's rank), got {svd_rank!r}"
+            )
+        if combination_type == "linear":
+            if len(set(ranks)) > 1:
+                listed = ", ".join(f"r={r} ({n!r})" for (n, _), r in zip(inputs, ranks, strict=True))
+                raise ValueError(
+                    f"combination_type='linear' needs adapters of one rank, got {listed}; use 'cat' (exact, "
+                    f"rank {sum(ranks)}) or 'svd' (a rank-{max(ranks)} approximation) instead"
+                )
+            rank = ranks[0]
+        elif combination_type == "cat":
+            rank = sum(ranks)
+        else:
+            rank = svd_rank if svd_rank is not None else max(ranks)
+
+        per_module = combination.units_by_module(host, inputs)
+        values: Values = {}
+        for module_name, units in per_module.items():
+            terms = [(u, w) for u, w in units if isinstance(u, LoraUnit)]
+            if combination_type == "linear":
+                a, b = _lora_linear(terms)
+            else:
+                a, b = _lora_concat(terms)
+                if combination_type == "svd":
+                    a, b = _truncated_svd(a, b, rank)
+                a, b = _pad_rank(a, b, rank)
+            values[combination.unit_path(module_name, adapter_name, "lora_A.weight")] = a
+            values[combination.unit_path(module_name, adapter_name, "lora_B.weight")] = b
+
+        first = configs[0]
+        assert isinstance(first, LoraConfig)
+        base = LoraConfig(
+            r=rank,
+            lora_alpha=rank,  # scaling 1: the weights and scalings are folded into A and B
+            lora_dropout=first.lora_dropout,
+            target_modules=first.target_modules,
+            layers_to_transform=first.layers_to_transform,
+            task_type=_common_task_type(host, [n for n, _ in inputs]),
+            fan_in_fan_out=first.fan_in_fan_out,
+        )
+        return self._union_targets(host, base, configs, set(per_module)), values
+
+    def _union_targets(
+        self, host: AdapterHost, base: LoraConfig, configs: list[PeftConfig], modules: set[str]
+    ) -> LoraConfig:
+        """``base`` targeting exactly ``modules``: the inputs' own target spec when they share one,
+        else the shortest module-name suffixes that select the union (as checkpoints write them)."""
+        specs = {(repr(c.target_modules), repr(c.layers_to_transform)) for c in configs}  # type: ignore[attr-defined]
+        if len(specs) == 1 and self._selects(host, base, modules):
+            return base
+        union = combination.copy_config(
+            base, target_modules=exact_suffixes(host.base_model, modules), layers_to_transform=None
+        )
+        assert isinstance(union, LoraConfig)
+        if not self._selects(host, union, modules):
+            raise RuntimeError(f"internal error: no target_modules selects exactly {sorted(modules)[:3]}...")
+        return union
+
+    def _selects(self, host: AdapterHost, config: LoraConfig, modules: set[str]) -> bool:
+        try:
+            return set(self.targets(host.base_model, config)) == modules
+        except ValueError:
+            return False
+
+
+def _lora_concat(terms: list[tuple[LoraUnit, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) stacked along the rank, each A scaled by its ``w_i s_i``: B A is the exact sum."""
+    a = torch.cat([combination.wide(u.lora_A.weight) * (w * u.scaling) for u, w in terms], 0)
+    b = torch.cat([combination.wide(u.lora_B.weight) for u, _ in terms], 1)
+    return a, b
+
+
+def _lora_linear(terms: list[tuple[LoraUnit, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF PEFT's "linear": A and B summed separately, each with sqrt(|w_i| s_i), the sign on A."""
+    a = b = None
+    for u, w in terms:
+        root = math.sqrt(abs(w) * u.scaling)
+        term_a = math.copysign(root, w) * combination.wide(u.lora_A.weight)
+        term_b = root * combination.wide(u.lora_B.weight)
+        a = term_a if a is None else a + term_a
+        b = term_b if b is None else b + term_b
+    assert a is not None and b is not None
+    return a, b
+
+
+def _truncated_svd(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` factors of ``B A`` through QR of the thin factors: with
+    ``B = Q_b R_b`` and ``A^T = Q_a R_a``, ``B A = Q_b (R_b R_a^T) Q_a^T``, so the SVD of the
+    small ``R_b R_a^T`` gives that of ``B A``."""
+    q_b, r_b = torch.linalg.qr(b)
+    q_a, r_a = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    k = min(rank, s.numel())
+    return vh[:k] @ q_a.T, (q_b @ u[:, :k]) * s[:k]
+
+
+def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero rank components up to ``rank`` (modules with fewer inputs, or a thin SVD)."""
+    missing = rank - a.shape[0]
+    if missing > 0:
+        a = torch.cat([a, a.new_zeros(missing, a.shape[1])], 0)
+        b = torch.cat([b, b.new_zeros(b.shape[0], missing)], 1)
+    return a, b
+
+
+def _common_task_type(host: AdapterHost, names: list[str]) -> Any:
+    found = {getattr(host.peft_config[n], "task_type", None) for n in names} - {None}
+    if len(found) > 1:
+        raise ValueError(
+            f"adapters {names} were made for different task types {sorted(str(t) for t in found)}; "
+            "combine adapters of one task"
+        )
+    return next(iter(found), None)

@@ -15,12 +15,21 @@ embedding; :meth:`PrefixEncoder.fold_projection` replaces that MLP by the vector
 The prefix enters through one seam, transformers' attention interface: for the duration of
 a :class:`~peftlab.PeftModel` call the adapted model's ``config._attn_implementation`` names
 a wrapper of its own ``sdpa`` or ``eager`` function that prepends each layer's prefix to
-the keys and values handed to it. Positions (rotary, absolute or relative) of real tokens,
-the KV cache (it holds real tokens only) and cached generation are untouched; prefix keys
-are not rotated, as in HF PEFT. T5's relative position bias gets columns for the prefix as
-if it stood just before the first token, which is what HF PEFT computes. (HF PEFT numbers
-real tokens from ``num_virtual_tokens`` on; for rotary models checkpoints are converted at
-the boundary so both compute the same, see :meth:`PrefixEncoder.peft_vectors`.)
+the keys and values handed to it. The KV cache holds real tokens only; prefix keys are not
+rotated, as in HF PEFT.
+
+Positions follow HF PEFT, which hands the prefix to the model as a KV cache of
+``num_virtual_tokens`` entries, so that the same checkpoint gives the same outputs in both:
+
+- learned absolute positions (GPT-2, BART, BERT): real tokens are numbered from
+  ``num_virtual_tokens`` on, as PEFT's cache makes the model do. A hook on the position
+  embedding (``wpe``, ``embed_positions``, ``position_embeddings``) adds the prefix length for
+  the span of the call, per sample with per-sample prefixes;
+- rotary positions (llama, mistral, qwen2): real tokens keep their positions from 0 and the
+  checkpoint is converted at the boundary instead, which is exact for rotary models (see
+  :meth:`PrefixEncoder.peft_vectors`);
+- T5's relative position bias gets columns for the prefix as if it stood just before the first
+  token, which is what HF PEFT computes.
 
 Layout (HF PEFT's, so checkpoints mean the same in both): the vectors form one tensor
 ``(num_virtual_tokens, num_slots * num_kv_heads * head_dim)``; slots ``2i`` / ``2i+1`` are
@@ -34,6 +43,7 @@ adapter has more slots and HF PEFT cannot load it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -44,9 +54,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peftlab.config import PeftConfig, TaskType, check_positive_int
-from peftlab.layers import Routing
-from peftlab.methods.base import Method
+from peftlab.core import combination
+from peftlab.core.combination import Inputs, Values
+from peftlab.core.config import PeftConfig, TaskType, check_positive_int
+from peftlab.core.host import AdapterHost
+from peftlab.core.layers import Routing
+from peftlab.core.method import Method
 
 _WRAPPED = ("sdpa", "eager")
 _IMPL_PREFIX = "peftlab_prefix_"
@@ -260,6 +273,8 @@ class PrefixEncoder(nn.Module):
         self._sites = [s for s in sites if s.slots is not None]
         self._configs = configs
         self._rope: tuple[nn.Module, Callable[..., Any]] | None = None
+        # learned absolute positions to number after the prefix (stacks with a self-attention prefix)
+        self._positions: list[_Positions] = []
         width = num_slots * kv_heads * head_dim
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.transform: nn.Sequential | None = None
@@ -283,6 +298,15 @@ class PrefixEncoder(nn.Module):
     @property
     def prefix_projection(self) -> bool:
         return self.transform is not None
+
+    def site_names(self) -> list[str]:
+        """The attention modules this prefix enters."""
+        return [site.name for site in self._sites]
+
+    @property
+    def shifted_stacks(self) -> set[str]:
+        """The stacks whose real tokens this prefix numbers after itself (self-attention prefixes)."""
+        return {site.stack for site in self._sites if not site.cross}
 
     def prefix_vectors(self) -> torch.Tensor:
         """The plain prefix, ``(num_virtual_tokens, num_slots * kv_heads * head_dim)``: HF PEFT's
@@ -328,8 +352,8 @@ class PrefixEncoder(nn.Module):
         PEFT numbers real tokens from ``num_virtual_tokens`` on, peftlab from 0. On rotary
         models that only changes query-prefix scores, ``(R_{t+P} q).p = (R_t q).(R_{-P} p)``,
         so keys are exchanged rotated by ``P`` positions and both libraries compute the same.
-        (Models with absolute positions, e.g. GPT-2 and BART, see their real tokens P
-        positions later in PEFT; no exchange of vectors can undo that.)
+        (With learned absolute positions, e.g. GPT-2 and BART, peftlab numbers real tokens from P
+        as PEFT does, so the vectors are exchanged as they are.)
         """
         return self._rotate_keys(self.prefix_vectors().detach(), self.num_virtual_tokens)
 
@@ -366,8 +390,14 @@ class PrefixEncoder(nn.Module):
             assert site.slots is not None
             run.add(site, table, site.slots)
         token = _RUN.set(run)
+        stacks = self.shifted_stacks
         try:
-            with _installed(self._configs):
+            with (
+                _installed(self._configs),
+                _shifted_positions(
+                    self._positions, lambda stack: self.num_virtual_tokens * (stack in stacks)
+                ),
+            ):
                 yield
         finally:
             _RUN.reset(token)
@@ -395,9 +425,20 @@ class PrefixEncoder(nn.Module):
         for module, groups in by_module.items():
             run.entries.pop(module, None)
             run.add_routed(module, groups)
+        prefixes = [[e for e in group if isinstance(e, PrefixEncoder)] for group in per_group]
+        positions = list(
+            {id(p.module): p for group in prefixes for e in group for p in e._positions}.values()
+        )
+
+        def shift(stack: str) -> torch.Tensor:
+            # each group's samples are numbered after that group's prefixes of this stack
+            return torch.tensor(
+                [sum(e.num_virtual_tokens for e in group if stack in e.shifted_stacks) for group in prefixes]
+            )
+
         token = _RUN.set(run)
         try:
-            with _installed(configs):
+            with _installed(configs), _shifted_positions(positions, shift):
                 yield
         finally:
             _RUN.reset(token)
@@ -413,6 +454,169 @@ def _refuse_checkpointing(model: nn.Module) -> None:
             "prefix tuning does not work with gradient checkpointing (the recomputed attention would "
             "run without the prefix); call model.gradient_checkpointing_disable()"
         )
+
+
+# ---- positions after the prefix --------------------------------------------------------------
+_POSITION_EMBEDDINGS = frozenset({"wpe", "embed_positions", "position_embeddings"})
+_CACHE_LENGTH_ARGS = ("cache_length", "past_key_values_length")
+
+
+@dataclass
+class _Positions:
+    """A learned absolute position embedding and how its forward takes positions: ``plain``
+    (``nn.Embedding``: the position ids are its input) or through a cache length (BART's
+    ``embed_positions(input_ids, cache_length, position_ids=None)``, with an ``offset``)."""
+
+    module: nn.Module
+    name: str
+    stack: str
+    cache_arg: str | None  # None: plain
+    parent: nn.Module  # the module that calls it: its input gives the batch size
+
+    @property
+    def size(self) -> int:
+        weight = self.module.weight
+        assert isinstance(weight, torch.Tensor)
+        return int(weight.shape[0]) - int(getattr(self.module, "offset", 0))
+
+
+def _position_embeddings(model: nn.Module, stacks: set[str]) -> list[_Positions]:
+    """The learned absolute position embeddings of the stacks whose self-attention has a prefix."""
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    found = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if parts[-1] not in _POSITION_EMBEDDINGS or not isinstance(module, nn.Embedding):
+            continue
+        stack = next((p for p in parts if p in ("encoder", "decoder")), "") if encoder_decoder else ""
+        if stack not in stacks:
+            continue
+        parent = model.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else model
+        cache_arg = None
+        if type(module).forward is not nn.Embedding.forward:
+            params = inspect.signature(type(module).forward).parameters
+            cache_arg = next((a for a in _CACHE_LENGTH_ARGS if a in params), None)
+            if cache_arg is None:
+                raise ValueError(
+                    f"prefix tuning: the position embedding {name} ({type(module).__name__}) takes positions "
+                    "in a way peftlab does not know, so real tokens could not be numbered after the prefix "
+                    "as HF PEFT does; this architecture is not supported"
+                )
+        found.append(_Positions(module, name, stack, cache_arg, parent))
+    return found
+
+
+def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args):
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
+    return None
+
+
+@contextlib.contextmanager
+def _shifted_positions(
+    positions: list[_Positions], shift: Callable[[str], torch.Tensor | int]
+) -> Iterator[None]:
+    """Number real tokens after the prefix for the span of the block: ``shift(stack)`` is one
+    length for every sample, or a tensor of one length per routing group (``_Run.routing``)."""
+    handles: list[Any] = []
+    batches: dict[int, int] = {}
+
+    def per_row(amount: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+        run = _RUN.get()
+        assert run is not None and run.routing is not None
+        return amount.to(device)[run.routing.sample_index(batch, device)]
+
+    def check(entry: _Positions, top: int) -> None:
+        if top >= entry.size:
+            raise ValueError(
+                f"the prefix moves real tokens to position {top}, but {entry.name} has only {entry.size} "
+                "positions; shorten the input or use fewer num_virtual_tokens"
+            )
+
+    for entry in positions:
+        amount = shift(entry.stack)
+        if isinstance(amount, int) and amount == 0:
+            continue
+
+        def remember(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            batch = _batch_of(args, kwargs)
+            if batch is not None:
+                batches[id(module)] = batch
+
+        def before(
+            module: nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            entry: _Positions = entry,
+            amount: torch.Tensor | int = amount,
+        ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+            if entry.cache_arg is None:  # nn.Embedding: the positions are its input
+                ids = args[0]
+                if isinstance(amount, int):
+                    moved = ids + amount
+                else:
+                    batch = batches.get(id(entry.parent), ids.shape[0])
+                    moved = ids + per_row(amount, batch, ids.device).view(-1, *([1] * (ids.dim() - 1)))
+                check(entry, int(moved.max()))
+                return (moved, *args[1:]), kwargs
+            if not isinstance(amount, int):
+                return None  # per sample: after() computes each shift's rows
+            return _with_cache_shift(entry, args, kwargs, amount)
+
+        def after(
+            module: nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            output: torch.Tensor,
+            entry: _Positions = entry,
+            amount: torch.Tensor | int = amount,
+        ) -> torch.Tensor | None:
+            if entry.cache_arg is None or isinstance(amount, int):
+                return None
+            # the output may be one row for the whole batch (positions given as a 1D range)
+            batch = max(output.shape[0], batches.get(id(entry.parent), output.shape[0]))
+            rows = per_row(amount, batch, output.device)
+            out = output.expand(batch, *output.shape[1:])
+            for value in torch.unique(rows).tolist():
+                moved_args, moved_kwargs = _with_cache_shift(entry, args, kwargs, int(value))
+                part = type(module).forward(module, *moved_args, **moved_kwargs)
+                out = torch.where((rows == value).view(-1, *([1] * (out.dim() - 1))), part, out)
+            return out
+
+        if not isinstance(amount, int):
+            handles.append(entry.parent.register_forward_pre_hook(remember, with_kwargs=True))
+        handles.append(entry.module.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(entry.module.register_forward_hook(after, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _with_cache_shift(
+    entry: _Positions, args: tuple[Any, ...], kwargs: dict[str, Any], amount: int
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """BART-style call arguments with the positions moved by ``amount``."""
+    assert entry.cache_arg is not None
+    kwargs = dict(kwargs)
+    given = kwargs.get("position_ids")
+    if isinstance(given, torch.Tensor):
+        kwargs["position_ids"] = given + amount
+        return args, kwargs
+    if len(args) > 1:
+        args = (args[0], int(args[1]) + amount, *args[2:])
+    else:
+        kwargs[entry.cache_arg] = int(kwargs.get(entry.cache_arg, 0)) + amount
+    seq = args[0].shape[1] if isinstance(args[0], torch.Tensor) and args[0].dim() > 1 else 0
+    top = (int(args[1]) if len(args) > 1 else int(kwargs[entry.cache_arg])) + seq - 1
+    if top >= entry.size:
+        raise ValueError(
+            f"the prefix moves real tokens to position {top}, but {entry.name} has only {entry.size} "
+            "positions; shorten the input or use fewer num_virtual_tokens"
+        )
+    return args, kwargs
 
 
 # ---- the attention seam --------------------------------------------------------------------
@@ -726,6 +930,7 @@ def _installed(configs: list[Any]) -> Iterator[None]:
 class PrefixTuningMethod(Method):
     peft_type = "PREFIX_TUNING"
     config_class = PrefixTuningConfig
+    name = "prefix tuning"
     mergeable = False
     unmergeable_reason = (
         "prefix tuning adds learned key/value vectors to attention, there is no weight to fold them "
@@ -762,6 +967,8 @@ class PrefixTuningMethod(Method):
             dtype=reference.dtype if reference is not None else None,
         )
         encoder._rope = _rotary_of(model, adapted, head_dim)
+        if encoder._rope is None:
+            encoder._positions = _position_embeddings(model, encoder.shifted_stacks)
         return encoder
 
     def export_model_adapter(self, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -778,6 +985,54 @@ class PrefixTuningMethod(Method):
                 f"a prefix-tuning checkpoint holds exactly 'prompt_embeddings'; got keys {sorted(state)}"
             )
         module.load_peft_vectors(state["prompt_embeddings"])
+
+    def adapted_modules(self, host: AdapterHost, adapter_name: str) -> list[str]:
+        """The attention modules the prefix enters."""
+        encoder = host.model_adapters[adapter_name] if adapter_name in host.model_adapters else None  # noqa: SIM401
+        return encoder.site_names() if isinstance(encoder, PrefixEncoder) else []
+
+    def combine(
+        self, host: AdapterHost, inputs: Inputs, adapter_name: str, combination_type: str, **options: Any
+    ) -> tuple[PeftConfig, Values]:
+        """``P = sum_i w_i P_i`` of the plain prefix vectors of same-shaped prefixes (a projected
+        prefix is folded to its vectors first: the mean of MLPs is no prefix's MLP); the result
+        has no projection."""
+        first_name = inputs[0][0]
+        first_config = host.peft_config[first_name]
+        total: torch.Tensor | None = None
+        for name, w in inputs:
+            config = host.peft_config[name]
+            for field in _PREFIX_LAYOUT:
+                mine, theirs = getattr(config, field), getattr(first_config, field)
+                if mine != theirs:
+                    raise ValueError(
+                        f"prefix adapters {first_name!r} and {name!r} differ in {field} "
+                        f"({theirs} vs {mine}); "
+                        "a weighted average needs same-shaped prefixes: give them the same " + field
+                    )
+            encoder = host.model_adapters[name]
+            assert isinstance(encoder, PrefixEncoder)
+            term = combination.wide(encoder.prefix_vectors()) * w
+            if total is not None and term.shape != total.shape:
+                raise ValueError(
+                    f"prefix adapters {first_name!r} and {name!r} have prefixes of shapes "
+                    f"{tuple(total.shape)} and {tuple(term.shape)}; a weighted average needs same-shaped "
+                    "prefixes (the same model layout)"
+                )
+            total = term if total is None else total + term
+        assert total is not None
+        config = combination.copy_config(first_config, prefix_projection=False, modules_to_save=None)
+        return config, {f"model_adapters.{adapter_name}.embedding.weight": total}
+
+
+# what must agree for prefixes to be averaged
+_PREFIX_LAYOUT = (
+    "task_type",
+    "num_virtual_tokens",
+    "encoder_prefix",
+    "cross_prefix",
+    "num_transformer_submodules",
+)
 
 
 def _rotary_of(

@@ -181,6 +181,15 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     app.state.engine = engine
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)  # type: ignore[arg-type]
+    _add_error_handlers(app)
+    _add_info_routes(app, engine)
+    _add_adapter_routes(app, engine)
+    _add_completion_routes(app, engine)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI-style JSON body with the status it deserves."""
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, err: ServeError) -> JSONResponse:
@@ -201,6 +210,8 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             _error_body(err.status_code, str(message), kind), status_code=err.status_code, headers=err.headers
         )
 
+
+def _add_info_routes(app: FastAPI, engine: Engine) -> None:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {
@@ -226,6 +237,8 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             )  # fmt: skip
         return {"object": "list", "data": data}
 
+
+def _add_adapter_routes(app: FastAPI, engine: Engine) -> None:
     @app.post("/v1/adapters")
     async def load_adapter(req: AdapterRequest) -> dict[str, Any]:
         return await engine.load_adapter(req.name, req.path)
@@ -234,6 +247,8 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     async def unload_adapter(name: str) -> dict[str, Any]:
         return await engine.unload_adapter(name)
 
+
+def _add_completion_routes(app: FastAPI, engine: Engine) -> None:
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest) -> dict[str, Any] | StreamingResponse:
         _unsupported(req)
@@ -273,8 +288,6 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             ],
             "usage": _usage(job),
         }
-
-    return app
 
 
 def _usage(job: Job) -> dict[str, int]:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.peft_model import BASE_ADAPTER, PeftModel
+from peftlab.core.peft_model import BASE_ADAPTER, PeftModel
 
 log = logging.getLogger("peftlab.serve")
 
@@ -271,8 +271,8 @@ class Engine:
         self.running_rows = 0  # rows handed to the model worker right now
         self.created = int(time.time())
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self._eos = _eos_ids(model, tokenizer)
-        self._pad = _pad_id(tokenizer, self._eos)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._pad = _pad_id(tokenizer, self.eos_ids)
         self._tok_lock = threading.Lock()  # fast tokenizers must not be used by two threads at once
         self._queue: asyncio.Queue[Row | _AdminOp] | None = None
         self._arrived: asyncio.Event | None = None
@@ -549,7 +549,7 @@ class Engine:
             row.job.row_done()
 
     # ---- the model worker's side (runs on its thread) ------------------------------------------
-    def _decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int]) -> str:
         with self._tok_lock:
             return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
@@ -580,7 +580,7 @@ class Engine:
                 temperature=None,
                 top_p=None,
                 top_k=None,
-                eos_token_id=sorted(self._eos) or None,
+                eos_token_id=sorted(self.eos_ids) or None,
                 pad_token_id=self._pad,
                 logits_processor=processors,
                 stopping_criteria=StoppingCriteriaList([tracker]),
@@ -612,14 +612,14 @@ class _RowTracker:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     def advance(self, row: Row, token: int) -> None:
-        if token in self.engine._eos:
+        if token in self.engine.eos_ids:
             self.finish(row, "stop")
             return
         row.tokens.append(token)
         stop = row.params.stop
         streaming = row.job.events is not None
         if stop or streaming:
-            text = self.engine._decode(row.tokens)
+            text = self.engine.decode(row.tokens)
             cut = min((p for p in (text.find(s) for s in stop) if p >= 0), default=-1)
             if cut >= 0:
                 row.text = text[:cut]
@@ -641,7 +641,7 @@ class _RowTracker:
             self.finish(row, "length")
 
     def finish(self, row: Row, reason: str, text: str | None = None) -> None:
-        row.text = self.engine._decode(row.tokens) if text is None else text
+        row.text = self.engine.decode(row.tokens) if text is None else text
         row.finish_reason = reason
         self._emit(row, row.text, reason)
 

@@ -1,0 +1,126 @@
+"""``peftlab compare``: the lesson's comparison table, measured on your model and data."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from dataclasses import fields
+from typing import Any
+
+from peftlab.compare.options import DEFAULT_METHODS, QUICK, RUN_SIZES, SIZE_FIELDS, CompareOptions
+from peftlab.compare.report import print_table
+from peftlab.compare.runner import run_compare
+from peftlab.data.catalog import task_names
+from peftlab.models import model_kind
+from peftlab.presets import PRESETS
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "compare",
+        help="fine-tune one model with every method and report the measured trade-off",
+        description=(
+            "Fine-tune the same base model with each method on the same data and write results.json, "
+            "report.md and PNG plots. With no arguments: SmolLM2-135M and the built-in structured task; "
+            "--model minilm: the MiniLM encoder with a classification head on rotten-tomatoes."
+        ),
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="smollm2-135m (default), minilm (encoder + classification head), HF id, local folder "
+        "or .gguf file",
+    )
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--task", default=None, help=f"built-in task ({', '.join(task_names())})")
+    src.add_argument("--data", default=None, help="JSONL/CSV with prompt/completion or text/label rows")
+    src.add_argument(
+        "--hf-dataset",
+        default=None,
+        metavar="NAME[:CONFIG]",
+        help="a Hugging Face dataset (needs pip install 'peftlab[hf]' and network or its cache)",
+    )
+    p.add_argument("--eval-data", default=None, help="held-out file (default: split --data)")
+    p.add_argument(
+        "--eval-fraction", type=float, default=0.2, help="held-out fraction of --data / --hf-dataset"
+    )
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated, from {', '.join(PRESETS)} (default: all)",
+    )
+    sizes = "; ".join(
+        f"{kind}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for kind, values in RUN_SIZES.items()
+    )
+    p.add_argument("--steps", type=int, default=None, help=f"training steps per method (defaults: {sizes})")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None, help="maximum tokens per example")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (quality spread)")
+    p.add_argument("--num-eval", type=int, default=None, help="held-out examples to score")
+    p.add_argument(
+        "--metric",
+        default=None,
+        help="the quality column (default: the task's: accuracy for classification, exact_match "
+        "for generation; also macro_f1, token_f1, rouge_l, ...)",
+    )
+    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override a learning rate")
+    p.add_argument("--out", default="peftlab-compare", help="output folder (default: ./peftlab-compare)")
+    p.add_argument("--quick", action="store_true", help="a small, fast run (about 2-3 minutes)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library warnings and progress bars")
+    p.set_defaults(func=run)
+
+
+def _learning_rates(items: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in PRESETS:
+            raise ValueError(f"--lr {item!r}: expected METHOD=LR with METHOD one of {', '.join(PRESETS)}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--lr {item!r}: {value!r} is not a number") from None
+        if not out[name] > 0:
+            raise ValueError(f"--lr {item!r}: the learning rate must be > 0")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = CompareOptions(
+        model=args.model,
+        gguf_file=args.gguf_file,
+        task=args.task,
+        data=args.data,
+        hf_dataset=args.hf_dataset,
+        eval_data=args.eval_data,
+        eval_fraction=args.eval_fraction,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        out=args.out,
+        quick=args.quick,
+        threads=args.threads,
+        command="peftlab " + " ".join(shlex.quote(a) for a in args.argv),
+        learning_rates=_learning_rates(args.lr),
+        metric=args.metric,
+    )
+    if args.quick:
+        for key, value in QUICK.items():
+            if key == "task" and (
+                args.data
+                or args.task
+                or args.hf_dataset
+                or model_kind(args.model, args.gguf_file) == "encoder"
+            ):
+                continue  # an encoder's default task is rotten-tomatoes, not the generated topic
+            setattr(opts, key, value)
+    names = {f.name for f in fields(CompareOptions)}
+    for key in (*SIZE_FIELDS, "seeds"):
+        value = getattr(args, key)
+        if value is not None and key in names:
+            setattr(opts, key, value)
+    results = run_compare(opts, verbose=args.verbose)
+    print()
+    print(print_table(results))
+    print(f"\nwrote {opts.out}/results.json, report.md and {len(results.get('plots', []))} plots")
+    return 0

@@ -1,0 +1,119 @@
+"""``peftlab serve``: an OpenAI-compatible HTTP server for one base model and many adapters of
+any method, the adapter chosen per request and requests for different adapters batched together."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _adapter(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"{value!r}: expected NAME=PATH, e.g. --adapter sql=out/lora-sql")
+    return name.strip(), path.strip()
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
+    return n
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "serve",
+        help="HTTP server: one base model, many adapters, adapter chosen per request, mixed batches",
+        description=(
+            "Serve a causal LM and any number of adapters (LoRA, IA3, bottleneck, prefix) behind an "
+            "OpenAI-compatible API: POST /v1/completions with model=ADAPTER (or the base model's "
+            "name), GET /v1/models, POST /v1/adapters {name, path} and DELETE /v1/adapters/NAME to "
+            "load and unload while serving, GET /health. Concurrent requests for different adapters "
+            "run as one batch. Needs the serve extra: pip install 'peftlab[serve]'."
+        ),
+    )
+    p.add_argument("--model", help="HF id, local folder or .gguf file (default: embedded SmolLM2-135M)")
+    p.add_argument("--gguf-file", help="GGUF file name inside --model")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        type=_adapter,
+        default=[],
+        metavar="NAME=PATH",
+        help="an adapter folder saved by save_pretrained, served as model NAME (repeatable)",
+    )
+    p.add_argument("--served-model-name", help="name of the base model in requests (default: from --model)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every request (default: $PEFTLAB_API_KEY if set)",
+    )
+    p.add_argument("--max-batch-size", type=_positive, default=16, help="prompts per batch (default 16)")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=10.0,
+        help="how long a batch waits for more requests after its first (default 10)",
+    )
+    p.add_argument(
+        "--max-queue", type=_positive, default=256, help="prompts waiting at most; more get 503 (default 256)"
+    )
+    p.add_argument(
+        "--max-prompt-tokens", type=_positive, help="longest prompt accepted (default: context length - 1)"
+    )
+    p.add_argument(
+        "--max-tokens-limit", type=_positive, help="largest max_tokens accepted (default: context length)"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    p.add_argument("--threads", type=_positive, help="torch CPU threads")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from peftlab.serving import load_engine, require_server, serve_forever
+
+    require_server()  # before any weights are loaded
+    names = [name for name, _ in args.adapter]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--adapter: the names {repeated} are given more than once")
+    if args.max_wait_ms < 0:
+        raise ValueError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = load_engine(
+        args.model,
+        gguf_file=args.gguf_file,
+        adapters=dict(args.adapter),
+        served_model_name=args.served_model_name,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+    )
+    api_key = args.api_key or os.environ.get("PEFTLAB_API_KEY") or None
+    serve_forever(engine, host=args.host, port=args.port, api_key=api_key, log_level=args.log_level)
+    return 0

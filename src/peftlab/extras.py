@@ -1,0 +1,51 @@
+"""Optional dependencies: the library core needs only torch, transformers, safetensors, numpy
+and tqdm; each application's extra packages are an install extra, imported when first used.
+
+| extra | packages | for |
+|---|---|---|
+| ``compare`` | matplotlib, scikit-learn, rouge-score | ``peftlab compare``'s plots and metrics |
+| ``gguf`` | gguf | ``.gguf`` models, including the embedded SmolLM2-135M |
+| ``train`` | pyyaml | YAML run files for ``peftlab train`` |
+| ``serve`` | fastapi, uvicorn | ``peftlab serve`` |
+| ``hf`` | datasets | ``--hf-dataset`` |
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# module -> (PyPI package, extra)
+PACKAGES: dict[str, tuple[str, str]] = {
+    "matplotlib": ("matplotlib", "compare"),
+    "sklearn": ("scikit-learn", "compare"),
+    "rouge_score": ("rouge-score", "compare"),
+    "gguf": ("gguf", "gguf"),
+    "yaml": ("pyyaml", "train"),
+    "fastapi": ("fastapi", "serve"),
+    "uvicorn": ("uvicorn", "serve"),
+    "datasets": ("datasets", "hf"),
+}
+
+
+class MissingExtra(RuntimeError):
+    """An optional package a feature needs is not installed; the message names the install."""
+
+
+def install_hint(module: str) -> str:
+    package, extra = PACKAGES[module.split(".")[0]]
+    return f"pip install 'peftlab[{extra}]' (or pip install {package})"
+
+
+def require(module: str, feature: str) -> ModuleType:
+    """Import ``module`` (of a package in :data:`PACKAGES`), or raise :class:`MissingExtra`
+    saying which ``pip install`` makes ``feature`` work."""
+    top = module.split(".")[0]
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        if err.name is not None and err.name.split(".")[0] != top:
+            raise  # the package is there but something it needs is broken: show that
+        raise MissingExtra(
+            f"{feature} needs the '{PACKAGES[top][0]}' package, which is not installed: {install_hint(top)}"
+        ) from None

@@ -1,0 +1,1 @@
+"""Adapters inside other frameworks: transformers' ``Trainer`` (:mod:`.trainer`) and FSDP (:mod:`.fsdp`)."""

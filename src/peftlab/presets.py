@@ -1,0 +1,190 @@
+"""The lesson's settings for each method, as every application uses them: one table.
+
+``peftlab compare`` runs these rows, ``peftlab train --method NAME`` starts from a row's config
+(the flags override it) and its learning rate, ``peftlab count`` counts the rows, ``peftlab
+recommend`` prints a row's settings and ``peftlab demo`` trains two of them.
+
+Where the lesson's figure does not scale down it is adapted, and said so here:
+
+- bottleneck adapters: the lesson's reduction factor 64 (d_model 4096 -> a bottleneck of 64),
+  lowered on small models to keep the bottleneck at least 16 wide (``hidden_size / 16``), since
+  576 / 64 = 9 dimensions (SmolLM2-135M) is too narrow to learn in;
+- prefix tuning: 20 virtual tokens through the reparametrisation MLP (the lesson, Li & Liang)
+  for language models; for an encoder with a new classification head the vectors are trained
+  directly (P-tuning v2's choice: through the MLP, MiniLM stayed at the majority class).
+
+Learning rates: adapters that start at identity and have few parameters need large steps;
+updating every weight needs small ones. Encoders train a new head alongside the adapter, hence
+their own column (tuned on rotten-tomatoes with MiniLM, 150 steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from peftlab.core.config import PeftConfig, TaskType
+from peftlab.methods.bottleneck import BottleneckConfig
+from peftlab.methods.ia3 import IA3Config
+from peftlab.methods.lora import LoraConfig
+from peftlab.methods.prefix import PrefixTuningConfig
+
+# (the model's transformers config or None, the task type) -> the adapter config; None: full fine-tuning
+ConfigFactory = Callable[[Any, TaskType], PeftConfig | None]
+BOTTLENECK_REDUCTION = 64
+MIN_BOTTLENECK = 16
+
+
+@dataclass(frozen=True)
+class MethodPreset:
+    """One method as the applications run it."""
+
+    name: str  # what --methods / --method take
+    label: str  # what tables show
+    make_config: ConfigFactory
+    learning_rate: float  # causal LMs
+    encoder_learning_rate: float  # encoders with a new classification head
+    traits: tuple[str, ...] = ()  # "mergeable", "composes"
+    shown: tuple[str, ...] = ()  # the config fields ``settings()`` prints
+    summary: str = ""  # the settings in words, where the fields alone do not say them
+
+    def config(self, model_config: Any = None, task_type: TaskType = TaskType.CAUSAL_LM) -> PeftConfig | None:
+        return self.make_config(model_config, task_type)
+
+    def lr_for(self, model_kind: str) -> float:
+        """The learning rate for a ``"causal"`` or ``"encoder"`` model."""
+        return self.encoder_learning_rate if model_kind == "encoder" else self.learning_rate
+
+    @property
+    def peft_type(self) -> str | None:
+        config = self.config()
+        return config.peft_type if config is not None else None
+
+    def settings(self) -> dict[str, Any]:
+        """The settings to print (for a causal LM whose size is not known)."""
+        config = self.config()
+        out: dict[str, Any] = {"peft_type": config.peft_type if config is not None else None}
+        values = config.to_dict() if config is not None else {}
+        for name in self.shown:
+            out[name] = "architecture default" if values[name] is None else values[name]
+        if self.summary:
+            out["note"] = self.summary
+        return out
+
+
+def hidden_size_of(model_config: Any) -> int | None:
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _full(model_config: Any, task_type: TaskType) -> None:
+    return None
+
+
+def _lora(model_config: Any, task_type: TaskType) -> PeftConfig:
+    return LoraConfig(r=8, lora_alpha=16, task_type=task_type)
+
+
+def _lora_all(model_config: Any, task_type: TaskType) -> PeftConfig:
+    return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type=task_type)
+
+
+def _ia3(model_config: Any, task_type: TaskType) -> PeftConfig:
+    return IA3Config(task_type=task_type)
+
+
+def bottleneck_reduction(hidden_size: int | None) -> int | float:
+    """The lesson's reduction factor, lowered so the bottleneck is at least MIN_BOTTLENECK wide:
+    ``hidden_size // factor == max(MIN_BOTTLENECK, hidden_size // 64)`` (``hidden / 16`` is exact
+    in binary floating point, so the floor division gives 16 exactly)."""
+    if not hidden_size:
+        return BOTTLENECK_REDUCTION
+    factor = min(BOTTLENECK_REDUCTION, hidden_size / MIN_BOTTLENECK)
+    return int(factor) if float(factor).is_integer() else factor
+
+
+def _bottleneck(model_config: Any, task_type: TaskType) -> PeftConfig:
+    return BottleneckConfig(
+        mh_adapter=True,
+        output_adapter=True,
+        reduction_factor=bottleneck_reduction(hidden_size_of(model_config)),
+        non_linearity="relu",
+        task_type=task_type,
+    )
+
+
+def _prefix(model_config: Any, task_type: TaskType) -> PeftConfig:
+    return PrefixTuningConfig(
+        task_type=task_type, num_virtual_tokens=20, prefix_projection=task_type != TaskType.SEQ_CLS
+    )
+
+
+PRESETS: dict[str, MethodPreset] = {
+    p.name: p
+    for p in (
+        MethodPreset(
+            "full", "Full fine-tuning", _full, 5e-5, 1e-4, ("mergeable",), summary="all parameters trainable"
+        ),
+        MethodPreset(
+            "lora",
+            "LoRA (r=8, q+v)",
+            _lora,
+            2e-3,
+            2e-3,
+            ("mergeable",),
+            ("r", "lora_alpha", "target_modules"),
+            "the query and value projections",
+        ),
+        MethodPreset(
+            "lora-all",
+            "LoRA (r=16, all-linear)",
+            _lora_all,
+            1e-3,
+            1e-3,
+            ("mergeable",),
+            ("r", "lora_alpha", "target_modules"),
+        ),
+        MethodPreset(
+            "bottleneck",
+            "Bottleneck adapters",
+            _bottleneck,
+            2e-3,
+            2e-3,
+            ("composes",),
+            ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity"),
+            f"after attention and after the FFN; reduction factor {BOTTLENECK_REDUCTION}, lowered to keep "
+            f"the bottleneck at least {MIN_BOTTLENECK} wide",
+        ),
+        MethodPreset(
+            "prefix",
+            "Prefix tuning",
+            _prefix,
+            1e-3,
+            3e-2,
+            (),
+            ("num_virtual_tokens", "prefix_projection"),
+            "plain vectors (no MLP) for classification heads",
+        ),
+        MethodPreset(
+            "ia3",
+            "IA3",
+            _ia3,
+            2e-2,
+            2e-2,
+            ("mergeable",),
+            ("target_modules",),
+            "the keys, values and FFN output projection",
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> MethodPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(PRESETS)}") from None

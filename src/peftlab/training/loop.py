@@ -1,0 +1,589 @@
+"""The one train/eval loop every peftlab command shares, for causal language models.
+
+Training minimises the next-token cross-entropy on completion tokens only (prompt and padding
+labels are -100), with AdamW over the parameters that require grad (adapter parameters of a
+:class:`~peftlab.PeftModel`, or everything for full fine-tuning) and a warmup + linear, cosine
+or constant schedule. One optimizer step sees ``batch_size x grad_accum x world_size``
+examples; its loss is the mean over *all* completion tokens of that global batch, so gradient
+accumulation and data parallelism give the gradient of the same batch run at once.
+
+All randomness comes from the config's seed: batch order from an explicit generator
+(:class:`BatchStream`), dropout from a forked, seeded global RNG that is restored afterwards.
+:class:`TrainLoop` exposes every piece of that state, so a run can be checkpointed and resumed
+to the bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from peftlab.data.tasks import Example, Task
+
+IGNORE_INDEX = -100
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of prompt + completion; ``labels`` are the ids with the prompt set to -100."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``batch_size`` is per forward pass and per process; an optimizer
+    step sees ``batch_size x grad_accum x world_size`` examples."""
+
+    steps: int = 30
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    max_length: int = 256
+    seed: int = 0
+    grad_accum: int = 1
+    lr_schedule: str = "linear"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_length", "grad_accum"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+
+
+@dataclass
+class TrainHistory:
+    """Per-step loss, wall time, learning rate and number of (non-padding) tokens."""
+
+    losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    learning_rates: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def total_time(self) -> float:
+        return sum(self.step_times)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(self.tokens) / self.total_time if self.total_time > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_time": self.total_time, "tokens_per_second": self.tokens_per_second}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainHistory:
+        return cls(**{k: list(data[k]) for k in ("losses", "step_times", "learning_rates", "tokens")})
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the gradient norm) stopped being finite; the step was not applied."""
+
+    def __init__(self, step: int, value: float, what: str = "loss") -> None:
+        self.step = step
+        self.value = value
+        super().__init__(f"{what} became {value} at step {step}; lower the learning rate")
+
+
+# ---- data -----------------------------------------------------------------------------
+
+
+def _eos_id(tokenizer: Any) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token so completions can end")
+    return int(eos)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, falling back to eos (padding is masked out either way)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else _eos_id(tokenizer)
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Prompt ids exactly as training sees them (the tokenizer's own special tokens included)."""
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def encode_example(tokenizer: Any, example: Example, max_length: int) -> Encoded:
+    """Prompt and completion tokenised separately, so the boundary is exact, then eos appended."""
+    prompt = encode_prompt(tokenizer, example.prompt)
+    completion = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"])
+    completion.append(_eos_id(tokenizer))
+    if len(prompt) >= max_length:
+        raise ValueError(
+            f"prompt of {len(prompt)} tokens leaves no room for the completion within "
+            f"max_length={max_length}; raise max_length or shorten the prompt"
+        )
+    ids = (prompt + completion)[:max_length]
+    labels = [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
+    return Encoded(ids, labels)
+
+
+def encode_examples(tokenizer: Any, examples: Sequence[Example], max_length: int = 256) -> list[Encoded]:
+    return [encode_example(tokenizer, ex, max_length) for ex in examples]
+
+
+def collate(
+    batch: Sequence[Encoded], pad_token_id: int, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on pads)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max(len(ex.input_ids) for ex in batch)
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        cols = slice(width - n, width) if padding_side == "left" else slice(0, n)
+        ids[i, cols] = torch.tensor(ex.input_ids)
+        labels[i, cols] = torch.tensor(ex.labels)
+        mask[i, cols] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 at position t, over labels that are not -100."""
+    shifted = labels[:, 1:]
+    if not bool((shifted != IGNORE_INDEX).any()):
+        raise ValueError("batch has no completion tokens to learn from (all labels are -100)")
+    vocab = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).float(), shifted.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of predicting token t+1 at position t over labels that are not -100
+    (0 when there are none): divided by the global batch's token count by the caller."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def num_targets(example: Encoded) -> int:
+    """How many tokens of ``example`` the loss scores (labels after the shift that are not -100)."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+
+
+class BatchStream:
+    """Batch indices as consecutive chunks of a stream of fresh permutations of ``range(n)``.
+
+    Its state (generator, the rest of the current permutation, samples drawn) is the data
+    position of a run: restoring it continues the exact same order.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        if n < 1:
+            raise ValueError("no training examples")
+        self.n = n
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pending: list[int] = []
+        self.samples_seen = 0
+
+    @property
+    def epoch(self) -> float:
+        """Passes over the data so far (fractional)."""
+        return self.samples_seen / self.n
+
+    def take(self, count: int) -> list[int]:
+        while len(self.pending) < count:
+            self.pending += torch.randperm(self.n, generator=self.generator).tolist()
+        out, self.pending = self.pending[:count], self.pending[count:]
+        self.samples_seen += count
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "generator": self.generator.get_state(),
+            "pending": list(self.pending),
+            "samples_seen": self.samples_seen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["n"]) != self.n:
+            raise ValueError(
+                f"the saved data position is for {state['n']} training examples but this run has {self.n}"
+            )
+        self.generator.set_state(state["generator"])
+        self.pending = [int(i) for i in state["pending"]]
+        self.samples_seen = int(state["samples_seen"])
+
+
+def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier: 0 -> 1 over the warmup, then 1 -> 0 at the last step."""
+    return lr_schedule("linear", warmup_steps, total_steps)
+
+
+def lr_schedule(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier at step ``s`` (0-based): linear warmup ``(s+1)/(warmup+1)``, then
+    ``linear`` 1 -> 0, ``cosine`` 1 -> 0 along a half cosine, or ``constant`` 1."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed dropout for the block without leaving the global RNG changed afterwards."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def rng_state() -> dict[str, Any]:
+    """The process's global RNG states: torch (CPU and every initialised CUDA device), Python's
+    ``random`` and numpy's legacy global generator."""
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    if "cuda" in state:
+        if not torch.cuda.is_available() or torch.cuda.device_count() < len(state["cuda"]):
+            raise ValueError(
+                f"the saved RNG state covers {len(state['cuda'])} CUDA devices, which this machine lacks"
+            )
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- training -------------------------------------------------------------------------
+
+
+StepHook = Callable[["TrainLoop"], None]
+
+
+class TrainLoop:
+    """AdamW training of ``model``'s trainable parameters, one optimizer step at a time.
+
+    ``forward_module`` is what the forward pass calls (a ``DistributedDataParallel`` wrapper of
+    ``model`` under torch.distributed; ``model`` itself otherwise). Each process takes its
+    share of every global batch: micro-batch ``m`` of rank ``r`` is chunk ``m * world_size + r``
+    of the step's indices, so micro-batch ``m`` of a single process with ``world_size`` times
+    the batch size covers the same examples. :meth:`state_dict` / :meth:`load_state_dict`
+    hold everything but the parameters and the RNG, which :attr:`resume_rng` restores.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Sequence[Encoded],
+        config: TrainConfig,
+        *,
+        pad_token_id: int,
+        forward_module: nn.Module | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not data:
+            raise ValueError("no training examples")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(
+                "the model has no trainable parameters: attach an adapter (get_peft_model) or call "
+                "model.train_adapter(name), or unfreeze parameters for full fine-tuning"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.model = model
+        self.forward_module = forward_module if forward_module is not None else model
+        self.data = data
+        self.config = config
+        self.pad_token_id = pad_token_id
+        self.rank = rank
+        self.world_size = world_size
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_schedule(config.lr_schedule, config.warmup_steps, config.steps)
+        )
+        self.batches = BatchStream(len(data), config.seed)
+        self.history = TrainHistory()
+        self.step = 0  # optimizer steps done
+        self.resume_rng: dict[str, Any] | None = None  # applied instead of seeding when run() starts
+        self._targets = [num_targets(ex) for ex in data]
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.config.batch_size * self.config.grad_accum * self.world_size
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "batches": self.batches.state_dict(),
+            "history": asdict(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["batches"])
+        self.history = TrainHistory.from_dict(state["history"])
+        self.step = int(state["step"])
+
+    def run(
+        self, *, progress: bool = True, desc: str = "train", on_step: StepHook | None = None
+    ) -> TrainHistory:
+        """Train until ``config.steps`` optimizer steps are done, calling ``on_step(self)``
+        after each (inside the training RNG, so :func:`rng_state` there is the run's)."""
+        device = _device_of(self.model)
+        was_training = self.model.training
+        self.forward_module.train()
+        self.model.train()
+        bar = tqdm(
+            total=self.config.steps,
+            initial=self.step,
+            desc=desc,
+            disable=not progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        try:
+            # every process seeds its own dropout stream
+            with _seeded_rng(self.config.seed + self.rank, device):
+                if self.resume_rng is not None:
+                    set_rng_state(self.resume_rng)
+                    self.resume_rng = None
+                while self.step < self.config.steps:
+                    self._step(device)
+                    elapsed = self.history.step_times[-1]
+                    bar.set_postfix(
+                        loss=f"{self.history.losses[-1]:.3f}",
+                        tok_s=f"{self.history.tokens[-1] / elapsed:.0f}" if elapsed > 0 else "-",
+                        refresh=False,
+                    )
+                    bar.update(1)
+                    if on_step is not None:
+                        on_step(self)
+        finally:
+            bar.close()
+            self.model.train(was_training)
+        return self.history
+
+    def _step(self, device: torch.device) -> None:
+        cfg = self.config
+        indices = self.batches.take(self.global_batch_size)
+        n_targets = sum(self._targets[i] for i in indices)
+        if n_targets == 0:
+            raise ValueError("batch has no completion tokens to learn from (all labels are -100)")
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        # DDP averages gradients over processes; scaling by world_size makes that the sum over
+        # the global batch, which the 1 / n_targets turns into its token mean
+        scale = self.world_size / n_targets
+        for micro in range(cfg.grad_accum):
+            first = (micro * self.world_size + self.rank) * cfg.batch_size
+            chunk = indices[first : first + cfg.batch_size]
+            batch = {
+                k: v.to(device) for k, v in collate([self.data[i] for i in chunk], self.pad_token_id).items()
+            }
+            labels = batch.pop("labels")
+            last = micro == cfg.grad_accum - 1
+            # under DDP, only the last micro-batch all-reduces the accumulated gradients
+            skip_sync = not last and isinstance(self.forward_module, DistributedDataParallel)
+            with self.forward_module.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
+                summed = causal_lm_loss_sum(self.forward_module(**batch).logits, labels)
+                (summed * scale).backward()
+            loss_sum += summed.detach()
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(loss_sum)
+        loss = float(loss_sum) / n_targets
+        step = self.step + 1
+        if not math.isfinite(loss):
+            raise TrainingDiverged(step, loss)
+        if cfg.max_grad_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            if not math.isfinite(norm):
+                raise TrainingDiverged(step, norm, "gradient norm")
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.step = step
+        self.history.losses.append(loss)
+        self.history.step_times.append(time.perf_counter() - start)
+        self.history.learning_rates.append(lr)
+        self.history.tokens.append(sum(len(self.data[i].input_ids) for i in indices))
+
+
+def train(
+    model: nn.Module,
+    data: Sequence[Encoded],
+    config: TrainConfig,
+    *,
+    pad_token_id: int,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainHistory:
+    """Train ``model`` in place for ``config.steps`` steps and return the history.
+
+    Works with a :class:`~peftlab.PeftModel` (only adapter parameters require grad) and with a
+    plain model (full fine-tuning): whatever requires grad is optimised, nothing else is touched.
+    """
+    loop = TrainLoop(model, data, config, pad_token_id=pad_token_id)
+    return loop.run(progress=progress, desc=desc)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module, data: Sequence[Encoded], *, pad_token_id: int, batch_size: int = 8
+) -> float:
+    """Mean cross-entropy over every completion token of ``data``, in eval mode."""
+    total = sum(num_targets(ex) for ex in data)
+    if total == 0:
+        raise ValueError("no completion tokens to evaluate")
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    summed = 0.0
+    try:
+        for start in range(0, len(data), batch_size):
+            batch = {
+                k: v.to(device) for k, v in collate(data[start : start + batch_size], pad_token_id).items()
+            }
+            labels = batch.pop("labels")
+            summed += float(causal_lm_loss_sum(model(**batch).logits, labels))
+    finally:
+        model.train(was_training)
+    return summed / total
+
+
+# ---- evaluation -----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy completions of ``prompts`` (batched with left padding), decoded up to eos."""
+    eos = _eos_id(tokenizer)
+    pad = pad_id(tokenizer)
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+            batch = collate([Encoded(ids, ids) for ids in chunk], pad, padding_side="left")
+            generated = model.generate(  # type: ignore[operator]
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                # the model's generation_config may ask for sampling; greedy must not inherit it
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+            for row in generated[:, batch["input_ids"].shape[1] :].tolist():
+                if eos in row:
+                    row = row[: row.index(eos)]
+                outputs.append(tokenizer.decode(row, skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    prompts: list[str]
+    predictions: list[str]
+    references: list[str]
+    seconds: float
+
+
+def evaluate_task(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    *,
+    max_examples: int | None = None,
+    batch_size: int = 16,
+) -> EvalResult:
+    """Generate for the task's eval split (or its first ``max_examples``) and score it."""
+    examples = list(task.eval if max_examples is None else task.eval[:max_examples])
+    start = time.perf_counter()
+    prompts = [ex.prompt for ex in examples]
+    predictions = generate(
+        model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, batch_size=batch_size
+    )
+    references = [ex.completion for ex in examples]
+    metrics = task.score(predictions, references)
+    return EvalResult(metrics, prompts, predictions, references, time.perf_counter() - start)
