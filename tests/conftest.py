@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,3 +145,56 @@ def model_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
 @pytest.fixture(params=ARCHS)
 def arch(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+# ---- tiny models saved with their own word-level tokenizers (offline, seconds) ----------------
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<eos>"]
+WORDS = ["good", "great", "fine", "bad", "awful", "dull", "film", "movie", "plot", "the", "a", "was",
+         "text", "label", "pos", "neg", "q", "ans", ":", "(", ")", "/", "x", "y", "z", "w"]  # fmt: skip
+POSITIVE, NEGATIVE = ("good", "great", "fine"), ("bad", "awful", "dull")
+
+
+def sentiment_texts(n: int) -> list[tuple[str, str]]:
+    """Separable reviews: the sentiment word decides the label."""
+    out = []
+    for i in range(n):
+        pos = i % 2 == 0
+        word = (POSITIVE if pos else NEGATIVE)[i % 3]
+        out.append((f"the {('film', 'movie', 'plot')[i % 3]} was {word}", "pos" if pos else "neg"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path = tmp_path_factory.mktemp("bert")
+    (path / "vocab.txt").write_text("\n".join(SPECIAL[:5] + WORDS) + "\n")
+    BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
+    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)  # no head, like MiniLM: the classifier is new
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("llama")
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
+    )
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="[PAD]",
+                            unk_token="[UNK]").save_pretrained(path)  # fmt: skip
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=0, bos_token_id=5, eos_token_id=5)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import WORDS, sentiment_texts
 from peftlab.cli import main
 from peftlab.data.files import classification_prompt
 from peftlab.data.tasks import Example
@@ -21,61 +22,9 @@ from peftlab.training.classify import (
     _score_continuations,
     classify,
     encode_texts,
-    fit_prompts,
     score_label_words,
 )
 from peftlab.training.loop import TrainConfig, TrainLoop, encode_examples, evaluate_loss, pad_id
-
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<eos>"]
-WORDS = ["good", "great", "fine", "bad", "awful", "dull", "film", "movie", "plot", "the", "a", "was",
-         "text", "label", "pos", "neg", "q", "ans", ":", "(", ")", "/", "x", "y", "z", "w"]  # fmt: skip
-POSITIVE, NEGATIVE = ("good", "great", "fine"), ("bad", "awful", "dull")
-
-
-def _texts(n: int) -> list[tuple[str, str]]:
-    """Separable reviews: the sentiment word decides the label."""
-    out = []
-    for i in range(n):
-        pos = i % 2 == 0
-        word = (POSITIVE if pos else NEGATIVE)[i % 3]
-        out.append((f"the {('film', 'movie', 'plot')[i % 3]} was {word}", "pos" if pos else "neg"))
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    path = tmp_path_factory.mktemp("bert")
-    (path / "vocab.txt").write_text("\n".join(SPECIAL[:5] + WORDS) + "\n")
-    BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
-    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0)  # fmt: skip
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)  # no head, like MiniLM: the classifier is new
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("llama")
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
-    )
-    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="[PAD]",
-                            unk_token="[UNK]").save_pretrained(path)  # fmt: skip
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=0, bos_token_id=5, eos_token_id=5)  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def _load(path: Path, cls_name: str, **kwargs: Any) -> tuple[Any, Any]:
@@ -87,7 +36,10 @@ def _load(path: Path, cls_name: str, **kwargs: Any) -> tuple[Any, Any]:
 
 
 def _examples(n: int, labels: tuple[str, ...] = ("neg", "pos")) -> list[Example]:
-    return [Example(classification_prompt(t, labels), " " + lab, text=t, label=lab) for t, lab in _texts(n)]
+    return [
+        Example(classification_prompt(t, labels), " " + lab, text=t, label=lab)
+        for t, lab in sentiment_texts(n)
+    ]
 
 
 # ---- units --------------------------------------------------------------------------------
@@ -129,40 +81,27 @@ def test_classification_head_learns_through_the_shared_loop(tiny_bert: Path) -> 
 def test_label_word_scoring_matches_full_continuation_scores(tiny_llama: Path) -> None:
     model, tok = _load(tiny_llama, "AutoModelForCausalLM")
     labels = ("neg", "pos")
-    examples = _examples(6)
-    predicted, loss = score_label_words(
-        model, tok, examples, labels, max_length=32, pad_token_id=0, batch_size=4
-    )
+    encoded = encode_examples(tok, _examples(6), 32)
+    predicted, loss = score_label_words(model, tok, encoded, labels, pad_token_id=0, batch_size=4)
     # the one-forward fast path (single-token labels) picks what scoring every continuation picks
-    slow = _score_continuations(model, tok, examples, [[tok.convert_tokens_to_ids(w)] for w in labels], 32, 0)
+    heads = [e.prompt_ids for e in encoded]
+    slow = _score_continuations(model, heads, [[tok.convert_tokens_to_ids(w)] for w in labels], 0)
     assert predicted == slow.argmax(-1).tolist()
     # and its loss is the mean over label + eos tokens, as training's evaluate_loss computes it
-    expected = evaluate_loss(model, encode_examples(tok, examples, 32), pad_token_id=0)
+    expected = evaluate_loss(model, encoded, pad_token_id=0)
     assert loss == pytest.approx(expected, rel=1e-5)
     # multi-token labels take the slow path and still return one label index per example
-    multi, _ = score_label_words(model, tok, _examples(4, ("a x", "pos")), ("a x", "pos"), max_length=32,
-                                 pad_token_id=0)  # fmt: skip
+    multi_labels = ("a x", "pos")
+    multi_encoded = encode_examples(tok, _examples(4, multi_labels), 32)
+    multi, _ = score_label_words(model, tok, multi_encoded, multi_labels, pad_token_id=0)
     assert len(multi) == 4 and set(multi) <= {0, 1}
-
-
-def test_fit_prompts_cuts_the_text_not_the_label(tiny_llama: Path) -> None:
-    _, tok = _load(tiny_llama, "AutoModelForCausalLM")
-    long_text = " ".join(["good"] * 40)
-    ex = Example(classification_prompt(long_text, ("neg", "pos")), " pos", text=long_text, label="pos")
-    short = _examples(1)[0]
-    fitted, cut = fit_prompts(tok, [ex, short], max_length=24)
-    assert cut == 1 and fitted[1] == short
-    encoded = encode_examples(tok, fitted, max_length=24)[0]
-    assert len(encoded.input_ids) <= 24
-    assert encoded.input_ids[-2:] == [tok.convert_tokens_to_ids("pos"), tok.eos_token_id]
-    assert fitted[0].prompt.endswith("\nLabel (neg / pos):") and fitted[0].text == long_text
 
 
 # ---- compare --quick --data ----------------------------------------------------------
 
 
 def _write_classification(path: Path, n: int = 40) -> Path:
-    rows = [json.dumps({"text": t, "label": lab}) for t, lab in _texts(n)]
+    rows = [json.dumps({"text": t, "label": lab}) for t, lab in sentiment_texts(n)]
     rows[7] = "{broken"  # counted and skipped: 1 of 40 is under the bad-row limit
     path.write_text("\n".join(rows) + "\n")
     return path
@@ -195,7 +134,7 @@ def test_compare_quick_data_encoder(tiny_bert: Path, tmp_path: Path) -> None:
         with safe_open(str(out / "adapters" / name / "adapter_model.safetensors"), "pt") as f:
             assert any("classifier" in k for k in f.keys()), name  # noqa: SIM118
     report = (out / "report.md").read_text()
-    assert "Quality (accuracy)" in report and "macro_f1" in report
+    assert "Quality (accuracy, 95% CI)" in report and "macro_f1" in report
     assert "1 skipped (first: " in report and "not valid JSON" in report
     assert "Labels in eval: neg " in report
 

@@ -21,7 +21,10 @@ PACKAGE = SRC / "peftlab"
 LIBRARY = ("peftlab.core", "peftlab.methods")
 # packages only applications need (each an install extra)
 # (pyyaml is not among them: huggingface_hub, which transformers needs, imports it)
-APPLICATION_PACKAGES = ("matplotlib", "sklearn", "rouge_score", "fastapi", "uvicorn", "datasets", "gguf")
+APPLICATION_PACKAGES = (
+    "matplotlib", "sklearn", "rouge_score", "optuna", "sacrebleu", "fastapi", "uvicorn", "datasets", "gguf",
+    "prometheus_client",
+)  # fmt: skip
 
 
 def module_name(path: Path) -> str:

@@ -3,7 +3,7 @@ and tqdm; each application's extra packages are an install extra, imported when 
 
 | extra | packages | for |
 |---|---|---|
-| ``compare`` | matplotlib, scikit-learn, rouge-score | ``peftlab compare``'s plots and metrics |
+| ``compare`` | optuna, sacrebleu, matplotlib, scikit-learn, rouge-score | ``peftlab compare``: search, store, plots, metrics |
 | ``gguf`` | gguf | ``.gguf`` models, including the embedded SmolLM2-135M |
 | ``train`` | pyyaml | YAML run files for ``peftlab train`` |
 | ``serve`` | fastapi, uvicorn | ``peftlab serve`` |
@@ -17,6 +17,8 @@ from types import ModuleType
 
 # module -> (PyPI package, extra)
 PACKAGES: dict[str, tuple[str, str]] = {
+    "optuna": ("optuna", "compare"),
+    "sacrebleu": ("sacrebleu", "compare"),
     "matplotlib": ("matplotlib", "compare"),
     "sklearn": ("scikit-learn", "compare"),
     "rouge_score": ("rouge-score", "compare"),

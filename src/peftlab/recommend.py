@@ -154,18 +154,33 @@ def _by_measurement(c: Constraints, results: dict[str, Any], rules: Recommendati
         return Recommendation(rules.method, rules.settings, reasons, rules.candidates)
     best = max(usable, key=lambda r: _quality(r) or 0.0)
     best_q = _quality(best) or 0.0
-    spread = max(_spread(best), 1e-9)
-    # among methods within the best one's spread, prefer the rule's choice, then the cheapest
-    close = [r for r in usable if (_quality(r) or 0.0) >= best_q - spread]
+    tested = all("tied_with_best" in r for r in usable)
+    if tested:
+        # a paired significance test against the best method decided who is tied with it
+        close = [r for r in usable if r is best or r.get("tied_with_best")]
+    else:
+        spread = max(_spread(best), 1e-9)
+        close = [r for r in usable if (_quality(r) or 0.0) >= best_q - spread]
+    # among methods the measurements cannot tell apart, prefer the rule's choice, then the cheapest
     by_rule = [r for r in close if r.get("method") == rules.method]
     chosen = by_rule[0] if by_rule else min(close, key=lambda r: r.get("trainable_params") or 0)
     name = str(chosen.get("method"))
+    margin = (
+        "statistically tied methods: " + ", ".join(str(r.get("method")) for r in close)
+        if tested
+        else f"spread ±{_spread(best):.3f}"
+    )
     reasons = [
-        f"measured quality {(_quality(chosen) or 0.0):.3f} (best {best_q:.3f} by {best.get('method')}, "
-        f"spread ±{_spread(best):.3f})"
+        f"measured quality {(_quality(chosen) or 0.0):.3f} (best {best_q:.3f} by {best.get('method')}; "
+        f"{margin})"
     ]
     if chosen is not best:
-        reasons.append("within the best method's spread, so the cheaper or rule-preferred method is chosen")
+        reasons.append(
+            "tied with the best method (no significant difference), so the cheaper or rule-preferred "
+            "method is chosen"
+            if tested
+            else "within the best method's spread, so the cheaper or rule-preferred method is chosen"
+        )
     if rejected:
         reasons.append("excluded: " + ", ".join(rejected))
     reasons += [f"rule of thumb: {r}" for r in rules.reasons]

@@ -143,7 +143,7 @@ def register(sub: Any) -> None:
         help="recompute activations in the backward pass to save memory",
     )
     t.add_argument("--seed", type=int, help="seed of adapter init, data split and order, dropout (default 0)")
-    t.add_argument("--max-length", type=int, help="maximum tokens per example (default 256)")
+    t.add_argument("--max-length", type=int, help="maximum tokens per example (default: from the data)")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: cuda when available")
     o = p.add_argument_group("output and checkpoints")
     o.add_argument("--out", metavar="DIR", help="output folder (default: ./peftlab-train)")

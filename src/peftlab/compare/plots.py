@@ -1,5 +1,6 @@
-"""The ``peftlab compare`` plots (matplotlib, the ``compare`` extra): quality vs trainable
-parameters, training cost, inference overhead and loss curves."""
+"""The ``peftlab compare`` plots (matplotlib, the ``compare`` extra): quality (with 95% intervals;
+hollow markers are methods statistically tied with the best) vs trainable parameters, training
+cost, inference overhead, loss curves and the learning-rate search."""
 
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
 
     colors = plt.get_cmap("tab10")(range(len(results["methods"])))
     written: list[str] = []
-    for name, draw in (
+    plots = [
         ("quality_vs_params.png", _quality),
         ("cost.png", _cost),
         ("inference_overhead.png", _overhead),
         ("loss_curves.png", _losses),
-    ):
+    ]
+    if any((r.get("search") or {}).get("trials") for r in results["methods"]):
+        plots.append(("lr_search.png", _search))
+    for name, draw in plots:
         fig = draw(plt, results, colors)
         path = out / name
         fig.tight_layout()
@@ -34,15 +38,21 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
 
 def _quality(plt: Any, results: dict[str, Any], colors: Any) -> Any:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    best = results.get("best_method")
     for r, c in zip(results["methods"], colors, strict=True):
         x, q = r["trainable_params"], r["quality"]
-        ax.errorbar(x, q["mean"], yerr=q["std"], fmt="o", color=c, capsize=4, markersize=8, label=r["method"])
-        ax.annotate(r["method"], (x, q["mean"]), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        low, high = q.get("ci_low", q["mean"]), q.get("ci_high", q["mean"])
+        tied = r.get("tied_with_best") and r["method"] != best
+        face = "white" if tied else c
+        ax.errorbar(x, q["mean"], yerr=[[q["mean"] - low], [high - q["mean"]]], fmt="o", color=c,
+                    markerfacecolor=face, capsize=4, markersize=8, label=r["method"])  # fmt: skip
+        note = " (best)" if r["method"] == best else " (tied)" if tied else ""
+        ax.annotate(r["method"] + note, (x, q["mean"]), textcoords="offset points", xytext=(6, 6), fontsize=9)
     ax.axhline(results["zero_shot"]["quality"], color="grey", linestyle="--", label="zero-shot base")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel(f"{results['task']['metric']} (held-out)")
-    ax.set_title("Quality vs trainable parameters")
+    ax.set_ylabel(f"{results['task']['metric']} (held-out, 95% CI)")
+    ax.set_title("Quality vs trainable parameters (hollow: tied with the best)")
     ax.legend(fontsize=8)
     return fig
 
@@ -91,5 +101,26 @@ def _losses(plt: Any, results: dict[str, Any], colors: Any) -> Any:
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.set_title("Loss curves (seed 0)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _search(plt: Any, results: dict[str, Any], colors: Any) -> Any:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r, c in zip(results["methods"], colors, strict=True):
+        trials = [t for t in (r.get("search") or {}).get("trials", []) if t["val_loss"] is not None]
+        if not trials:
+            continue
+        trials.sort(key=lambda t: t["learning_rate"])
+        xs, ys = [t["learning_rate"] for t in trials], [t["val_loss"] for t in trials]
+        ax.plot(xs, ys, "-", color=c, alpha=0.5)
+        for t in trials:
+            ax.plot(t["learning_rate"], t["val_loss"], "o" if t["state"] == "complete" else "x", color=c)
+        chosen = r["learning_rate"]
+        ax.plot(chosen, min(ys), "*", color=c, markersize=14, label=f"{r['method']}: {chosen:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("best validation loss")
+    ax.set_title("Learning-rate search (x: pruned; star: chosen)")
     ax.legend(fontsize=8)
     return fig

@@ -1,6 +1,8 @@
-"""The ``peftlab compare`` report: the comparison table, the held-out metrics, the data and
-how each column was measured, as Markdown (``report.md``) and as a plain table for the terminal;
-and the "Best for" column, earned from the measurements."""
+"""The ``peftlab compare`` report: the comparison table (quality with its 95% bootstrap interval,
+methods statistically tied with the best marked), the held-out metrics, the learning-rate
+search, where each run stopped, the data and how each column was measured, as Markdown
+(``report.md``) and as a plain table for the terminal; and the "Best for" column, earned from
+the measurements (quality only from significant differences)."""
 
 from __future__ import annotations
 
@@ -30,7 +32,11 @@ def attach_best_for(results: dict[str, Any]) -> None:
             if math.isclose(value, target, rel_tol=1e-9):
                 tags[name].append(tag)
 
-    best(lambda r: r["quality"]["mean"], "highest quality", True)
+    for r in rows:
+        if results.get("best_method") == r["method"]:
+            tags[r["method"]].append("highest quality")
+        elif r.get("tied_with_best"):
+            tags[r["method"]].append("tied for highest quality")
     best(lambda r: r["trainable_params"], "fewest trainable params", False)
     best(lambda r: r["peak_memory_bytes"], "lowest peak memory", False)
     best(lambda r: r["median_step_s"], "fastest training step", False)
@@ -71,12 +77,12 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "Est. train memory",
         "Step time",
         "Inference vs base (unmerged / merged)",
-        f"Quality ({results['task']['metric']})",
+        f"Quality ({results['task']['metric']}, 95% CI)",
+        "vs best",
         "Best for",
     ]
     rows = []
     for r in results["methods"]:
-        q = r["quality"]
         merged = r.get("inference_overhead_merged")
         rows.append(
             [
@@ -87,11 +93,33 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _fmt_bytes(r["estimated_train_memory_bytes"]["total"]),
                 f"{r['median_step_s'] * 1000:.0f} ms",
                 f"{r['inference_overhead_unmerged']:.2f}x / " + (f"{merged:.2f}x" if merged else "n/a"),
-                f"{q['mean']:.3f} ± {q['std']:.3f}",
+                quality_cell(r["quality"]),
+                versus_best(r, results.get("best_method")),
                 r["best_for"],
             ]
         )
     return header, rows
+
+
+def quality_cell(q: dict[str, float]) -> str:
+    """``mean [low, high]`` (and ``± std`` over seeds when there are several)."""
+    digits = 2 if abs(q["mean"]) >= 100 else 3
+    text = f"{q['mean']:.{digits}f}"
+    if "ci_low" in q:
+        text += f" [{q['ci_low']:.{digits}f}, {q['ci_high']:.{digits}f}]"
+    if q.get("n", 1) > 1:
+        text += f" ± {q['std']:.{digits}f}"
+    return text
+
+
+def versus_best(row: dict[str, Any], best: str | None) -> str:
+    sig = row.get("significance")
+    if row["method"] == best:
+        return "best"
+    if not sig:
+        return "-"
+    verdict = "tied" if sig["tied_with_best"] else "worse"
+    return f"{verdict} (p={sig['p_value']:.3g}, {sig['test']})"
 
 
 def _fmt_metric(summary: dict[str, float]) -> str:
@@ -145,18 +173,73 @@ def _data_lines(task: dict[str, Any]) -> list[str]:
         if rows["skipped"]:
             line += " (first: " + "; ".join(rows["first_problems"]) + ")"
         lines.append(line + ".")
-    cut = task.get("truncated_examples") or {}
-    if any(cut.values()):
-        lines.append(
-            f"- Truncated to the max length: {cut.get('train', 0):,} train / "
-            f"{cut.get('eval', 0):,} eval examples."
+    if task.get("lengths"):
+        lines.append(f"- Lengths: {task['lengths']}.")
+    for part in (task.get("rows") or {}).values():
+        line = (
+            f"- {part['part'].capitalize()}: {part['rows']:,} rows, {part['truncated']:,} prompts cut "
+            f"from the left, {part['skipped']:,} skipped"
         )
+        named = [*part.get("first_truncated", []), *part.get("first_skipped", [])]
+        if named:
+            line += " (first: " + "; ".join(named) + ")"
+        lines.append(line + ".")
     if task.get("evaluation"):
         lines.append(
-            f"- Evaluation: {task['evaluation']}; scored on the first "
-            f"{task['eval_examples']:,} eval examples."
+            f"- Evaluation: {task['evaluation']}; validation on {task.get('validation_examples', 0):,} rows "
+            f"carved from the training data, test scores on {task['eval_examples']:,} held-out rows."
         )
     return lines
+
+
+def search_lines(results: dict[str, Any]) -> list[str]:
+    """Per method: the learning rates tried, their validation results, the one chosen."""
+    metric = results["task"]["metric"]
+    header = [
+        "Method",
+        "Search",
+        "Learning rates tried (best validation loss" + (f", {metric}" if metric else "") + ", state)",
+        "Chosen",
+    ]
+    rows = []
+    for r in results["methods"]:
+        search = r.get("search") or {}
+        trials = search.get("trials") or []
+        tried = "; ".join(
+            f"{t['learning_rate']:g}: "
+            + ("-" if t["val_loss"] is None else f"{t['val_loss']:.4f}")
+            + ("" if t.get("val_metric") is None else f", {t['val_metric']:.3f}")
+            + ("" if t["state"] == "complete" else f" ({t['state']} at {t['examples']:,} examples)")
+            for t in trials
+        )
+        rows.append([r["label"], str(search.get("effort", "-")), tried or "-", f"{r['learning_rate']:g}"])
+    return [_markdown_table(header, rows)]
+
+
+def training_lines(results: dict[str, Any]) -> list[str]:
+    """The budget and where each final run stopped."""
+    s = results["settings"]
+    lines = [
+        f"Every method trains on the same budget of {s['budget']:,} training examples (batch "
+        f"{s['batch_size']}), validated every {s['eval_every']:,} examples; a run stops after "
+        f"{s['patience']} validations without a lower loss and is scored with its best validation state.",
+        "",
+    ]
+    header = ["Method", "Seed", "Examples seen", "Best validation at", "Stopped by", "Note"]
+    rows = []
+    for r in results["methods"]:
+        for run in r["runs"]:
+            rows.append(
+                [
+                    r["label"],
+                    str(run["seed"]),
+                    f"{run['examples_seen']:,}",
+                    "-" if run["best_examples"] is None else f"{run['best_examples']:,}",
+                    run["stopped"],
+                    "still improving at the budget's end" if run.get("still_improving") else "",
+                ]
+            )
+    return [*lines, _markdown_table(header, rows)]
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -175,7 +258,8 @@ def render_report(results: dict[str, Any]) -> str:
         "",
         f"Model: {results['model']} · task: {task['name']} ({task['description']}) · "
         f"metric: {task['metric']} on {task['eval_examples']} held-out examples · "
-        f"{s['steps']} steps × batch {s['batch_size']} · seeds {s['seeds']}",
+        f"budget {s['budget']:,} examples × batch {s['batch_size']} · learning rates: {s['search']} search · "
+        f"seeds {s['seeds']}",
         "",
         _markdown_table(header, rows),
         "",
@@ -186,6 +270,14 @@ def render_report(results: dict[str, Any]) -> str:
         "",
         _markdown_table(*metric_rows(results)),
         "",
+        "## Learning rates (searched on the validation split)",
+        "",
+        *search_lines(results),
+        "",
+        "## Training",
+        "",
+        *training_lines(results),
+        "",
         "## Data",
         "",
         *_data_lines(task),
@@ -195,8 +287,11 @@ def render_report(results: dict[str, Any]) -> str:
         "memory = process RSS high-water mark during that method's training (includes the base model "
         "kept for reference); est. train memory = `peftlab count`'s fp32 estimate for this batch and "
         "sequence length; step time = median optimizer step; inference = median forward latency on "
-        "one eval batch relative to the untouched base model, timed interleaved; quality = mean ± std "
-        "over seeds. Nothing is copied from the lesson.",
+        "one eval batch relative to the untouched base model, timed interleaved; quality on the "
+        "held-out test split with a 95% percentile-bootstrap interval over its examples (1,000 "
+        "resamples); vs best = a paired test against the best method on the same test examples "
+        "(exact McNemar for 0/1 scores with one seed, else a paired bootstrap), tied when p >= 0.05. "
+        "Nothing is copied from the lesson.",
         "",
         f"Command: `{results['command']}` · wall time {results.get('wall_s', 0):.0f} s · "
         + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if k != "platform"),

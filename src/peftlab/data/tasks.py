@@ -26,6 +26,7 @@ class Example:
     completion: str
     text: str | None = None
     label: str | None = None
+    source: str | None = field(default=None, compare=False)  # where it came from, e.g. "train.jsonl:12"
 
 
 @dataclass(frozen=True)

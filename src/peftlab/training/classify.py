@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.data.tasks import Example
-from peftlab.training.loop import IGNORE_INDEX, Encoded, collate, encode_example, encode_prompt
+from peftlab.training.loop import IGNORE_INDEX, Encoded, collate
 
 # where encode_texts puts the class index: the shared loop pairs label position t + 1 with the
 # logits at position t (next-token shift), and ClassifierAsNextToken puts the class logits at 0
@@ -51,36 +51,6 @@ def encode_texts(
         targets[CLASS_POSITION] = list(labels).index(ex.label)
         out.append(Encoded(ids, targets))
     return out
-
-
-def fit_prompts(tokenizer: Any, examples: Sequence[Example], max_length: int) -> tuple[list[Example], int]:
-    """(examples, how many were cut): a classification prompt too long for ``max_length`` tokens
-    together with its completion and eos gets its text cut from the end, so the label always fits."""
-    out: list[Example] = []
-    cut = 0
-    for ex in examples:
-        room = max_length - len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) - 1
-        prompt_ids = encode_prompt(tokenizer, ex.prompt)
-        if len(prompt_ids) <= room or ex.text is None or ex.text not in ex.prompt:
-            out.append(ex)  # fits, or not a text we can cut (encode_example then reports it)
-            continue
-        text_ids = list(tokenizer(ex.text, add_special_tokens=False)["input_ids"])
-        keep = len(text_ids) - (len(prompt_ids) - room)
-        prompt = ex.prompt
-        # decoding and re-encoding can merge tokens differently: shrink until it really fits
-        while keep > 0:
-            prompt = ex.prompt.replace(ex.text, tokenizer.decode(text_ids[:keep]).strip(), 1)
-            if len(encode_prompt(tokenizer, prompt)) <= room:
-                break
-            keep -= 1
-        if keep <= 0:
-            raise ValueError(
-                f"max length {max_length} leaves no room for the text of a classification prompt; "
-                "raise --seq-len"
-            )
-        out.append(Example(prompt, ex.completion, text=ex.text, label=ex.label))
-        cut += 1
-    return out, cut
 
 
 class ClassifierAsNextToken(nn.Module):
@@ -137,19 +107,20 @@ def _label_ids(tokenizer: Any, labels: Sequence[str]) -> list[list[int]]:
 def score_label_words(
     model: nn.Module,
     tokenizer: Any,
-    examples: Sequence[Example],
+    encoded: Sequence[Encoded],
     labels: Sequence[str],
     *,
-    max_length: int,
     pad_token_id: int,
     batch_size: int = 16,
 ) -> tuple[list[int], float]:
     """(most likely label index per example, mean completion loss) for a causal LM.
 
-    A label's score is the sum of the log-probabilities of its tokens (``" " + label``, as in
-    training) after the prompt. Each example is run once with its reference completion (which
-    gives the loss); when every label is one token those logits also score all labels, else each
-    label continuation is run too.
+    ``encoded`` are the examples as training encodes them (prompt, possibly cut to fit, then the
+    reference label and eos; :func:`peftlab.training.fitting.fit_examples`). A label's score is
+    the sum of the log-probabilities of its tokens (``" " + label``, as in training) after the
+    prompt. Each example is run once with its reference completion (which gives the loss); when
+    every label is one token those logits also score all labels, else each label continuation
+    is run too.
     """
     label_ids = _label_ids(tokenizer, labels)
     single = all(len(i) == 1 for i in label_ids)
@@ -159,11 +130,10 @@ def score_label_words(
     predictions: list[int] = []
     total, count = 0.0, 0
     try:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            encoded = [encode_example(tokenizer, ex, max_length) for ex in chunk]
-            prompt_lens = [len(encode_prompt(tokenizer, ex.prompt)) for ex in chunk]
-            batch = {k: v.to(device) for k, v in collate(encoded, pad_token_id).items()}
+        for start in range(0, len(encoded), batch_size):
+            chunk = list(encoded[start : start + batch_size])
+            prompts = [e.prompt_length for e in chunk]
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
             targets = batch.pop("labels")
             logits = model(**batch).logits.float()
             shifted = targets[:, 1:]
@@ -179,11 +149,12 @@ def score_label_words(
             if single:
                 # the logits at the last prompt position predict the label's one token
                 rows = torch.arange(len(chunk), device=device)
-                last = torch.tensor(prompt_lens, device=device) - 1
+                last = torch.tensor(prompts, device=device) - 1
                 log_probs = logits[rows, last].log_softmax(-1)
                 scores = log_probs[:, [i[0] for i in label_ids]]
             else:
-                scores = _score_continuations(model, tokenizer, chunk, label_ids, max_length, pad_token_id)
+                heads = [e.input_ids[:n] for e, n in zip(chunk, prompts, strict=True)]
+                scores = _score_continuations(model, heads, label_ids, pad_token_id)
             predictions += scores.argmax(-1).tolist()
     finally:
         model.train(was)
@@ -192,27 +163,20 @@ def score_label_words(
 
 def _score_continuations(
     model: nn.Module,
-    tokenizer: Any,
-    chunk: Sequence[Example],
+    prompts: Sequence[Sequence[int]],
     label_ids: Sequence[Sequence[int]],
-    max_length: int,
     pad_token_id: int,
 ) -> torch.Tensor:
     """(examples, labels) summed log-probabilities of each label's tokens after each prompt."""
     device = _device_of(model)
-    sequences: list[Encoded] = []
-    for ex in chunk:
-        prompt = encode_prompt(tokenizer, ex.prompt)
-        for ids in label_ids:
-            if len(prompt) + len(ids) > max_length:
-                raise ValueError(
-                    f"prompt of {len(prompt)} tokens plus a {len(ids)}-token label exceeds "
-                    f"max_length={max_length}; raise --seq-len"
-                )
-            sequences.append(Encoded(prompt + list(ids), [IGNORE_INDEX] * len(prompt) + list(ids)))
+    sequences = [
+        Encoded([*prompt, *ids], [IGNORE_INDEX] * len(prompt) + list(ids))
+        for prompt in prompts
+        for ids in label_ids
+    ]
     batch = {k: v.to(device) for k, v in collate(sequences, pad_token_id).items()}
     targets = batch.pop("labels")[:, 1:]
     log_probs = model(**batch).logits[:, :-1].float().log_softmax(-1)
     mask = targets != IGNORE_INDEX
     picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1).view(len(chunk), len(label_ids))
+    return (picked * mask).sum(-1).view(len(prompts), len(label_ids))

@@ -43,6 +43,15 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
 
+    @property
+    def prompt_length(self) -> int:
+        """Tokens before the first supervised one: the prompt (possibly cut to fit)."""
+        return next((i for i, label in enumerate(self.labels) if label != IGNORE_INDEX), len(self.labels))
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.input_ids[: self.prompt_length]
+
 
 @dataclass
 class TrainConfig:
@@ -131,11 +140,17 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
+def encode_completion(tokenizer: Any, completion: str) -> list[int]:
+    """Completion ids as training sees them: no special tokens of its own, eos appended."""
+    return [*tokenizer(completion, add_special_tokens=False)["input_ids"], _eos_id(tokenizer)]
+
+
 def encode_example(tokenizer: Any, example: Example, max_length: int) -> Encoded:
-    """Prompt and completion tokenised separately, so the boundary is exact, then eos appended."""
+    """Prompt and completion tokenised separately, so the boundary is exact, then eos appended.
+    A prompt that leaves no room is an error here; :func:`peftlab.training.fitting.fit_examples`
+    cuts or skips such rows instead."""
     prompt = encode_prompt(tokenizer, example.prompt)
-    completion = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"])
-    completion.append(_eos_id(tokenizer))
+    completion = encode_completion(tokenizer, example.completion)
     if len(prompt) >= max_length:
         raise ValueError(
             f"prompt of {len(prompt)} tokens leaves no room for the completion within "
@@ -363,6 +378,7 @@ class TrainLoop:
         self.history = TrainHistory()
         self.step = 0  # optimizer steps done
         self.resume_rng: dict[str, Any] | None = None  # applied instead of seeding when run() starts
+        self.stop_requested = False  # set by an on_step hook (early stopping) to end run() there
         self._targets = [num_targets(ex) for ex in data]
 
     @property
@@ -388,8 +404,9 @@ class TrainLoop:
     def run(
         self, *, progress: bool = True, desc: str = "train", on_step: StepHook | None = None
     ) -> TrainHistory:
-        """Train until ``config.steps`` optimizer steps are done, calling ``on_step(self)``
-        after each (inside the training RNG, so :func:`rng_state` there is the run's)."""
+        """Train until ``config.steps`` optimizer steps are done (or an ``on_step`` hook sets
+        ``stop_requested``), calling ``on_step(self)`` after each (inside the training RNG, so
+        :func:`rng_state` there is the run's)."""
         device = _device_of(self.model)
         was_training = self.model.training
         self.forward_module.train()
@@ -408,7 +425,7 @@ class TrainLoop:
                 if self.resume_rng is not None:
                     set_rng_state(self.resume_rng)
                     self.resume_rng = None
-                while self.step < self.config.steps:
+                while self.step < self.config.steps and not self.stop_requested:
                     self._step(device)
                     elapsed = self.history.step_times[-1]
                     bar.set_postfix(
@@ -519,7 +536,6 @@ def evaluate_loss(
 # ---- evaluation -----------------------------------------------------------------------
 
 
-@torch.no_grad()
 def generate(
     model: nn.Module,
     tokenizer: Any,
@@ -529,6 +545,20 @@ def generate(
     batch_size: int = 16,
 ) -> list[str]:
     """Greedy completions of ``prompts`` (batched with left padding), decoded up to eos."""
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    return generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+@torch.no_grad()
+def generate_ids(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy completions of already encoded prompts (e.g. cut to fit), decoded up to eos."""
     eos = _eos_id(tokenizer)
     pad = pad_id(tokenizer)
     device = _device_of(model)
@@ -537,7 +567,7 @@ def generate(
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            chunk = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+            chunk = [list(p) for p in prompts[start : start + batch_size]]
             batch = collate([Encoded(ids, ids) for ids in chunk], pad, padding_side="left")
             generated = model.generate(  # type: ignore[operator]
                 input_ids=batch["input_ids"].to(device),
@@ -576,13 +606,20 @@ def evaluate_task(
     *,
     max_examples: int | None = None,
     batch_size: int = 16,
+    prompt_ids: Sequence[Sequence[int]] | None = None,
+    max_new_tokens: int | None = None,
 ) -> EvalResult:
-    """Generate for the task's eval split (or its first ``max_examples``) and score it."""
+    """Generate for the task's eval split (or its first ``max_examples``) and score it.
+    ``prompt_ids`` (one per eval example, e.g. cut to fit) replace encoding the prompts, and
+    ``max_new_tokens`` the task's own generation length."""
     examples = list(task.eval if max_examples is None else task.eval[:max_examples])
     start = time.perf_counter()
     prompts = [ex.prompt for ex in examples]
-    predictions = generate(
-        model, tokenizer, prompts, max_new_tokens=task.max_new_tokens, batch_size=batch_size
+    ids = [encode_prompt(tokenizer, p) for p in prompts] if prompt_ids is None else list(prompt_ids)
+    if len(ids) != len(examples):
+        raise ValueError(f"{len(ids)} prompt_ids for {len(examples)} eval examples; give one per example")
+    predictions = generate_ids(
+        model, tokenizer, ids, max_new_tokens=max_new_tokens or task.max_new_tokens, batch_size=batch_size
     )
     references = [ex.completion for ex in examples]
     metrics = task.score(predictions, references)

@@ -18,6 +18,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,10 @@ from tqdm.auto import tqdm
 from peftlab.core import atomic
 from peftlab.core.config import PeftConfig, TaskType
 from peftlab.core.peft_model import PeftModel, get_peft_model
+from peftlab.count import activation_assumption
 from peftlab.data.catalog import get_task
 from peftlab.data.files import task_from_files
-from peftlab.data.tasks import Task
+from peftlab.data.tasks import Example, Task
 from peftlab.extras import require
 from peftlab.models import load_causal_lm, quiet
 from peftlab.presets import PRESETS
@@ -48,13 +50,21 @@ from peftlab.training.checkpoints import (
     write_json,
     write_state,
 )
+from peftlab.training.fitting import (
+    FitReport,
+    LengthPlan,
+    check_lost,
+    context_length,
+    example_lengths,
+    fit_examples,
+    plan_lengths,
+)
 from peftlab.training.loop import (
     Encoded,
     TrainConfig,
     TrainHistory,
     TrainingDiverged,
     TrainLoop,
-    encode_examples,
     evaluate_loss,
     evaluate_task,
     pad_id,
@@ -111,7 +121,7 @@ class RunConfig:
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
     seed: int = 0
-    max_length: int = 256
+    max_length: int | None = None  # None: from the data (see peftlab.training.fitting)
     out: str = "peftlab-train"
     save_every: int = 100  # steps between checkpoints; 0 = only the final adapter
     keep_checkpoints: int = 2
@@ -150,9 +160,13 @@ class RunConfig:
             raise ValueError(f"steps: must be an integer >= 1, got {self.steps!r}")
         if self.epochs is not None and (not _is_number(self.epochs) or not self.epochs > 0):
             raise ValueError(f"epochs: must be a number > 0, got {self.epochs!r}")
-        for name in ("batch_size", "grad_accum", "max_length", "keep_checkpoints"):
+        for name in ("batch_size", "grad_accum", "keep_checkpoints"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.max_length is not None and (not _is_int(self.max_length) or self.max_length < 2):
+            raise ValueError(
+                f"max_length: must be an integer >= 2 or null (from the data), got {self.max_length!r}"
+            )
         for name in ("warmup_steps", "save_every", "eval_every", "num_eval", "seed"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be an integer >= 0, got {getattr(self, name)!r}")
@@ -461,19 +475,55 @@ def _write_checkpoint(
 
 
 def _evaluate(
-    model: nn.Module, tokenizer: Any, task: Task, eval_data: list[Encoded], config: RunConfig
+    model: nn.Module, tokenizer: Any, task: Task, evals: Split, config: RunConfig, plan: LengthPlan
 ) -> dict[str, float]:
-    """Eval loss and the task metric on the first ``num_eval`` held-out examples."""
-    from dataclasses import replace
-
-    n = min(config.num_eval, len(task.eval))
+    """Eval loss and the task metric on the first ``num_eval`` held-out examples (as fitted)."""
+    n = min(config.num_eval, len(evals.examples))
     device = next(model.parameters()).device
     # evaluation must not move the training RNG, or a resumed run would differ
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        result = {"eval_loss": evaluate_loss(model, eval_data[:n], pad_token_id=pad_id(tokenizer))}
-        scored = evaluate_task(model, tokenizer, replace(task, eval=task.eval[:n]), batch_size=16)
+        result = {"eval_loss": evaluate_loss(model, evals.encoded[:n], pad_token_id=pad_id(tokenizer))}
+        scored = evaluate_task(
+            model,
+            tokenizer,
+            dataclasses.replace(task, eval=tuple(evals.examples[:n])),
+            batch_size=16,
+            prompt_ids=[e.prompt_ids for e in evals.encoded[:n]],
+            max_new_tokens=plan.max_new_tokens,
+        )
         result.update(scored.metrics)
     return result
+
+
+@dataclass
+class Split:
+    examples: list[Example]
+    encoded: list[Encoded]
+    fit: FitReport
+
+
+# the activation memory one batch may take at the chosen length (what caps lengths from the data)
+MEMORY_BUDGET_BYTES = 4 * 2**30
+
+
+def plan_run_lengths(
+    config: RunConfig, model: nn.Module, tokenizer: Any, task: Task, batch_size: int
+) -> LengthPlan:
+    acts = activation_assumption(getattr(model, "config", None), model, 1, 1)
+    return plan_lengths(
+        example_lengths(tokenizer, task.train),
+        requested=config.max_length,
+        context=context_length(model),
+        bytes_per_token=acts.bytes(4),
+        batch_size=batch_size,
+        budget_bytes=MEMORY_BUDGET_BYTES,
+    )
+
+
+def fit_split(tokenizer: Any, examples: Sequence[Example], plan: LengthPlan, part: str) -> Split:
+    kept, encoded, report = fit_examples(tokenizer, examples, plan.max_length, part=part)
+    check_lost(report, plan)
+    return Split(kept, encoded, report)
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -546,8 +596,12 @@ class _Run:
             distributed.barrier(info)
         self.model = _build_model(config, base).to(info.device)
         self.pad = pad_id(self.tokenizer)
-        self.train_data = encode_examples(self.tokenizer, self.task.train, config.max_length)
-        self.eval_data = encode_examples(self.tokenizer, self.task.eval, config.max_length)
+        self.plan = plan_run_lengths(config, self.model, self.tokenizer, self.task, config.batch_size)
+        # the chosen length is written into the run's settings, so a resumed run checks it
+        self.config = config = dataclasses.replace(config, max_length=self.plan.max_length)
+        self.train_split = fit_split(self.tokenizer, self.task.train, self.plan, "train")
+        self.eval_split = fit_split(self.tokenizer, self.task.eval, self.plan, "eval")
+        self.train_data, self.eval_data = self.train_split.encoded, self.eval_split.encoded
         self.fingerprint = data_fingerprint(self.train_data)
         self.global_batch = config.batch_size * config.grad_accum * info.world_size
         self.steps = total_steps(config, len(self.train_data), self.global_batch)
@@ -561,7 +615,7 @@ class _Run:
             warmup_steps=config.warmup_steps,
             weight_decay=config.weight_decay,
             max_grad_norm=config.max_grad_norm,
-            max_length=config.max_length,
+            max_length=self.plan.max_length,
             seed=config.seed,
             grad_accum=config.grad_accum,
             lr_schedule=config.lr_schedule,
@@ -605,7 +659,8 @@ class _Run:
             f"trainable%: {100 * self.trainable / self.total:.4f}\n"
             f"{self.steps} steps of {self.global_batch} examples (batch {config.batch_size} x grad_accum "
             f"{config.grad_accum} x {self.info.world_size} processes), lr {config.learning_rate:g} "
-            f"({config.lr_schedule}), device {self.info.device}"
+            f"({config.lr_schedule}), device {self.info.device}\n"
+            f"{self.plan.describe()}; {self.train_split.fit.describe()}; {self.eval_split.fit.describe()}"
         )
         if resume and checkpoint is None:
             self.say(f"--resume: no checkpoint in {self.root}; starting from step 0")
@@ -618,7 +673,9 @@ class _Run:
     def _evaluate_now(self, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.info.is_main:
-            metrics = _evaluate(self.model, self.tokenizer, self.task, self.eval_data, self.config)
+            metrics = _evaluate(
+                self.model, self.tokenizer, self.task, self.eval_split, self.config, self.plan
+            )
             self.evals.append({"step": step, **metrics})
         distributed.barrier(self.info)
         return metrics
@@ -680,6 +737,8 @@ class _Run:
             "epochs": loop.batches.epoch,
             "trainable_params": self.trainable,
             "total_params": self.total,
+            "lengths": self.plan.to_dict(),
+            "rows": {s.fit.part: s.fit.to_dict() for s in (self.train_split, self.eval_split)},
             "history": history.to_dict(),
             "evals": self.evals,
             "final_eval": final,

@@ -1,0 +1,139 @@
+"""The learning-rate search of one method: an Optuna study over a log grid around the preset's
+learning rate, each trial trained on the training split and judged by its validation loss,
+with Optuna's successive-halving pruner stopping trials that fall behind early.
+
+Trials run one after the other in a fixed order (the preset's learning rate first), so the
+pruner's decisions, and the learning rate chosen, are the same however the methods are spread
+over workers. The study lives in the comparison's storage: a rerun after a kill reuses every
+finished trial and retrains the one that was running under the same trial (Optuna keeps its
+reports), so the decisions are those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from peftlab.compare.options import SEARCH_GRIDS
+from peftlab.compare.session import Session, Validation
+from peftlab.compare.store import Store, optuna_module
+from peftlab.presets import MethodPreset
+from peftlab.training.loop import TrainingDiverged
+
+PARAM = "learning_rate"
+REDUCTION_FACTOR = 3  # successive halving keeps the best third at each rung
+
+
+@dataclass(frozen=True)
+class Trial:
+    learning_rate: float
+    state: str  # "complete" / "pruned" / "diverged"
+    val_loss: float | None  # the best validation loss the trial reached
+    val_metric: float | None
+    examples: int  # training examples it saw before it ended
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "learning_rate": self.learning_rate,
+            "state": self.state,
+            "val_loss": self.val_loss,
+            "val_metric": self.val_metric,
+            "examples": self.examples,
+        }
+
+
+def grid(preset_lr: float, effort: str) -> list[float]:
+    return [float(f"{preset_lr * factor:.3g}") for factor in SEARCH_GRIDS[effort]]
+
+
+def search_learning_rate(
+    session: Session,
+    store: Store,
+    preset: MethodPreset,
+    effort: str,
+    *,
+    on_trial: Callable[[], None] = lambda: None,
+) -> tuple[float, list[Trial]]:
+    """Run (or finish) the method's search; returns the chosen learning rate and every trial."""
+    optuna = optuna_module()
+    pruner = optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=1, reduction_factor=REDUCTION_FACTOR, min_early_stopping_rate=0
+    )
+    study = store.study(f"search:{preset.name}", pruner=pruner)
+    rates = grid(preset.lr_for(session.model_kind), effort)
+    # every grid point once, in order (a kill may have come between two of these)
+    for lr in rates:
+        study.enqueue_trial({PARAM: lr}, skip_if_exists=True)
+    distribution = optuna.distributions.FloatDistribution(min(rates) / 2, max(rates) * 2, log=True)
+    states = optuna.trial.TrialState
+    # a trial left running by a killed worker is trained again under the same trial
+    for frozen in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+        _run_trial(session, study, optuna.trial.Trial(study, frozen._trial_id), preset, frozen.last_step)
+        on_trial()
+    while study.get_trials(deepcopy=False, states=(states.WAITING,)):
+        trial = study.ask({PARAM: distribution})
+        _run_trial(session, study, trial, preset, None)
+        on_trial()
+    trials = [_summary(t) for t in study.get_trials(deepcopy=False) if t.state != states.WAITING]
+    finished = [t for t in trials if t.state == "complete" and t.val_loss is not None]
+    if not finished:
+        raise RuntimeError(
+            f"{preset.name}: no learning rate of {rates} trained to the end of the search (all diverged or "
+            "were pruned); fix one with --lr " + f"{preset.name}=LR"
+        )
+    best = min(finished, key=lambda t: (t.val_loss, t.learning_rate))
+    return best.learning_rate, trials
+
+
+def _run_trial(session: Session, study: Any, trial: Any, preset: MethodPreset, reported: int | None) -> None:
+    """Train one learning rate for the search budget, reporting each validation loss to the
+    pruner; ``reported``: the last step a killed run of this trial already reported."""
+    optuna = optuna_module()
+    lr = float(trial.params[PARAM])
+    model, _ = session.prepare(preset, seed=0)
+    best: list[float] = []
+    metrics: list[float | None] = []
+
+    def on_validation(seen: int, result: Validation) -> bool:
+        step = len(best) + 1
+        best.append(min([result.loss, *best[-1:]]))
+        metrics.append(result.metric)
+        if reported is not None and step <= reported:
+            return False  # decided before the kill: this trial went on
+        trial.report(best[-1], step)
+        return bool(trial.should_prune())
+
+    try:
+        outcome = session.train(
+            model, lr, seed=0, budget=session.sizes["search_budget"], on_validation=on_validation,
+            desc=f"search {preset.name} lr={lr:g}",
+        )  # fmt: skip
+    except TrainingDiverged:
+        trial.set_user_attr("diverged", True)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return
+    trial.set_user_attr("examples", outcome.examples_seen)
+    trial.set_user_attr("val_metric", metrics[best.index(best[-1])] if metrics else None)
+    if outcome.reason == "stopped":  # the pruner ended it
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    else:
+        study.tell(trial, best[-1])
+
+
+def _summary(trial: Any) -> Trial:
+    states = optuna_module().trial.TrialState
+    if trial.user_attrs.get("diverged"):
+        state = "diverged"
+    else:
+        state = "complete" if trial.state == states.COMPLETE else "pruned"
+    losses = list(trial.intermediate_values.values())
+    loss = trial.value if trial.state == states.COMPLETE else (min(losses) if losses else None)
+    return Trial(
+        learning_rate=float(trial.params[PARAM]),
+        state=state,
+        val_loss=None if loss is None or not math.isfinite(loss) else float(loss),
+        val_metric=trial.user_attrs.get("val_metric"),
+        examples=int(trial.user_attrs.get("examples", 0)),
+    )

@@ -1,0 +1,62 @@
+"""A stand-in for :class:`peftlab.compare.session.Session` whose validation losses are a known
+function of the learning rate, so the search can be tested without training a model."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from peftlab.compare.session import TrainOutcome, Validation
+from peftlab.training.loop import TrainHistory, TrainingDiverged
+
+BEST_LR = 6e-3  # with the lora preset's 2e-3, the quick grid tries 2e-3, 6e-3 and 6.67e-4
+
+
+class FakeSession:
+    """Validation loss ``|log(lr / BEST_LR)| + 1 / k`` at the k-th validation: the best learning
+    rate wins at every step; rates at or above ``diverge_at`` diverge. ``pause_file``: when it
+    exists, training at ``pause_lr`` stops there (for a kill)."""
+
+    model_kind = "causal"
+
+    def __init__(
+        self, *, diverge_at: float = math.inf, pause_lr: float | None = None, pause_file: str = ""
+    ) -> None:
+        self.sizes = {"search_budget": 40, "batch_size": 4, "eval_every": 4}
+        self.diverge_at = diverge_at
+        self.pause_lr = pause_lr
+        self.pause_file = pause_file
+        self.trained: list[tuple[float, int]] = []  # (lr, validations seen)
+
+    def prepare(self, preset: Any, seed: int) -> tuple[Any, None]:
+        return object(), None
+
+    def train(
+        self,
+        model: Any,
+        learning_rate: float,
+        seed: int,
+        *,
+        budget: int,
+        on_validation: Callable[[int, Validation], bool],
+        desc: str,
+    ) -> TrainOutcome:
+        if learning_rate >= self.diverge_at:
+            raise TrainingDiverged(1, float("nan"))
+        outcome = TrainOutcome(TrainHistory(), 0)
+        validations = budget // self.sizes["eval_every"]
+        for k in range(1, validations + 1):
+            if self.pause_lr is not None and math.isclose(learning_rate, self.pause_lr) and k == 3:
+                Path(self.pause_file).write_text(str(os.getpid()))
+                time.sleep(600)
+            outcome.examples_seen = k * self.sizes["eval_every"]
+            loss = abs(math.log(learning_rate / BEST_LR)) + 1 / k
+            if on_validation(outcome.examples_seen, Validation(loss, None)):
+                outcome.reason = "stopped"
+                break
+        self.trained.append((learning_rate, outcome.examples_seen))
+        return outcome
