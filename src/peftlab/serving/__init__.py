@@ -163,17 +163,23 @@ def serve_forever(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace
     )
 
+    def announce(name: str) -> None:
+        print(
+            f"peftlab serve: {name}: taking no new requests; finishing {engine.running_rows} running and "
+            f"{engine.queue_depth()} queued prompts (at most {shutdown_grace:g} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
     class Server(uvicorn.Server):  # type: ignore[misc, name-defined]
         def handle_exit(self, sig: int, frame: Any) -> None:
+            # a signal handler: set flags only, and say what happens from the event loop (a
+            # print here could land inside another write to stderr)
             if not engine.draining:
                 engine.begin_drain()
-                print(
-                    f"peftlab serve: {signal.Signals(sig).name}: taking no new requests; finishing "
-                    f"{engine.running_rows} running and {engine.queue_depth()} queued prompts "
-                    f"(at most {shutdown_grace:g} s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                loop = engine.loop
+                if loop is not None and not loop.is_closed():
+                    loop.call_soon_threadsafe(announce, signal.Signals(sig).name)
             super().handle_exit(sig, frame)
 
     with _sigterm_ends_quietly():

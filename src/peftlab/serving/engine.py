@@ -192,6 +192,11 @@ class Engine:
         run = self._run_continuous if self.batching == "continuous" else self._run_static
         self._dispatcher = asyncio.create_task(run(), name="peftlab-dispatch")
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the engine runs on, once started."""
+        return self._loop
+
     def begin_drain(self) -> None:
         """Stop taking requests (503); what is queued or running goes on to the end."""
         self.draining = True
