@@ -452,4 +452,4 @@ def test_cli_serves_over_http(tmp_path: Path, folders: dict[str, Path], referenc
         )
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.communicate(timeout=30)

@@ -403,6 +403,8 @@ def test_sigterm_finishes_running_requests_then_exits_0(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
     assert "SIGTERM: taking no new requests" in output and "peftlab serve: stopped" in output, output
     events = [e for e in received.decode(errors="replace").split("\r\n") if e.startswith("data: {")]
     usage = json.loads(events[-1][len("data: ") :])["usage"]
