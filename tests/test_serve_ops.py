@@ -232,7 +232,7 @@ def test_a_client_that_leaves_frees_its_row(
     jobs = jobs_of(monkeypatch, engine)
     with start(engine) as running:
         client = Client(running.url)
-        with concurrently_started(lambda: client.complete("bn", PROMPTS[1], max_tokens=40)) as kept:
+        with InBackground(lambda: client.complete("bn", PROMPTS[1], max_tokens=40)) as kept:
             sock = raw_request(
                 client, {"model": "lora", "prompt": PROMPTS[0], "max_tokens": 40, "stream": True}
             )
@@ -260,25 +260,20 @@ def test_a_client_that_leaves_frees_its_row(
     assert got[("peftlab_requests_total", (("model", "lora"), ("outcome", "cancelled")))] == 2
 
 
-class Background:
-    def __init__(self) -> None:
-        self.result: Any = None
-
-
-class concurrently_started:
-    """Run ``call`` on a thread for the span of the block; ``.result`` after it."""
+class InBackground:
+    """Run ``call`` on a thread for the span of the block; its return value is ``.result`` after."""
 
     def __init__(self, call: Any) -> None:
         self.call = call
-        self.box = Background()
+        self.result: Any = None
         self.thread = threading.Thread(target=self._run)
 
     def _run(self) -> None:
-        self.box.result = self.call()
+        self.result = self.call()
 
-    def __enter__(self) -> Background:
+    def __enter__(self) -> InBackground:
         self.thread.start()
-        return self.box
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.thread.join(timeout=60)

@@ -105,7 +105,7 @@ class RunningBatch:
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.rows: list[Row] = []
         self.cache: Any = None  # a DynamicCache with one row per running row
-        self.mask: torch.Tensor | None = None  # (rows, cache width + 0), 1 where a real token is
+        self.mask: torch.Tensor | None = None  # (rows, cache width), 1 where a real token is
         self.lengths: list[int] = []  # real tokens of each row in the cache
         self.last: list[int] = []  # each row's newest token, its next input
 
