@@ -1,22 +1,28 @@
-"""Load test of ``peftlab serve`` on loopback: SmolLM2-135M with adapters of every method, many
-concurrent clients asking for different adapters, batched serving vs one request at a time.
+"""Load test of ``peftlab serve``: static vs continuous batching at the same offered load.
 
-    python benchmarks/serve_load.py [--requests 96] [--clients 16] [--max-tokens 16]
-        [--max-batch-size 16] [--max-wait-ms 10] [--threads 2] [--time-limit 240] [--json out.json]
+    python benchmarks/serve_load.py [--rates 0.3,0.6,1.2] [--requests 32] [--max-batch-size 16]
+        [--threads 2] [--seed 0] [--json out.json]
 
-Adapters (random, away from identity, saved in PEFT format to a temporary folder): two LoRAs
-(r=8 on q/v, r=16 on all linear layers), IA3, a bottleneck adapter and prefix tuning (20
-virtual tokens); requests also go to the base model. The same list of requests (adapter,
-prompt; greedy, ``max_tokens`` each) is sent twice, each time to a fresh ``peftlab serve``
-process started with the real command line:
+SmolLM2-135M with adapters of all four methods (random, away from identity, saved in PEFT
+format to a temporary folder): LoRA r=8 on q/v, LoRA r=16 on all linear layers, IA3, a
+bottleneck adapter and prefix tuning (20 virtual tokens); requests also go to the base model.
+Two real ``peftlab serve`` processes run side by side, one with ``--batching static`` (a batch
+of up to ``--max-batch-size`` rows runs as one ``generate`` to its longest row's end, waiting at
+most ``--max-wait-ms`` for the batch to fill) and one with ``--batching continuous`` (rows join
+and leave at every decoding step); only one is sent requests at a time.
 
-* ``batched``: ``--max-batch-size N``: concurrent requests for any adapters share a batch,
-* ``one-at-a-time``: ``--max-batch-size 1``: what a server without mixed batches does when
-  each request may want a different adapter.
+For each rate (requests per second) the same workload is sent to each server in turn (the
+order alternates from rate to rate, so drift on a shared machine hits both): ``--requests``
+requests with Poisson arrivals (exponential gaps, seeded), each for a random model (the base
+or an adapter), with a prompt of mixed length (about 10, 40 or 120 tokens) and a ``max_tokens``
+of 8, 16, 32 or 64, greedy and streamed. Each request is sent at its arrival time by its own
+client thread, whatever the server is doing (an open loop).
 
-Reported per mode: requests/s, generated tokens/s, latency p50/p95/p99 (client side, from send
-to full response), the server's batch statistics, and whether each request got the same text
-in both modes. Each mode stops issuing requests after ``--time-limit`` seconds.
+Reported per rate and mode: requests/s and generated tokens/s (completion tokens over the time
+from the first send to the last answer), time to first token and end-to-end latency p50/p99
+(client side: from sending the request to its first streamed text, to its last byte), the
+server's mean rows per model batch; the ratios continuous / static; and whether each request
+got the same text from both servers (greedy: batching must not change a single output).
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +49,23 @@ from peftlab import BottleneckConfig, IA3Config, LoraConfig, PeftConfig, PrefixT
 from peftlab.models import load_causal_lm
 
 BASE = "smollm2-135m"
-PROMPTS = [
+MODES = ("static", "continuous")
+SENTENCES = [
     "The capital of France is",
-    "Write a short poem about the sea:",
+    "Write a short poem about the sea.",
     "def fibonacci(n):",
     "Translate to German: The weather is nice today.",
-    "Q: What is 12 times 7?\nA:",
-    "Once upon a time, in a small village by the mountains, there lived",
-    "List three uses of a paperclip:",
-    "The most important idea in machine learning is",
+    "Q: What is 12 times 7?",
+    "Once upon a time, in a small village by the mountains, there lived an old clockmaker.",
+    "List three uses of a paperclip.",
+    "The most important idea in machine learning is that models learn from data.",
+    "Explain why the sky is blue in simple words.",
+    "A recipe for bread needs flour, water, salt and yeast.",
+    "In 1969 the first humans walked on the Moon.",
+    "Summarize the plot of a detective story in two sentences.",
 ]
+PROMPT_WORDS = (6, 30, 90)  # short, medium and long prompts (about 10, 40 and 120 tokens)
+MAX_TOKENS = (8, 16, 32, 64)
 
 
 def adapter_configs() -> dict[str, PeftConfig]:
@@ -81,6 +93,31 @@ def save_adapters(root: Path) -> dict[str, Path]:
     return folders
 
 
+def make_prompt(rng: random.Random, words: int) -> str:
+    text: list[str] = []
+    while sum(len(s.split()) for s in text) < words:
+        text.append(rng.choice(SENTENCES))
+    return " ".join(text)
+
+
+def workload(rate: float, count: int, models: list[str], seed: int) -> list[dict[str, Any]]:
+    """``count`` requests with Poisson arrivals at ``rate`` per second (the same for every mode)."""
+    rng = random.Random(seed)
+    at = 0.0
+    requests = []
+    for _ in range(count):
+        requests.append(
+            {
+                "at": at,
+                "model": rng.choice(models),
+                "prompt": make_prompt(rng, rng.choice(PROMPT_WORDS)),
+                "max_tokens": rng.choice(MAX_TOKENS),
+            }
+        )
+        at += rng.expovariate(rate)
+    return requests
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -88,7 +125,7 @@ def free_port() -> int:
 
 
 def call(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
     try:
         data = json.dumps(body).encode() if body is not None else None
         conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
@@ -98,13 +135,52 @@ def call(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]
         conn.close()
 
 
+def streamed(port: int, body: dict[str, Any]) -> dict[str, Any]:
+    """Send one streamed completion; times of the first text and of the end, text and usage."""
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
+    first: float | None = None
+    text, usage, status = "", None, 0
+    try:
+        conn.request("POST", "/v1/completions", body=json.dumps(body).encode(),
+                     headers={"Content-Type": "application/json"})  # fmt: skip
+        resp = conn.getresponse()
+        status = resp.status
+        if status == 200:
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[len("data: ") :])
+                if event.get("usage"):
+                    usage = event["usage"]
+                for choice in event["choices"]:
+                    if first is None:
+                        first = time.perf_counter()
+                    text += choice["text"]
+        else:
+            resp.read()
+    finally:
+        conn.close()
+    end = time.perf_counter()
+    return {
+        "status": status,
+        "sent": t0,
+        "ttft": (first - t0) if first is not None else None,
+        "latency": end - t0,
+        "end": end,
+        "text": text,
+        "tokens": usage["completion_tokens"] if usage else 0,
+    }
+
+
 def start_server(
-    folders: dict[str, Path], args: argparse.Namespace, batch: int
-) -> tuple[subprocess.Popen, int]:
+    mode: str, folders: dict[str, Path], args: argparse.Namespace
+) -> tuple[subprocess.Popen[str], int]:
     port = free_port()
     cmd = [sys.executable, "-m", "peftlab", "serve", "--port", str(port), "--threads", str(args.threads)]
-    cmd += ["--max-batch-size", str(batch), "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]
-    cmd += ["--max-queue", str(max(256, args.requests))]
+    cmd += ["--batching", mode, "--max-batch-size", str(args.max_batch_size)]
+    cmd += ["--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning", "--max-queue", "1024"]
     for name, folder in folders.items():
         cmd += ["--adapter", f"{name}={folder}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -114,143 +190,136 @@ def start_server(
             raise RuntimeError(f"peftlab serve exited: {proc.stderr.read() if proc.stderr else ''}")
         try:
             if call(port, "GET", "/health")[0] == 200:
-                return proc, port
+                break
         except OSError:
             pass
         if time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError("peftlab serve did not come up within 300 s")
         time.sleep(0.5)
+    for model in ("lora-all", "prefix", BASE):  # warm-up, not measured
+        streamed(port, {"model": model, "prompt": SENTENCES[0], "max_tokens": 4, "temperature": 0,
+                        "stream": True})  # fmt: skip
+    return proc, port
 
 
-def run_mode(
-    label: str,
-    batch: int,
-    workload: list[tuple[str, str]],
-    folders: dict[str, Path],
-    args: argparse.Namespace,
-) -> dict[str, Any]:
-    proc, port = start_server(folders, args, batch)
-    try:
-        for model in ("lora-qv", "prefix"):  # warm-up, not measured
-            call(port, "POST", "/v1/completions", {"model": model, "prompt": PROMPTS[0], "max_tokens": 4,
-                                                   "temperature": 0})  # fmt: skip
-        before = call(port, "GET", "/health")[1]["stats"]
-        results: list[dict[str, Any] | None] = [None] * len(workload)
-        lock = threading.Lock()
-        next_index = iter(range(len(workload)))
-        start = time.perf_counter()
-        stop_at = start + args.time_limit
+def run_load(port: int, requests: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Send every request at its arrival time (open loop); the answers and the server's stats."""
+    before = call(port, "GET", "/health")[1]["stats"]
+    results: list[dict[str, Any] | None] = [None] * len(requests)
+    start = time.perf_counter() + 0.2
 
-        def client() -> None:
-            while time.perf_counter() < stop_at:
-                with lock:
-                    i = next(next_index, None)
-                if i is None:
-                    return
-                model, prompt = workload[i]
-                body = {"model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0}
-                t0 = time.perf_counter()
-                status, out = call(port, "POST", "/v1/completions", body)
-                latency = time.perf_counter() - t0
-                ok = status == 200
-                results[i] = {
-                    "status": status,
-                    "latency": latency,
-                    "tokens": out["usage"]["completion_tokens"] if ok else 0,
-                    "text": out["choices"][0]["text"] if ok else None,
-                }
+    def client(i: int) -> None:
+        req = requests[i]
+        time.sleep(max(0.0, start + req["at"] - time.perf_counter()))
+        body = {"model": req["model"], "prompt": req["prompt"], "max_tokens": req["max_tokens"],
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        results[i] = streamed(port, body)
 
-        with ThreadPoolExecutor(args.clients) as pool:
-            for f in [pool.submit(client) for _ in range(args.clients)]:
-                f.result()
-        wall = time.perf_counter() - start
-        after = call(port, "GET", "/health")[1]["stats"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    done = [r for r in results if r is not None]
-    ok = [r for r in done if r["status"] == 200]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = call(port, "GET", "/health")[1]["stats"]
+    stats = {k: after[k] - before[k] for k in ("batches", "rows", "generated_tokens")}
+    return [r for r in results if r is not None], stats
+
+
+def summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> dict[str, Any]:
+    ok = [r for r in results if r["status"] == 200]
+    wall = max(r["end"] for r in ok) - min(r["sent"] for r in results) if ok else 0.0
+    ttft = np.array([r["ttft"] for r in ok if r["ttft"] is not None]) * 1000
     lat = np.array([r["latency"] for r in ok]) * 1000
-    batches = after["batches"] - before["batches"]
-    rows = after["rows"] - before["rows"]
+
+    def pct(values: np.ndarray, q: int) -> float | None:
+        return round(float(np.percentile(values, q)), 0) if len(values) else None
+
     return {
-        "mode": label,
-        "max_batch_size": batch,
-        "sent": len(done),
+        "sent": len(results),
         "ok": len(ok),
-        "errors": len(done) - len(ok),
         "wall_s": round(wall, 2),
-        "requests_per_s": round(len(ok) / wall, 3),
-        "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 2),
-        "latency_ms": {q: round(float(np.percentile(lat, int(q[1:]))), 1) for q in ("p50", "p95", "p99")}
-        if len(lat)
-        else {},
-        "server_batches": batches,
-        "mean_batch_rows": round(rows / batches, 2) if batches else 0.0,
-        "mixed_batches": after["mixed_batches"] - before["mixed_batches"],
-        "texts": [r["text"] if r is not None else None for r in results],
+        "requests_per_s": round(len(ok) / wall, 3) if wall else 0.0,
+        "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 2) if wall else 0.0,
+        "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)},
+        "latency_ms": {"p50": pct(lat, 50), "p99": pct(lat, 99)},
+        "mean_batch_rows": round(stats["rows"] / stats["batches"], 2) if stats["batches"] else 0.0,
+        "texts": [r["text"] if r["status"] == 200 else None for r in results],
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=96)
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--rates", default="0.3,0.6,1.2", help="offered loads, requests per second")
+    ap.add_argument("--requests", type=int, default=32, help="requests per rate and mode")
     ap.add_argument("--max-batch-size", type=int, default=16)
-    ap.add_argument("--max-wait-ms", type=float, default=10.0)
+    ap.add_argument("--max-wait-ms", type=float, default=10.0, help="static batching's wait for a batch")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--time-limit", type=float, default=240.0, help="seconds per mode")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-
+    rates = [float(r) for r in args.rates.split(",")]
     models = [BASE, *adapter_configs()]
-    rng = random.Random(args.seed)
-    workload = [(models[i % len(models)], rng.choice(PROMPTS)) for i in range(args.requests)]
-    rng.shuffle(workload)
 
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         folders = save_adapters(Path(tmp))
-        modes = [run_mode("batched", args.max_batch_size, workload, folders, args)]
-        modes.append(run_mode("one-at-a-time", 1, workload, folders, args))
+        servers = {mode: start_server(mode, folders, args) for mode in MODES}
+        try:
+            for k, rate in enumerate(rates):
+                requests = workload(rate, args.requests, models, args.seed + k)
+                order = MODES if k % 2 == 0 else MODES[::-1]
+                for mode in order:
+                    load = os.getloadavg()[0]
+                    results, stats = run_load(servers[mode][1], requests)
+                    runs.append({"rate": rate, "mode": mode, "load_avg_1m": round(load, 2),
+                                 **summary(results, stats)})  # fmt: skip
+                    print(f"rate {rate}: {mode} done", file=sys.stderr, flush=True)
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(timeout=120)
+    report(runs, rates, args)
 
-    both = [
-        (a, b)
-        for a, b in zip(modes[0]["texts"], modes[1]["texts"], strict=True)
-        if a is not None and b is not None
-    ]
-    same = sum(a == b for a, b in both)
-    distinct = {
-        m: {t for (mm, _), t in zip(workload, modes[0]["texts"], strict=True) if mm == m} for m in models
-    }
-    speedup = modes[0]["requests_per_s"] / modes[1]["requests_per_s"] if modes[1]["requests_per_s"] else 0.0
 
+def report(runs: list[dict[str, Any]], rates: list[float], args: argparse.Namespace) -> None:
     cpu = platform.processor() or platform.machine()
     print(
-        f"\nSmolLM2-135M, {len(models) - 1} adapters + base, {args.clients} clients, "
-        f"{args.requests} requests, max_tokens {args.max_tokens}, greedy, torch threads {args.threads}, {cpu}"
+        f"\nSmolLM2-135M (fp32), {len(adapter_configs())} adapters of 4 methods + base, "
+        f"{args.requests} streamed greedy requests per rate and mode, Poisson arrivals, prompts of "
+        f"~10/40/120 tokens, max_tokens 8/16/32/64, max batch {args.max_batch_size}, torch threads "
+        f"{args.threads}, {cpu}"
     )
-    header = ["mode", "max batch", "ok / sent", "wall s", "req/s", "gen tok/s", "p50 ms", "p95 ms", "p99 ms"]
-    header += ["batches", "mean rows/batch", "mixed batches"]
+    header = ["rate req/s", "batching", "ok / sent", "wall s", "req/s", "gen tok/s", "TTFT p50 ms"]
+    header += ["TTFT p99 ms", "e2e p50 ms", "e2e p99 ms", "mean rows/batch"]
     print("\n| " + " | ".join(header) + " |")
     print("|---" + "|---:" * (len(header) - 1) + "|")
-    for m in modes:
-        lat = m["latency_ms"]
-        cells = [m["mode"], m["max_batch_size"], f"{m['ok']} / {m['sent']}", m["wall_s"], m["requests_per_s"]]
-        cells += [m["tokens_per_s"], lat.get("p50"), lat.get("p95"), lat.get("p99"), m["server_batches"]]
-        cells += [m["mean_batch_rows"], m["mixed_batches"]]
-        print("| " + " | ".join(str(c) for c in cells) + " |")
-    print(f"\nthroughput batched / one-at-a-time: {speedup:.2f}x")
-    print(f"same text in both modes: {same} / {len(both)} requests")
-    print(
-        "distinct completions per model (batched): " + ", ".join(f"{m} {len(t)}" for m, t in distinct.items())
-    )
+    for m in runs:
+        cells = [m["rate"], m["mode"], f"{m['ok']} / {m['sent']}", m["wall_s"], m["requests_per_s"]]
+        cells += [m["tokens_per_s"], m["ttft_ms"]["p50"], m["ttft_ms"]["p99"], m["latency_ms"]["p50"]]
+        cells += [m["latency_ms"]["p99"], m["mean_batch_rows"]]
+        print("| " + " | ".join(f"{c:g}" if isinstance(c, float) else str(c) for c in cells) + " |")
+    print("\n| rate req/s | TTFT p50 continuous / static | throughput continuous / static | same text |")
+    print("|---:|---:|---:|---:|")
+    ratios = []
+    for rate in rates:
+        by = {m["mode"]: m for m in runs if m["rate"] == rate}
+        s, c = by["static"], by["continuous"]
+        ttft = c["ttft_ms"]["p50"] / s["ttft_ms"]["p50"] if s["ttft_ms"]["p50"] else float("nan")
+        thr = c["tokens_per_s"] / s["tokens_per_s"] if s["tokens_per_s"] else float("nan")
+        both = [
+            (a, b) for a, b in zip(s["texts"], c["texts"], strict=True) if a is not None and b is not None
+        ]
+        same = sum(a == b for a, b in both)
+        ratios.append(
+            {"rate": rate, "ttft_p50_ratio": ttft, "throughput_ratio": thr, "same": [same, len(both)]}
+        )
+        print(f"| {rate:g} | {ttft:.2f}x | {thr:.2f}x | {same} / {len(both)} |")
+    print(f"\nload average (1 min) at each run's start: {[m['load_avg_1m'] for m in runs]}")
     if args.json:
-        out = {"args": vars(args), "modes": modes, "speedup": speedup, "same_text": [same, len(both)]}
+        out = {"args": vars(args), "command": " ".join(sys.argv), "runs": runs, "ratios": ratios}
         Path(args.json).write_text(json.dumps(out, indent=2))
 
 

@@ -6,7 +6,7 @@ and tqdm; each application's extra packages are an install extra, imported when 
 | ``compare`` | optuna, sacrebleu, matplotlib, scikit-learn, rouge-score | ``peftlab compare``: search, store, plots, metrics |
 | ``gguf`` | gguf | ``.gguf`` models, including the embedded SmolLM2-135M |
 | ``train`` | pyyaml | YAML run files for ``peftlab train`` |
-| ``serve`` | fastapi, uvicorn | ``peftlab serve`` |
+| ``serve`` | fastapi, uvicorn, prometheus-client | ``peftlab serve`` |
 | ``hf`` | datasets | ``--hf-dataset`` |
 """
 
@@ -26,6 +26,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "yaml": ("pyyaml", "train"),
     "fastapi": ("fastapi", "serve"),
     "uvicorn": ("uvicorn", "serve"),
+    "prometheus_client": ("prometheus-client", "serve"),
     "datasets": ("datasets", "hf"),
 }
 

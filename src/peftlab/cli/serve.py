@@ -1,5 +1,6 @@
 """``peftlab serve``: an OpenAI-compatible HTTP server for one base model and many adapters of
-any method, the adapter chosen per request and requests for different adapters batched together."""
+any method, the adapter chosen per request and requests for different adapters batched together
+at every decoding step."""
 
 from __future__ import annotations
 
@@ -27,16 +28,29 @@ def _positive(value: str) -> int:
     return n
 
 
+def _seconds(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be >= 0")
+    return n
+
+
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "serve",
         help="HTTP server: one base model, many adapters, adapter chosen per request, mixed batches",
         description=(
             "Serve a causal LM and any number of adapters (LoRA, IA3, bottleneck, prefix) behind an "
-            "OpenAI-compatible API: POST /v1/completions with model=ADAPTER (or the base model's "
-            "name), GET /v1/models, POST /v1/adapters {name, path} and DELETE /v1/adapters/NAME to "
-            "load and unload while serving, GET /health. Concurrent requests for different adapters "
-            "run as one batch. Needs the serve extra: pip install 'peftlab[serve]'."
+            "OpenAI-compatible API: POST /v1/completions and /v1/chat/completions with model=ADAPTER "
+            "(or the base model's name), GET /v1/models, GET /health, GET /metrics (Prometheus). "
+            "Requests for different adapters share one batch that changes at every decoding step. "
+            "With --adapter-dir, POST /v1/adapters {name, path} and DELETE /v1/adapters/NAME load and "
+            "unload adapters inside those folders while serving. SIGTERM stops taking requests, "
+            "finishes the running ones (--shutdown-grace) and exits 0. "
+            "Needs the serve extra: pip install 'peftlab[serve]'."
         ),
     )
     p.add_argument("--model", help="HF id, local folder or .gguf file (default: embedded SmolLM2-135M)")
@@ -49,6 +63,14 @@ def register(sub: Any) -> None:
         metavar="NAME=PATH",
         help="an adapter folder saved by save_pretrained, served as model NAME (repeatable)",
     )
+    p.add_argument(
+        "--adapter-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="allow loading adapters at run time from folders inside DIR (repeatable; default: off, "
+        "the adapters given at startup are all there is)",
+    )
     p.add_argument("--served-model-name", help="name of the base model in requests (default: from --model)")
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
@@ -59,12 +81,25 @@ def register(sub: Any) -> None:
         default=None,
         help="require 'Authorization: Bearer KEY' on every request (default: $PEFTLAB_API_KEY if set)",
     )
-    p.add_argument("--max-batch-size", type=_positive, default=16, help="prompts per batch (default 16)")
+    p.add_argument(
+        "--batching",
+        choices=("continuous", "static"),
+        default="continuous",
+        help="continuous: rows join and leave the batch at every decoding step (default); static: "
+        "a batch runs to its longest row's end",
+    )
+    p.add_argument("--max-batch-size", type=_positive, default=16, help="rows decoded together (default 16)")
     p.add_argument(
         "--max-wait-ms",
         type=float,
         default=10.0,
-        help="how long a batch waits for more requests after its first (default 10)",
+        help="static batching: how long a batch waits for more requests after its first (default 10)",
+    )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=_positive,
+        default=2048,
+        help="continuous batching: prompt tokens prefilled in one step at most (default 2048)",
     )
     p.add_argument(
         "--max-queue", type=_positive, default=256, help="prompts waiting at most; more get 503 (default 256)"
@@ -74,6 +109,21 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--max-tokens-limit", type=_positive, help="largest max_tokens accepted (default: context length)"
+    )
+    p.add_argument(
+        "--max-prompts", type=_positive, default=16, help="prompts in one completions request (default 16)"
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=_positive,
+        default=1 << 20,
+        help="largest request body accepted; larger ones get 413 (default 1 MiB)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=_seconds,
+        default=30.0,
+        help="on SIGTERM, seconds running requests get to finish before they are cancelled (default 30)",
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
@@ -113,7 +163,19 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_limit=args.max_tokens_limit,
+        batching=args.batching,
+        max_prompts=args.max_prompts,
+        max_prefill_tokens=args.max_prefill_tokens,
+        adapter_dirs=args.adapter_dir,
     )
     api_key = args.api_key or os.environ.get("PEFTLAB_API_KEY") or None
-    serve_forever(engine, host=args.host, port=args.port, api_key=api_key, log_level=args.log_level)
+    serve_forever(
+        engine,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        log_level=args.log_level,
+        max_body_bytes=args.max_body_bytes,
+        shutdown_grace=args.shutdown_grace,
+    )
     return 0

@@ -1,12 +1,16 @@
 """``peftlab serve``: one base model, many adapters of any method, chosen per request and batched
-together (see :mod:`peftlab.serving.engine`), behind an OpenAI-compatible HTTP API
-(:mod:`peftlab.serving.api`, which needs the ``serve`` extra: FastAPI and uvicorn)."""
+together at every decoding step (see :mod:`peftlab.serving.engine`), behind an
+OpenAI-compatible HTTP API (:mod:`peftlab.serving.api`). Needs the ``serve`` extra: FastAPI,
+uvicorn and prometheus-client."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import signal
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +19,11 @@ import torch
 from peftlab.core.peft_model import PeftModel
 from peftlab.extras import require
 from peftlab.models import ALIASES, DEFAULT_CAUSAL_LM, load_causal_lm
-from peftlab.serving.engine import (
-    Engine,
-    EngineStats,
-    SamplingParams,
-    ServeError,
-    check_adapter_folder,
-    check_adapter_name,
-)
+from peftlab.serving.adapters import check_adapter_folder, check_adapter_name
+from peftlab.serving.engine import BATCHING, Engine, EngineStats, SamplingParams, ServeError
 
 __all__ = [
+    "BATCHING",
     "Engine",
     "EngineStats",
     "SamplingParams",
@@ -32,6 +31,7 @@ __all__ = [
     "base_model_name",
     "load_engine",
     "serve_forever",
+    "startup_warnings",
 ]
 
 
@@ -58,7 +58,8 @@ def load_engine(
     **engine_options: Any,
 ) -> Engine:
     """Load a causal LM (``None``: the embedded SmolLM2-135M) and the named adapter folders,
-    and wrap them in an :class:`Engine` (options: ``max_batch_size``, ``max_wait_ms``, ...)."""
+    and wrap them in an :class:`Engine` (options: ``batching``, ``max_batch_size``,
+    ``adapter_dirs``, ...)."""
     base_name = served_model_name or base_model_name(model, gguf_file)
     adapters = dict(adapters or {})
     folders = {}
@@ -88,9 +89,40 @@ def is_loopback(host: str) -> bool:
 
 
 def require_server() -> Any:
-    """uvicorn, once FastAPI and uvicorn are known to be installed (else a one-line error)."""
+    """uvicorn, once FastAPI, uvicorn and prometheus-client are known to be installed (else a
+    one-line error naming the install)."""
     require("fastapi", "peftlab serve")
+    require("prometheus_client", "peftlab serve")
     return require("uvicorn", "peftlab serve")
+
+
+def startup_warnings(host: str, api_key: str | None, engine: Engine) -> list[str]:
+    """What an operator must hear before the server takes requests."""
+    if api_key or is_loopback(host):
+        return []
+    reach = "use the model"
+    if engine.roots.enabled:
+        dirs = ", ".join(str(r) for r in engine.roots.roots)
+        reach += f" and load or unload adapters from {dirs}"
+    return [
+        f"peftlab serve: warning: listening on {host} without an API key: anyone who can reach this "
+        f"port can {reach}. Set --api-key KEY (or $PEFTLAB_API_KEY), or bind 127.0.0.1"
+    ]
+
+
+@contextlib.contextmanager
+def _sigterm_ends_quietly() -> Iterator[None]:
+    """uvicorn re-raises the signal that stopped it once it has shut down; with the default
+    SIGTERM action that would kill the process (exit 143) after a clean shutdown, so SIGTERM
+    gets a handler that does nothing for that moment."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def serve_forever(
@@ -100,21 +132,56 @@ def serve_forever(
     port: int = 8000,
     api_key: str | None = None,
     log_level: str = "info",
+    max_body_bytes: int | None = None,
+    shutdown_grace: float = 30.0,
 ) -> None:
-    """Serve ``engine`` over HTTP until interrupted (uvicorn; the ``serve`` extra)."""
-    uvicorn = require_server()
-    from peftlab.serving.api import create_app
+    """Serve ``engine`` over HTTP until SIGTERM or Ctrl-C (uvicorn; the ``serve`` extra).
 
-    if not api_key and not is_loopback(host):
-        print(
-            f"peftlab serve: warning: listening on {host} without an API key; anyone who can reach "
-            "this port can use the model and load adapters from this machine's files (set --api-key)",
-            file=sys.stderr,
-        )
+    On SIGTERM the server stops accepting connections and requests, lets running and queued
+    requests finish for up to ``shutdown_grace`` seconds, cancels what is left, and returns.
+    """
+    uvicorn = require_server()
+    from peftlab.serving.api import MAX_BODY_BYTES, create_app
+
+    if shutdown_grace < 0:
+        raise ValueError(f"shutdown_grace must be >= 0 seconds, got {shutdown_grace}")
+    for line in startup_warnings(host, api_key, engine):
+        print(line, file=sys.stderr)
+    loading = (
+        f"run-time adapter loading from {', '.join(str(r) for r in engine.roots.roots)}"
+        if engine.roots.enabled
+        else "run-time adapter loading off"
+    )
     print(
         f"peftlab serve: {engine.base_name} with adapters {list(engine.adapters) or 'none'} on "
-        f"http://{host}:{port} (max batch {engine.max_batch_size}, context "
-        f"{engine.context_length or 'unknown'})",
+        f"http://{host}:{port} ({engine.batching} batching, max batch {engine.max_batch_size}, context "
+        f"{engine.context_length or 'unknown'}, {loading})",
         file=sys.stderr,
     )
-    uvicorn.run(create_app(engine, api_key=api_key), host=host, port=port, log_level=log_level)
+    app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes or MAX_BODY_BYTES)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_grace
+    )
+
+    def announce(name: str) -> None:
+        print(
+            f"peftlab serve: {name}: taking no new requests; finishing {engine.running_rows} running and "
+            f"{engine.queue_depth()} queued prompts (at most {shutdown_grace:g} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    class Server(uvicorn.Server):  # type: ignore[misc, name-defined]
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # a signal handler: set flags only, and say what happens from the event loop (a
+            # print here could land inside another write to stderr)
+            if not engine.draining:
+                engine.begin_drain()
+                loop = engine.loop
+                if loop is not None and not loop.is_closed():
+                    loop.call_soon_threadsafe(announce, signal.Signals(sig).name)
+            super().handle_exit(sig, frame)
+
+    with _sigterm_ends_quietly():
+        Server(config).run()
+    print("peftlab serve: stopped", file=sys.stderr)

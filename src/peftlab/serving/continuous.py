@@ -1,0 +1,262 @@
+"""Continuous batching: the running batch changes at every decoding step.
+
+:class:`RunningBatch` holds the rows being decoded, one transformers ``DynamicCache`` for all
+of them and the attention mask over its columns. Each :meth:`RunningBatch.step`:
+
+1. drops the rows whose client has gone;
+2. prefills the newly admitted rows together (left padded, each through its own adapter),
+   picks their first tokens and joins their cache rows to the running cache: the narrower of
+   the two caches is padded on the left with masked columns and the two are concatenated
+   along the batch;
+3. runs one decoding step of every row: its last token at its own position, the mask over
+   the whole cache plus the new column, ``adapter_names`` with one entry per row (prefix rows
+   get their own prefix at the attention seam, so the cache holds real tokens only);
+4. lets the finished rows leave at once (``DynamicCache.batch_select_indices``) and cuts the
+   cache columns no remaining row uses.
+
+Padding columns are masked and positions are counted per row, so a row's logits are its own
+whatever else runs beside it (equal to decoding it alone within float rounding; greedy and
+seeded outputs are the same).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from peftlab.core.peft_model import PeftModel
+from peftlab.serving.decoding import StopRules, choose
+from peftlab.serving.jobs import Row
+
+
+@dataclass
+class StepReport:
+    """What one step did: rows prefilled and their prompt tokens, the decoding batch, new tokens,
+    and the rows that left the batch (finished or cancelled)."""
+
+    prefilled: int = 0
+    prefill_tokens: int = 0
+    decoded: int = 0
+    adapters: int = 0  # distinct adapters (the base counts as one) in the decoding batch
+    new_tokens: int = 0
+    left: list[Row] = field(default_factory=list)
+
+
+def cache_argument(model: Any) -> str:
+    """The name under which ``model``'s forward takes its KV cache (``cache`` in recent
+    transformers, ``past_key_values`` before), or a ValueError saying why it cannot run here."""
+    params = inspect.signature(model.forward).parameters
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(
+            "continuous batching runs decoder-only causal LMs; use batching='static' (--batching static)"
+        )
+    if "position_ids" not in params:
+        raise ValueError(
+            f"{type(model).__name__}.forward takes no position_ids, which continuous batching needs "
+            "(each row has its own positions); use batching='static' (--batching static)"
+        )
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            break
+    else:
+        raise ValueError(
+            f"{type(model).__name__}.forward takes no KV cache; use batching='static' (--batching static)"
+        )
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    config = getattr(model, "config", None)
+    if config is not None:
+        layers = DynamicCache(config=config).layers
+        odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+        if odd:
+            raise ValueError(
+                f"{type(model).__name__}'s cache has {', '.join(odd)} layers (sliding windows or "
+                "linear attention); continuous batching joins full-attention caches only: use "
+                "batching='static' (--batching static)"
+            )
+    return name
+
+
+class RunningBatch:
+    """The rows being decoded, their shared KV cache and mask (used by the model worker only)."""
+
+    def __init__(
+        self,
+        model: PeftModel,
+        rules: StopRules,
+        pad: int,
+        observer: Callable[[Sequence[Row], torch.Tensor], None] | None = None,
+    ) -> None:
+        """``observer(rows, logits)``, when given, sees every model call's next-token logits."""
+        self.model = model
+        self.observer = observer
+        self.rules = rules
+        self.pad = pad
+        base = model.base_model
+        self.cache_kwarg = cache_argument(base)
+        self.keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.rows: list[Row] = []
+        self.cache: Any = None  # a DynamicCache with one row per running row
+        self.mask: torch.Tensor | None = None  # (rows, cache width), 1 where a real token is
+        self.lengths: list[int] = []  # real tokens of each row in the cache
+        self.last: list[int] = []  # each row's newest token, its next input
+
+    def step(self, admit: Sequence[Row] = ()) -> StepReport:
+        """Admit ``admit`` (prefill and join), then decode one token of every running row."""
+        report = StepReport()
+        for row in self.rows:
+            if row.job.cancelled and row.finish_reason is None:
+                row.finish_reason = "cancelled"
+        report.left += self._leave()
+        live = [r for r in admit if not r.job.cancelled]
+        for row in admit:
+            if row.job.cancelled:
+                row.finish_reason = "cancelled"
+                report.left.append(row)
+        if live:
+            report.prefilled = len(live)
+            report.prefill_tokens = sum(len(r.prompt_ids) for r in live)
+            report.new_tokens += len(live)
+            self._prefill(live)
+            report.left += [r for r in live if r.finish_reason is not None]
+        if self.rows:
+            report.decoded = len(self.rows)
+            report.adapters = len({r.adapter for r in self.rows})
+            report.new_tokens += len(self.rows)
+            self._decode()
+        report.left += self._leave()
+        return report
+
+    def clear(self) -> list[Row]:
+        """Drop every row (after a failed step); returns them."""
+        rows = self.rows
+        self.rows, self.lengths, self.last = [], [], []
+        self.cache = self.mask = None
+        return rows
+
+    # ---- the model calls ------------------------------------------------------------------
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, rows: Sequence[Row]
+    ) -> torch.Tensor:
+        kwargs: dict[str, Any] = {self.cache_kwarg: cache, "use_cache": True}
+        if self.keeps_logits:
+            kwargs["logits_to_keep"] = 1
+        with torch.no_grad():
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask,
+                position_ids=positions.to(self.device),
+                adapter_names=[r.adapter for r in rows],
+                **kwargs,
+            )
+        logits = out.logits[:, -1].float()
+        if self.observer is not None:
+            self.observer(rows, logits)
+        return logits
+
+    def _prefill(self, rows: list[Row]) -> None:
+        from transformers import DynamicCache
+
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.prompt_ids)
+            ids[i, width - n :] = torch.tensor(row.prompt_ids)  # left padding: every row ends at the edge
+            mask[i, width - n :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        mask = mask.to(self.device)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache, rows)
+        now = time.perf_counter()
+        for row, token in zip(rows, choose(rows, logits), strict=True):
+            self.rules.advance(row, token, now)
+        keep = [i for i, r in enumerate(rows) if r.finish_reason is None]
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=self.device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+        joining = [rows[i] for i in keep]
+        self._join(
+            cache, mask, joining, [len(r.prompt_ids) for r in joining], [r.tokens[-1] for r in joining]
+        )
+
+    def _decode(self) -> None:
+        assert self.mask is not None
+        ids = torch.tensor(self.last, dtype=torch.long)[:, None]
+        positions = torch.tensor(self.lengths, dtype=torch.long)[:, None]
+        mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        logits = self._forward(ids, mask, positions, self.cache, self.rows)
+        self.mask = mask
+        now = time.perf_counter()
+        for i, (row, token) in enumerate(zip(self.rows, choose(self.rows, logits), strict=True)):
+            self.lengths[i] += 1
+            self.last[i] = token
+            self.rules.advance(row, token, now)
+
+    # ---- the cache ------------------------------------------------------------------------
+    def _join(
+        self, cache: Any, mask: torch.Tensor, rows: list[Row], lengths: list[int], last: list[int]
+    ) -> None:
+        from transformers import DynamicCache
+
+        cache, mask = _trimmed(cache, mask)
+        if self.cache is None or self.mask is None:
+            self.cache, self.mask = cache, mask
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            old, new = width - self.mask.shape[1], width - mask.shape[1]
+            layers = []
+            for a, b in zip(self.cache.layers, cache.layers, strict=True):
+                keys = torch.cat([_pad_left(a.keys, old), _pad_left(b.keys, new)], dim=0)
+                values = torch.cat([_pad_left(a.values, old), _pad_left(b.values, new)], dim=0)
+                layers.append((keys, values))
+            self.cache = DynamicCache(layers)
+            self.mask = torch.cat([F.pad(self.mask, (old, 0)), F.pad(mask, (new, 0))], dim=0)
+        self.rows += rows
+        self.lengths += lengths
+        self.last += last
+
+    def _leave(self) -> list[Row]:
+        """Take finished rows out of the batch; returns them."""
+        gone = [r for r in self.rows if r.finish_reason is not None]
+        if not gone:
+            return []
+        keep = [i for i, r in enumerate(self.rows) if r.finish_reason is None]
+        if not keep:
+            self.clear()
+            return gone
+        assert self.mask is not None
+        index = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.cache, self.mask = _trimmed(self.cache, self.mask[index])
+        self.rows = [self.rows[i] for i in keep]
+        self.lengths = [self.lengths[i] for i in keep]
+        self.last = [self.last[i] for i in keep]
+        return gone
+
+
+def _pad_left(states: torch.Tensor, columns: int) -> torch.Tensor:
+    """(batch, heads, seq, dim) states with ``columns`` zero positions in front."""
+    return F.pad(states, (0, 0, columns, 0)) if columns else states
+
+
+def _trimmed(cache: Any, mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """The cache and mask without the leading columns that no row uses."""
+    from transformers import DynamicCache
+
+    unused = int((mask.sum(0) == 0).long().cumprod(0).sum())
+    if unused == 0:
+        return cache, mask
+    layers = [(layer.keys[:, :, unused:], layer.values[:, :, unused:]) for layer in cache.layers]
+    return DynamicCache(layers), mask[:, unused:]

@@ -1,0 +1,184 @@
+"""Shared by the ``peftlab serve`` tests: a word-level tokenizer over the tiny models' vocabulary,
+adapters of the four methods moved away from identity, the reference outputs of each adapter
+alone, and a small HTTP client on the standard library."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import torch
+
+from conftest import VOCAB, build_model
+from peftlab import (
+    BottleneckConfig,
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    TaskType,
+    get_peft_model,
+)
+from suite_helpers import perturb
+
+EOS, PAD = 2, 0
+BASE = "tiny-llama"
+METHODS = ("lora", "ia3", "bn", "prefix")
+
+
+def configs() -> dict[str, PeftConfig]:
+    """One config per method, made anew each time (a model fills in a prefix config's sizes)."""
+    return {
+        "lora": LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+        "ia3": IA3Config(init_ia3_weights=False),
+        "bn": BottleneckConfig(reduction_factor=4, non_linearity="gelu"),
+        "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3),
+    }
+
+
+PROMPTS = ["w5 w9 w13 w40", "w70 w3", "w11 w12 w13 w14 w15 w16 w17", "w88"]
+# a chat template of the ChatML kind, in the tiny vocabulary: roles and the turn end are words
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ 'w90 ' if m['role'] == 'system' else ('w91 ' if m['role'] == 'user' "
+    "else 'w92 ') }}{{ m['content'] }} w93 {% endfor %}{% if add_generation_prompt %}w92 {% endif %}"
+)
+
+
+def tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> Any:
+    """A word-level tokenizer over ``w3`` ... ``w95``, built offline, with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<s>": 1, "</s>": EOS} | {f"w{i}": i for i in range(3, VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
+    )
+    tok.chat_template = chat_template
+    return tok
+
+
+def adapted_model(arch: str = "llama") -> PeftModel:
+    """A tiny model with one adapter per method, each clearly away from identity (not saved)."""
+    model = PeftModel(build_model(arch))
+    for seed, (name, config) in enumerate(configs().items()):
+        model.add_adapter(name, config)
+        perturb(model.adapter_parameters(name).values(), seed=seed, scale=0.3)
+    return model.eval()
+
+
+def save_adapters(root: Path, arch: str = "llama") -> dict[str, Path]:
+    """Each method's adapter, moved clearly away from identity, saved in its own folder."""
+    folders = {}
+    for seed, (name, config) in enumerate(configs().items()):
+        model = get_peft_model(build_model(arch), config)
+        perturb(model.adapter_parameters("default").values(), seed=seed, scale=0.3)
+        model.save_pretrained(root / name)
+        folders[name] = root / name
+    return folders
+
+
+def loaded_model(folders: dict[str, Path]) -> PeftModel:
+    model = PeftModel(build_model("llama"))
+    for name, folder in folders.items():
+        model.load_adapter(folder, adapter_name=name)
+    return model.eval()
+
+
+def alone(
+    model: PeftModel, adapter: str, ids: list[int], max_tokens: int, eos: int | None = EOS
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy ``generate`` of one prompt with one adapter set the ordinary way, no padding: the
+    new tokens (up to eos) and the logits of every step."""
+    x = torch.tensor([ids])
+    kw: dict[str, Any] = {"max_new_tokens": max_tokens, "do_sample": False, "eos_token_id": eos}
+    kw |= {"pad_token_id": PAD, "output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        if adapter in (BASE, "__base__"):
+            with model.disable_adapter():
+                out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
+        else:
+            model.set_adapter(adapter)
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
+    new = out.sequences[0, x.shape[1] :].tolist()
+    if eos is not None and eos in new:
+        new = new[: new.index(eos)]
+    return new, [step[0] for step in out.logits]
+
+
+def offline(model: PeftModel, adapter: str, prompt: str, max_tokens: int) -> str:
+    """The text ``generate`` gives for one prompt with one adapter alone."""
+    new, _ = alone(model, adapter, tokenizer()(prompt)["input_ids"], max_tokens)
+    return str(tokenizer().decode(new, skip_special_tokens=True))
+
+
+class Client:
+    """HTTP over loopback with the standard library only."""
+
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.api_key = api_key
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        raw: bytes | None = None,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], Any]:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        sent = {"Content-Type": "application/json", **(headers or {})}
+        if key or self.api_key:
+            sent["Authorization"] = f"Bearer {key or self.api_key}"
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        try:
+            conn.request(method, path, body=data, headers=sent)
+            resp = conn.getresponse()
+            text = resp.read().decode()
+            head = {k.lower(): v for k, v in resp.getheaders()}
+        finally:
+            conn.close()
+        kind = head.get("content-type", "")
+        if kind.startswith("text/event-stream") or kind.startswith("text/plain"):
+            return resp.status, head, text
+        return resp.status, head, json.loads(text) if text else None
+
+    def complete(self, model: str, prompt: str | list[str], **kw: Any) -> tuple[int, Any]:
+        status, _, body = self.request(
+            "POST", "/v1/completions", {"model": model, "prompt": prompt, "temperature": 0, **kw}
+        )
+        return status, body
+
+    def chat(self, model: str, messages: Any, **kw: Any) -> tuple[int, Any]:
+        status, _, body = self.request(
+            "POST", "/v1/chat/completions", {"model": model, "messages": messages, "temperature": 0, **kw}
+        )
+        return status, body
+
+
+def concurrently(calls: list[Callable[[], Any]]) -> list[Any]:
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(c) for c in calls]
+        return [f.result() for f in futures]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
