@@ -3,7 +3,7 @@ and tqdm; each application's extra packages are an install extra, imported when 
 
 | extra | packages | for |
 |---|---|---|
-| ``compare`` | optuna, sacrebleu, matplotlib, scikit-learn, rouge-score | ``peftlab compare``: search, store, plots, metrics |
+| ``compare`` | optuna, sacrebleu, matplotlib, scikit-learn, rouge-score | ``peftlab compare`` |
 | ``gguf`` | gguf | ``.gguf`` models, including the embedded SmolLM2-135M |
 | ``train`` | pyyaml | YAML run files for ``peftlab train`` |
 | ``serve`` | fastapi, uvicorn, prometheus-client | ``peftlab serve`` |
