@@ -117,3 +117,19 @@ def test_cli_bad_results_file(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert main(["recommend", "--results", str(bad)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert main(["recommend", "--results", str(tmp_path / "missing.json")]) == 2
+
+
+def test_significance_decides_what_is_tied_with_the_best() -> None:
+    """With compare's paired tests in the results, only methods tied with the best (no significant
+    difference) compete on cost and the rule; a measured gap, however small, is not ignored."""
+    results = _results()
+    rows = results["methods"]
+    assert isinstance(rows, list)
+    rows[0]["tied_with_best"] = True  # lora: 0.70, but the test cannot tell it from bottleneck
+    rows[1]["tied_with_best"] = True  # the best
+    rows[2]["tied_with_best"] = False
+    rec = recommend(Constraints(num_examples=5000), results)  # type: ignore[arg-type]
+    assert rec.method == "lora"  # the rule's default among the tied
+    assert "statistically tied methods: lora, bottleneck" in rec.reasons[0]
+    rows[0]["tied_with_best"] = False  # now significantly worse
+    assert recommend(Constraints(num_examples=5000), results).method == "bottleneck"  # type: ignore[arg-type]
