@@ -103,6 +103,10 @@ class CompareOptions:
     eval_every: int | None = None
     search_budget: int | None = None
     val_size: int | None = None
+    # where and in which precision (peftlab.devices), and how rows are encoded (training.fitting)
+    device: str = "cpu"
+    dtype: str = "float32"
+    chat_template: str = "auto"
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in PRESETS]
@@ -163,6 +167,8 @@ class CompareOptions:
             "eval_every",
             "search_budget",
             "val_size",
+            "dtype",
+            "chat_template",
         )
         return {k: getattr(self, k) for k in keys}
 
