@@ -195,3 +195,33 @@ def test_the_example_chat_file_reads() -> None:
     data = load_data_file(path)
     assert data.kind == "chat" and data.report.skipped == 0
     assert any(sum(role == "assistant" for role, _ in ex.messages or ()) > 1 for ex in data.examples)
+
+
+def test_compare_on_chat_rows_in_bf16(tmp_path: Path) -> None:
+    model = save_chat_model(tmp_path / "model")
+    pairs = [
+        ("hi", "hello !"),
+        ("capital of france ?", "paris ."),
+        ("two plus two ?", "four ."),
+        ("ok ?", "yes ."),
+    ]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "be brief ."},
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": a},
+            ]
+        }
+        for q, a in pairs * 12
+    ]
+    data = _jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "out"
+    argv = ["compare", "--model", str(model), "--data", str(data), "--quick", "--threads", "1", "--methods"]
+    argv += ["lora,full", "--dtype", "bfloat16", "--out", str(out)]
+    assert cli.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["device"] == "cpu" and results["settings"]["dtype"] == "bfloat16"
+    assert results["task"]["data"]["kind"] == "chat"
+    for row in results["methods"]:
+        assert "exact_match" in row["metrics"] and row["runs"][0]["peak_gpu_memory_bytes"] is None
