@@ -37,7 +37,7 @@ from peftlab.data.metrics import (
 )
 from peftlab.data.tasks import Example, Task
 from peftlab.devices import Precision, peak_memory
-from peftlab.models import load_causal_lm, load_sequence_classifier, model_kind
+from peftlab.models import load_causal_lm, load_sequence_classifier, load_tokenizer, model_kind
 from peftlab.presets import MethodPreset
 from peftlab.training.classify import ClassifierAsNextToken, classify, encode_texts, score_label_words
 from peftlab.training.fitting import (
@@ -136,6 +136,12 @@ class Session:
         self.task = load_task(opts, self.model_kind)
         self.kind = run_kind(self.model_kind, self.task)
         self.sizes = resolve_sizes(opts, self.kind)
+        chat_rows = self.task.info.get("kind") == "chat"
+        if chat_rows and self.model_kind != "encoder":
+            # chat rows on a model without a chat template: refused before the weights load
+            PromptFormat.resolve(
+                load_tokenizer(opts.model, gguf_file=opts.gguf_file), opts.chat_template, chat_rows=True
+            )
         torch.manual_seed(0)
         if self.model_kind == "encoder":
             self.base, self.tokenizer = load_sequence_classifier(
@@ -155,9 +161,7 @@ class Session:
                 verbose=verbose,
             )
             self.task_type = TaskType.CAUSAL_LM
-        self.fmt = PromptFormat.resolve(
-            self.tokenizer, opts.chat_template, chat_rows=self.task.info.get("kind") == "chat"
-        )
+        self.fmt = PromptFormat.resolve(self.tokenizer, opts.chat_template, chat_rows=chat_rows)
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.pad = pad_id(self.tokenizer)
