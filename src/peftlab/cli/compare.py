@@ -113,9 +113,10 @@ def register(sub: Any) -> None:
     p.add_argument("--dtype", default="float32", help=f"{DTYPE_HELP} (default float32)")
     p.add_argument(
         "--chat-template",
-        default="auto",
+        default=None,
         metavar="auto|none|FILE",
-        help="chat template for the rows (default auto: the tokenizer's when it has one)",
+        help="auto: every row through the tokenizer's chat template; none: plain text; or a Jinja "
+        "file (default: chat rows through the template, prompt/completion rows as plain text)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="show library warnings and progress bars")
     p.set_defaults(func=run)

@@ -106,7 +106,8 @@ class CompareOptions:
     # where and in which precision (peftlab.devices), and how rows are encoded (training.fitting)
     device: str = "cpu"
     dtype: str = "float32"
-    chat_template: str = "auto"
+    # None: chat rows through the tokenizer's template, prompt/completion rows as plain text
+    chat_template: str | None = None
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in PRESETS]

@@ -137,11 +137,11 @@ class Session:
         self.kind = run_kind(self.model_kind, self.task)
         self.sizes = resolve_sizes(opts, self.kind)
         chat_rows = self.task.info.get("kind") == "chat"
+        template = opts.chat_template or ("auto" if chat_rows else "none")
         if chat_rows and self.model_kind != "encoder":
             # chat rows on a model without a chat template: refused before the weights load
-            PromptFormat.resolve(
-                load_tokenizer(opts.model, gguf_file=opts.gguf_file), opts.chat_template, chat_rows=True
-            )
+            tokenizer = load_tokenizer(opts.model, gguf_file=opts.gguf_file)
+            PromptFormat.resolve(tokenizer, template, chat_rows=True)
         torch.manual_seed(0)
         if self.model_kind == "encoder":
             self.base, self.tokenizer = load_sequence_classifier(
@@ -161,7 +161,7 @@ class Session:
                 verbose=verbose,
             )
             self.task_type = TaskType.CAUSAL_LM
-        self.fmt = PromptFormat.resolve(self.tokenizer, opts.chat_template, chat_rows=chat_rows)
+        self.fmt = PromptFormat.resolve(self.tokenizer, template, chat_rows=chat_rows)
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.pad = pad_id(self.tokenizer)
