@@ -1,9 +1,15 @@
 """Peak memory and train-step time of PEFT methods vs full fine-tuning on SmolLM2-135M.
 
 One train step = forward + backward + AdamW step (the optimizer and its state are part of
-both the time and the memory). Methods: ``full`` (every weight trainable), ``lora`` (r=8,
-alpha 16, q_proj + v_proj), ``ia3`` (k_proj, v_proj, down_proj), ``bottleneck`` (reduction
-factor 16 after attention and FFN), ``prefix`` (20 virtual tokens).
+both the time and the memory), with a completion-only loss: the first ``--prompt-fraction`` of
+every row is prompt (labels -100). Two loss paths (``--losses``): ``plain`` is
+``model(**batch, labels=...).loss`` (full ``batch x seq x vocab`` logits, what peftlab's loop
+did before), ``selected`` is the loop's own :func:`peftlab.training.lm_head.supervised_loss_sum`
+(the head and the cross-entropy at supervised positions only, in chunks).
+
+Methods: ``full`` (every weight trainable), ``lora`` (r=8, alpha 16, q_proj + v_proj), ``ia3``
+(k_proj, v_proj, down_proj), ``bottleneck`` (reduction factor 16 after attention and FFN),
+``prefix`` (20 virtual tokens).
 
 Each method runs in its own fresh subprocess, so its peak resident memory (``ru_maxrss``,
 what the kernel reports as VmHWM) is its own: loading the model, the optimizer state, the
@@ -13,7 +19,7 @@ subprocess times ``--warmup`` untimed and ``--steps`` timed steps and reports th
 time ratio is the median over rounds of the per-round ratio; memory ratios use the median
 peak of each method. Figures go to stdout as Markdown, optionally to ``--out`` as JSON.
 
-    python benchmarks/train_memory.py                  # batch 4 x seq 128, 3 rounds, 1 thread
+    python benchmarks/train_memory.py                  # batch 4 x seq 128, 3 rounds, 1 thread, both losses
     python benchmarks/train_memory.py --quick          # smoke run
     python benchmarks/train_memory.py --activation-checkpointing --methods full lora
 """
@@ -32,16 +38,23 @@ import time
 from typing import Any
 
 METHODS = ("full", "lora", "ia3", "bottleneck", "prefix")
-# (label, numerator, denominator, kind, target): kind "time" or "memory"; ratio <= target passes
+LOSSES = ("plain", "selected")
+# (label, numerator, denominator, kind, target): kind "time" or "memory"; ratio <= target
+# passes; a run is "method/loss"
 TARGETS = (
-    ("LoRA step / full step", "lora", "full", "time", 0.70),
-    ("LoRA peak memory / full peak memory", "lora", "full", "memory", 0.50),
+    ("LoRA step / full step (selected)", "lora/selected", "full/selected", "time", 0.70),
+    ("LoRA peak memory / full peak memory (selected)", "lora/selected", "full/selected", "memory", 0.50),
+    ("LoRA peak memory, selected / plain", "lora/selected", "lora/plain", "memory", 0.75),
+    ("LoRA step, selected / plain", "lora/selected", "lora/plain", "time", 1.00),
+    ("LoRA peak memory / full peak memory (plain)", "lora/plain", "full/plain", "memory", 0.50),
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES, help="loss paths (both)")
+    p.add_argument("--prompt-fraction", type=float, default=0.5, help="share of each row that is prompt")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3, help="subprocesses per method (interleaved)")
@@ -58,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: batch 1 x seq 32, 1 round, 1 step")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)  # internal: one measurement
+    p.add_argument("--loss", choices=LOSSES, default="selected", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size, args.seq_len, args.rounds, args.warmup, args.steps = 1, 32, 1, 1, 1
@@ -68,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.methods = [m for m in args.methods if m != "prefix"]
     if not {"full", "lora"} <= set(args.methods):
         p.error("--methods must include full and lora (the targets compare them)")
+    if not 0 <= args.prompt_fraction < 1:
+        p.error("--prompt-fraction must be in [0, 1)")
     return args
 
 
@@ -90,6 +106,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     from peftlab import BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
     from peftlab.models import load_causal_lm
+    from peftlab.training.lm_head import supervised_loss_sum
 
     runtime_mib = _rss_mib()  # Python + torch + transformers, before any weights
     model, _tok = load_causal_lm()
@@ -115,13 +132,19 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(args.seed)
     config: Any = model.config
     ids = torch.randint(0, int(config.vocab_size), (args.batch_size, args.seq_len), generator=generator)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    labels = ids.clone()
+    labels[:, : int(args.prompt_fraction * args.seq_len)] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    targets = int((labels[:, 1:] != -100).sum())
     loaded_mib = _rss_mib()
 
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
-        loss = model(**batch).loss
+        if args.loss == "plain":
+            loss = model(**batch, labels=labels).loss
+        else:
+            loss = supervised_loss_sum(model, model, batch, labels) / targets
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -129,20 +152,22 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
             times.append(time.perf_counter() - start)
     return {
         "method": args.child,
+        "loss_path": args.loss,
         "step_s": statistics.median(times),
         "step_times_s": times,
         "peak_mib": _peak_mib(),
         "runtime_mib": runtime_mib,
         "loaded_mib": loaded_mib,
         "trainable": sum(p.numel() for p in params),
-        "loss": float(loss),
+        "loss": float(loss.detach()),
     }
 
 
 # ---- the parent: rounds of fresh subprocesses -----------------------------------------------
 def _spawn(method: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [
-        sys.executable, os.path.abspath(__file__), "--child", method,
+        sys.executable, os.path.abspath(__file__), "--child", method.split("/")[0],
+        "--loss", method.split("/")[1], "--prompt-fraction", str(args.prompt_fraction),
         "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--warmup", str(args.warmup),
         "--steps", str(args.steps), "--threads", str(args.threads), "--seed", str(args.seed),
     ]  # fmt: skip
@@ -156,7 +181,7 @@ def _spawn(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    methods = list(args.methods)
+    methods = [f"{m}/{loss}" for m in args.methods for loss in args.losses]
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for r in range(args.rounds):
         shift = r % len(methods)
@@ -184,26 +209,28 @@ def report(
 ) -> dict[str, Any]:
     import torch
 
-    full = runs["full"]
     med = {
         m: {k: statistics.median(r[k] for r in rs) for k in ("step_s", "peak_mib", "runtime_mib")}
         for m, rs in runs.items()
     }
     threads = f"{args.threads} thread" + ("s" if args.threads > 1 else "")
     lines = [
-        f"SmolLM2-135M, fp32, AdamW, batch {args.batch_size} x seq {args.seq_len}, {threads}"
+        f"SmolLM2-135M, fp32, AdamW, batch {args.batch_size} x seq {args.seq_len}, completion-only loss on "
+        f"the last {1 - args.prompt_fraction:.0%} of each row, {threads}"
         f"{', activation checkpointing' if args.activation_checkpointing else ''}; "
         f"{args.rounds} rounds of one fresh process per method (order rotated), each {args.warmup} warm-up + "
         f"{args.steps} timed steps; torch {torch.__version__}, {meta['cpu']}; load average "
         f"{meta['load_before']} before, {meta['load_after']} after; wall time {meta['wall_s']:.0f} s",
         "",
-        "| method | trainable params | step s (median) | p25-p75 s | step / full | peak RSS MiB "
+        "| method / loss | trainable params | step s (median) | p25-p75 s | step / full | peak RSS MiB "
         "| peak / full | peak above runtime MiB | above-runtime / full |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    above_full = med["full"]["peak_mib"] - med["full"]["runtime_mib"]
     table: dict[str, dict[str, Any]] = {}
     for method, rs in runs.items():
+        ref = "full/" + method.split("/")[1]  # full fine-tuning with the same loss path
+        full = runs[ref]
+        above_full = med[ref]["peak_mib"] - med[ref]["runtime_mib"]
         steps = [r["step_s"] for r in rs]
         q1, q2, q3 = quartiles(steps)
         paired = [r["step_s"] / f["step_s"] for r, f in zip(rs, full, strict=True)]
@@ -215,7 +242,7 @@ def report(
             "step_p75_s": q3,
             "step_ratio_vs_full": statistics.median(paired),
             "peak_mib": med[method]["peak_mib"],
-            "peak_ratio_vs_full": med[method]["peak_mib"] / med["full"]["peak_mib"],
+            "peak_ratio_vs_full": med[method]["peak_mib"] / med[ref]["peak_mib"],
             "above_runtime_mib": above,
             "above_runtime_ratio_vs_full": above / above_full,
             "runs": rs,
@@ -229,6 +256,8 @@ def report(
     lines += ["", "| target | value | target | result |", "|---|---:|---:|---|"]
     verdicts = []
     for label, num, den, kind, target in TARGETS:
+        if num not in runs or den not in runs:
+            continue
         if kind == "time":
             value = statistics.median(
                 a["step_s"] / b["step_s"] for a, b in zip(runs[num], runs[den], strict=True)
@@ -239,7 +268,7 @@ def report(
         verdicts.append({"target": label, "value": value, "limit": target, "result": result})
         lines.append(f"| {label} | {value:.3f} | ≤ {target:.2f} | {result} |")
     lines.append("")
-    runtime = med["full"]["runtime_mib"]
+    runtime = statistics.median(m["runtime_mib"] for m in med.values())
     lines.append(f"runtime baseline (Python + torch + transformers imported, no weights): {runtime:.0f} MiB")
     print("\n".join(lines))
     return {

@@ -64,7 +64,9 @@ def test_too_many_or_all_bad_rows_are_an_error(tmp_path: Path) -> None:
         load_data_file(_jsonl(tmp_path / "d.jsonl", rows))
     with pytest.raises(ValueError, match=r"no usable rows \(2 bad"):
         load_data_file(_jsonl(tmp_path / "e.jsonl", ["[1]", "{oops"]))
-    with pytest.raises(ValueError, match="expected fields prompt/completion or text/label, found a, b"):
+    with pytest.raises(
+        ValueError, match=r"expected fields prompt/completion, text/label or messages \(chat\), found a, b"
+    ):
         load_data_file(_jsonl(tmp_path / "f.jsonl", [{"a": 1, "b": 2}]))
 
 

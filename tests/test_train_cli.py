@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -281,15 +282,15 @@ def test_injected_nan_loss_stops_before_the_update(
 ) -> None:
     import peftlab.training.loop as training
 
-    real = training.causal_lm_loss_sum
+    real = training.supervised_loss_sum
     calls = {"n": 0}
 
-    def poisoned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def poisoned(forward: Any, model: Any, batch: Any, labels: torch.Tensor) -> torch.Tensor:
         calls["n"] += 1
-        loss = real(logits, labels)
+        loss = real(forward, model, batch, labels)
         return loss * float("inf") if calls["n"] == 5 else loss  # step 3's first micro-batch
 
-    monkeypatch.setattr(training, "causal_lm_loss_sum", poisoned)
+    monkeypatch.setattr(training, "supervised_loss_sum", poisoned)
     out = tmp_path / "out"
     argv = ["train", "--model", str(tiny_model_dir), "--task", "topic", "--steps", "6", "--batch-size", "2"]
     argv += ["--grad-accum", "2", "--save-every", "2", "--num-eval", "0", "--out", str(out)]

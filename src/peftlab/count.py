@@ -23,14 +23,18 @@ from peftlab.core.peft_model import count_parameters, get_peft_model
 from peftlab.core.registry import method_for
 from peftlab.models import AUTO_CLASSES, quiet
 from peftlab.presets import PRESETS, MethodPreset
+from peftlab.training.lm_head import chunk_positions
 
 # transformers config.json files of well-known models, for --preset
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 GIB = 1024**3
 
-# Bytes per parameter for each training precision. bf16: weights and gradients in bf16,
-# AdamW's two states in fp32, no fp32 master copy of the weights.
+# Bytes per frozen parameter (and per activation element) for each training precision, as
+# peftlab trains (peftlab.devices): bf16 is mixed precision, the frozen weights in bf16 and
+# everything that trains (adapters, or every weight in full fine-tuning: fp32 master weights)
+# in fp32 with fp32 gradients; fp16 has the same sizes.
 PRECISIONS: dict[str, int] = {"fp32": 4, "bf16": 2}
+TRAINED_BYTES = 4  # a trained parameter and its gradient are fp32 in every precision
 ADAMW_STATE_BYTES = 2 * 4  # exp_avg and exp_avg_sq, fp32, per trainable parameter
 
 # Korthikanti et al. 2022 (arXiv:2205.05198), eq. 2: a transformer layer stores
@@ -40,9 +44,10 @@ ADAMW_STATE_BYTES = 2 * 4  # exp_avg and exp_avg_sq, fp32, per trainable paramet
 ACTIVATION_BYTES_PER_ELEMENT_16BIT = 34
 ACTIVATION_FORMULA = (
     "L*b*s*h*34 bytes at 16-bit (x2 in fp32) [Korthikanti et al. 2022, arXiv:2205.05198, "
-    "without the s^2 attention-score term: memory-efficient attention] + b*s*V*4 bytes of fp32 "
-    "logits; no activation checkpointing; the same for every method, since backward still "
-    "runs through every layer"
+    "without the s^2 attention-score term: memory-efficient attention] + 2 chunks of fp32 "
+    "logits (peftlab applies the output head at supervised positions only, "
+    "min(b*s, C) positions at a time, C*V = 4M values); no activation checkpointing; the same "
+    "for every method, since backward still runs through every layer"
 )
 
 
@@ -162,7 +167,9 @@ class ActivationAssumption:
     def bytes(self, param_bytes: int) -> int:
         tokens = self.batch_size * self.seq_len
         per_layer = tokens * self.hidden_size * ACTIVATION_BYTES_PER_ELEMENT_16BIT * param_bytes // 2
-        return self.num_layers * per_layer + tokens * self.output_size * 4
+        # the chunked head (peftlab.training.lm_head): a chunk of logits and its gradient
+        positions = min(tokens, chunk_positions(self.output_size)) if self.output_size else 0
+        return self.num_layers * per_layer + 2 * positions * self.output_size * 4
 
 
 def activation_assumption(
@@ -206,10 +213,12 @@ class MemoryEstimate:
 
 
 def memory_estimates(trainable: int, total: int, acts: ActivationAssumption) -> dict[str, MemoryEstimate]:
+    """Per precision: frozen weights at its size, trained weights, gradients and AdamW state in
+    fp32, activations at its size (see :data:`PRECISIONS`)."""
     return {
         name: MemoryEstimate(
-            weights=total * nbytes,
-            gradients=trainable * nbytes,
+            weights=(total - trainable) * nbytes + trainable * TRAINED_BYTES,
+            gradients=trainable * TRAINED_BYTES,
             optimizer=trainable * ADAMW_STATE_BYTES,
             activations=acts.bytes(nbytes),
         )
@@ -279,7 +288,8 @@ class CountReport:
                 "hidden_size": a.hidden_size,
                 "output_size": a.output_size,
                 "activation_formula": ACTIVATION_FORMULA,
-                "bytes_per_param": PRECISIONS,
+                "bytes_per_frozen_param": PRECISIONS,
+                "bytes_per_trained_param": TRAINED_BYTES,
                 "adamw_state_bytes_per_trainable_param": ADAMW_STATE_BYTES,
             },
             "rows": [r.to_dict() for r in self.rows],
@@ -327,9 +337,10 @@ class CountReport:
         a = self.activations
         lines += [
             "",
-            "Assumptions: weights for every parameter; gradients for trainable parameters only, in the "
-            "weights' precision (bf16: no fp32 master copy); AdamW keeps 2 fp32 states per trainable "
-            "parameter.",
+            "Assumptions: weights for every parameter; gradients for trainable parameters only; bf16 "
+            "(or fp16) is mixed precision as peftlab trains it: frozen weights in bf16, trained "
+            "weights (full fine-tuning: fp32 master weights) and their gradients in fp32; AdamW keeps "
+            "2 fp32 states per trainable parameter.",
             f"Activations: batch b={a.batch_size}, seq len s={a.seq_len}, L={a.num_layers} layers, "
             f"hidden h={a.hidden_size}, output V={a.output_size}: {ACTIVATION_FORMULA}.",
         ]

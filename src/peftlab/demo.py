@@ -15,6 +15,7 @@ import torch
 from peftlab.core.config import PeftConfig
 from peftlab.core.peft_model import PeftModel, get_peft_model
 from peftlab.data.catalog import get_task
+from peftlab.devices import Precision
 from peftlab.models import DEFAULT_CAUSAL_LM, load_causal_lm, quiet
 from peftlab.presets import PRESETS, MethodPreset
 from peftlab.training.loop import EvalResult, TrainConfig, encode_examples, evaluate_task, pad_id, train
@@ -54,21 +55,27 @@ def run_demo(
     batch_size: int = 8,
     num_eval: int = 24,
     model_name: str | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
     verbose: bool = False,
 ) -> dict[str, EvalResult]:
     """Train LoRA and IA3 on one base model in turn, printing the tour; returns the evaluations
-    (``"base"`` and one per adapter)."""
+    (``"base"`` and one per adapter). ``device`` / ``dtype`` as in :mod:`peftlab.devices`."""
     if steps < 1 or batch_size < 1 or num_eval < 1:
         raise ValueError("--steps, --batch-size and --num-eval must be at least 1")
+    precision = Precision.resolve(device, dtype)
     task = get_task(TASK, seed=seed, num_eval=num_eval)
     label = model_name or DEFAULT_CAUSAL_LM
     print(f"peftlab demo: LoRA and IA3 on {label}, task '{task.name}' ({task.description})")
 
     start = time.perf_counter()
-    base, tokenizer = load_causal_lm(model_name, verbose=verbose)
+    base, tokenizer = load_causal_lm(
+        model_name, dtype=precision.dtype, device=precision.device, verbose=verbose
+    )
     total = sum(p.numel() for p in base.parameters())
     print(
-        f"loaded {label}: {total:,d} parameters in {time.perf_counter() - start:.1f} s; "
+        f"loaded {label} ({precision.describe()}): {total:,d} parameters in "
+        f"{time.perf_counter() - start:.1f} s; "
         f"{len(task.train)} training and {len(task.eval)} eval examples\n"
     )
     data = encode_examples(tokenizer, task.train)
@@ -86,7 +93,7 @@ def run_demo(
     with quiet(verbose):
         print("== base model (adapters disabled) ==")
         with model.disable_adapter():
-            results["base"] = evaluate_task(model, tokenizer, task)
+            results["base"] = evaluate_task(model, tokenizer, task, precision=precision)
         print(f"eval: {_metrics(results['base'])}  ({results['base'].seconds:.1f} s)\n")
 
         for name, preset in RUNS.items():
@@ -101,14 +108,16 @@ def run_demo(
                 warmup_steps=min(3, steps - 1),
                 seed=seed,
             )
-            history = train(model, data, config, pad_token_id=pad_id(tokenizer), desc=f"train {name}")
+            history = train(
+                model, data, config, pad_token_id=pad_id(tokenizer), desc=f"train {name}", precision=precision
+            )
             times[name] = history.total_time
             print(
                 f"loss {history.losses[0]:.3f} -> {history.losses[-1]:.3f} in {history.total_time:.1f} s "
                 f"({history.tokens_per_second:.0f} tokens/s)"
             )
             model.eval()
-            results[name] = evaluate_task(model, tokenizer, task)
+            results[name] = evaluate_task(model, tokenizer, task, precision=precision)
             print(f"eval: {_metrics(results[name])}  ({results[name].seconds:.1f} s)\n")
 
     print("== generations (whitespace collapsed) ==")

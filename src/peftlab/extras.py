@@ -8,6 +8,9 @@ and tqdm; each application's extra packages are an install extra, imported when 
 | ``train`` | pyyaml | YAML run files for ``peftlab train`` |
 | ``serve`` | fastapi, uvicorn, prometheus-client | ``peftlab serve`` |
 | ``hf`` | datasets | ``--hf-dataset`` |
+| ``tensorboard`` / ``mlflow`` / ``trackio`` | the library of that name | ``train --report-to`` |
+
+(``compare`` uses its packages for the search, its store, the plots and the metrics.)
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "uvicorn": ("uvicorn", "serve"),
     "prometheus_client": ("prometheus-client", "serve"),
     "datasets": ("datasets", "hf"),
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "mlflow": ("mlflow", "mlflow"),
+    "trackio": ("trackio", "trackio"),
 }
 
 

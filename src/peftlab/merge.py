@@ -19,9 +19,8 @@ from peftlab.core import atomic
 from peftlab.core.checkpoint import read_adapter_config
 from peftlab.core.peft_model import PeftModel
 from peftlab.core.registry import method_for
+from peftlab.devices import DTYPES, parse_dtype, resolve_device
 from peftlab.models import AUTO_CLASSES, load_base_model, quiet, savable
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -38,14 +37,18 @@ def merge_to_folder(
     *,
     gguf_file: str | None = None,
     dtype: str = "float32",
+    device: str = "cpu",
     force: bool = False,
     verbose: bool = False,
 ) -> MergeResult:
-    """Load ``base``, apply the adapter saved in ``adapter``, merge it and write ``out``
+    """Load ``base`` in float32 on ``device``, apply the adapter saved in ``adapter``, fold it
+    into the weights in float32, cast the result once to ``dtype`` and write ``out``
     (transformers' ``save_pretrained`` plus the tokenizer, when the base has one)."""
     out, adapter = Path(out), Path(adapter)
+    dtype = parse_dtype(dtype)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise ValueError(f"--dtype {dtype!r}: the merged weights need one of {', '.join(DTYPES)}")
+    where = resolve_device(device)
     check_out(out, [adapter, Path(base)], force=force)
     config = read_adapter_config(adapter)
     method = method_for(config)
@@ -56,13 +59,21 @@ def merge_to_folder(
             "PeftModel.from_pretrained instead"
         )
     task_type = getattr(config, "task_type", None)
+    # float32 whatever the checkpoint holds: the fold W + s*B*A is done at full precision
     model, tokenizer = load_base_model(
-        base, task_type=task_type, gguf_file=gguf_file, verbose=verbose, tokenizer=False
+        base,
+        task_type=task_type,
+        gguf_file=gguf_file,
+        dtype=torch.float32,
+        device=where,
+        verbose=verbose,
+        tokenizer=False,
     )
     if tokenizer is None:
         print(f"note: {base} has no tokenizer that loads; the merged folder will have none")
+    # the adapter's units take the base's dtype, float32, whatever dtype its file holds
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    merged = savable(merged, AUTO_CLASSES[task_type]).to(DTYPES[dtype])
+    merged = savable(merged, AUTO_CLASSES[task_type]).to(device="cpu", dtype=DTYPES[dtype])
     _write(out, merged, tokenizer, verbose)
     return MergeResult(config.peft_type, sum(p.numel() for p in merged.parameters()), tokenizer is not None)
 

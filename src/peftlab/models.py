@@ -196,15 +196,18 @@ def load_base_model(
     task_type: TaskType | None = None,
     gguf_file: str | None = None,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
     verbose: bool = False,
     tokenizer: bool = True,
     **kwargs: Any,
 ) -> tuple[nn.Module, Any]:
     """(model in eval mode, tokenizer) for any ``--model`` value: an alias (``smollm2-135m``,
     ``minilm``), a local folder, a ``.gguf`` file (or a folder with ``gguf_file``) or a hub id;
-    ``None`` is the embedded SmolLM2-135M. ``task_type`` picks the transformers Auto class
-    (default: a causal LM); ``kwargs`` go to its ``from_pretrained``. With ``tokenizer=False``
-    a model without a loadable tokenizer gives ``None`` for it instead of an error."""
+    ``None`` is the embedded SmolLM2-135M. The weights are loaded in ``dtype`` (transformers
+    casts them on load) and moved to ``device`` when given. ``task_type`` picks the transformers
+    Auto class (default: a causal LM); ``kwargs`` go to its ``from_pretrained``. With
+    ``tokenizer=False`` a model without a loadable tokenizer gives ``None`` for it instead of an
+    error."""
     import transformers
 
     auto_name = AUTO_CLASSES[task_type]
@@ -227,8 +230,29 @@ def load_base_model(
             if tokenizer:
                 raise
             tok = None
+    if device is not None:
+        model.to(device)
     model.eval()
     return model, tok
+
+
+def load_tokenizer(
+    name_or_path: str | None = None, *, gguf_file: str | None = None, verbose: bool = False
+) -> Any:
+    """The tokenizer of a ``--model`` value alone (no weights), e.g. to check its chat template
+    before loading the model."""
+    import transformers
+
+    with quiet(verbose):
+        path, gguf = resolve_model_path(name_or_path, gguf_file)
+        extra = {"gguf_file": gguf} if gguf else {}
+        try:
+            return transformers.AutoTokenizer.from_pretrained(path, **extra)
+        except OSError as err:
+            raise ValueError(
+                f"cannot load the tokenizer of {name_or_path or DEFAULT_CAUSAL_LM!r}: {err}. Pass a local "
+                f"model folder, a .gguf file (or a folder with --gguf-file), or {DEFAULT_CAUSAL_LM!r}"
+            ) from None
 
 
 def load_sequence_classifier(
@@ -236,6 +260,7 @@ def load_sequence_classifier(
     labels: list[str] | tuple[str, ...],
     *,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
     verbose: bool = False,
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for an encoder with a new, randomly initialised classification head over
@@ -245,6 +270,7 @@ def load_sequence_classifier(
         name_or_path,
         task_type=TaskType.SEQ_CLS,
         dtype=dtype,
+        device=device,
         verbose=verbose,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
@@ -260,11 +286,14 @@ def load_causal_lm(
     *,
     gguf_file: str | None = None,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
     verbose: bool = False,
     **kwargs: Any,
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a causal LM; ``None`` means the embedded SmolLM2-135M."""
-    model, tok = load_base_model(name_or_path, gguf_file=gguf_file, dtype=dtype, verbose=verbose, **kwargs)
+    model, tok = load_base_model(
+        name_or_path, gguf_file=gguf_file, dtype=dtype, device=device, verbose=verbose, **kwargs
+    )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok

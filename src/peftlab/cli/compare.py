@@ -19,6 +19,7 @@ from peftlab.compare.options import (
 from peftlab.compare.report import print_table
 from peftlab.compare.runner import run_compare
 from peftlab.data.catalog import task_names
+from peftlab.devices import DEVICE_HELP, DTYPE_HELP
 from peftlab.models import model_kind
 from peftlab.presets import PRESETS
 
@@ -108,6 +109,15 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default="peftlab-compare", help="output folder (default: ./peftlab-compare)")
     p.add_argument("--quick", action="store_true", help="a small, fast run without search (about 2 minutes)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help=f"{DEVICE_HELP} (default cpu)")
+    p.add_argument("--dtype", default="float32", help=f"{DTYPE_HELP} (default float32)")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="auto|none|FILE",
+        help="auto: every row through the tokenizer's chat template; none: plain text; or a Jinja "
+        "file (default: chat rows through the template, prompt/completion rows as plain text)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show library warnings and progress bars")
     p.set_defaults(func=run)
 
@@ -145,6 +155,9 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
         metric=args.metric,
         workers=args.workers,
         storage=args.storage,
+        device=args.device,
+        dtype=args.dtype,
+        chat_template=args.chat_template,
     )
     if args.quick:
         for key, value in QUICK.items():

@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from peftlab.demo import TASK, run_demo
+from peftlab.devices import DEVICE_HELP, DTYPE_HELP
 from peftlab.models import DEFAULT_CAUSAL_LM
 
 
@@ -31,6 +32,8 @@ def register(sub: Any) -> None:
         default=None,
         help=f"causal LM folder, .gguf file or hub id (default: embedded {DEFAULT_CAUSAL_LM})",
     )
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
+    p.add_argument("--dtype", default="float32", help=f"{DTYPE_HELP} (default float32)")
     p.add_argument("-v", "--verbose", action="store_true", help="show transformers' warnings and progress")
     p.set_defaults(func=run)
 
@@ -42,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_eval=args.num_eval,
         model_name=args.model,
+        device=args.device,
+        dtype=args.dtype,
         verbose=args.verbose,
     )
     return 0

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from peftlab.merge import DTYPES, merge_to_folder
+from peftlab.devices import DTYPES
+from peftlab.merge import merge_to_folder
 from peftlab.models import DEFAULT_CAUSAL_LM
 
 
@@ -31,6 +32,9 @@ def register(sub: Any) -> None:
         default="float32",
         help="dtype of the written weights; merging itself is done in float32 (default: float32)",
     )
+    p.add_argument(
+        "--device", default="cpu", help="where to fold the adapter in: cpu (default), cuda, cuda:N, mps, auto"
+    )
     p.add_argument("--force", action="store_true", help="replace the contents of a non-empty OUT")
     p.add_argument("--verbose", action="store_true", help="show transformers' logs and full tracebacks")
     p.set_defaults(func=run)
@@ -43,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         gguf_file=args.gguf_file,
         dtype=args.dtype,
+        device=args.device,
         force=args.force,
         verbose=args.verbose,
     )

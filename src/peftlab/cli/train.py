@@ -14,6 +14,7 @@ import shlex
 from typing import Any
 
 from peftlab.data.catalog import task_names
+from peftlab.devices import DEVICE_HELP, DTYPE_HELP
 from peftlab.presets import PRESETS
 from peftlab.training.loop import SCHEDULES
 from peftlab.training.run import (
@@ -24,6 +25,7 @@ from peftlab.training.run import (
     read_run_file,
     run_training,
 )
+from peftlab.training.tracking import REPORT_TO
 
 _REGEX_CHARS = set("*+?[](){}|^$\\")
 
@@ -111,7 +113,16 @@ def register(sub: Any) -> None:
     g.add_argument("--num-virtual-tokens", type=int, help="prefix length")
     g.add_argument("--prefix-projection", action=argparse.BooleanOptionalAction, help="prefix through an MLP")
     d = p.add_argument_group("data and evaluation")
-    d.add_argument("--data", metavar="FILE", help="JSONL/CSV: prompt/completion or text/label rows")
+    d.add_argument(
+        "--data", metavar="FILE", help="JSONL/CSV: prompt/completion, text/label or chat (messages) rows"
+    )
+    d.add_argument(
+        "--chat-template",
+        metavar="auto|none|FILE",
+        help="auto: the tokenizer's chat template when it has one (chat rows need one; prompt/"
+        "completion rows become a user and an assistant turn); none: plain prompt + completion; "
+        "or a Jinja template file (default auto)",
+    )
     d.add_argument(
         "--task", metavar="NAME", help=f"built-in task instead of --data: {', '.join(task_names())}"
     )
@@ -144,12 +155,24 @@ def register(sub: Any) -> None:
     )
     t.add_argument("--seed", type=int, help="seed of adapter init, data split and order, dropout (default 0)")
     t.add_argument("--max-length", type=int, help="maximum tokens per example (default: from the data)")
-    t.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: cuda when available")
+    t.add_argument("--device", metavar="DEVICE", help=f"{DEVICE_HELP} (default auto)")
+    t.add_argument(
+        "--dtype",
+        metavar="DTYPE",
+        help=f"{DTYPE_HELP}; bf16/fp16 = mixed precision: frozen weights in it, what trains in fp32 "
+        "(default float32)",
+    )
     o = p.add_argument_group("output and checkpoints")
     o.add_argument("--out", metavar="DIR", help="output folder (default: ./peftlab-train)")
     o.add_argument("--save-every", type=int, help="checkpoint every N steps (default 100; 0: none)")
     o.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept (default 2)")
     o.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    o.add_argument(
+        "--report-to",
+        choices=REPORT_TO,
+        help="log loss, learning rate, tokens/s, evaluations and the settings to a tracker "
+        "(default none; needs pip install 'peftlab[NAME]')",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="library warnings and full tracebacks")
     p.set_defaults(func=run)
 

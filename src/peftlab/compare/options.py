@@ -103,6 +103,11 @@ class CompareOptions:
     eval_every: int | None = None
     search_budget: int | None = None
     val_size: int | None = None
+    # where and in which precision (peftlab.devices), and how rows are encoded (training.fitting)
+    device: str = "cpu"
+    dtype: str = "float32"
+    # None: chat rows through the tokenizer's template, prompt/completion rows as plain text
+    chat_template: str | None = None
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in PRESETS]
@@ -163,6 +168,8 @@ class CompareOptions:
             "eval_every",
             "search_budget",
             "val_size",
+            "dtype",
+            "chat_template",
         )
         return {k: getattr(self, k) for k in keys}
 

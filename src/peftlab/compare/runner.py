@@ -179,6 +179,7 @@ def _final_run(session: Session, store: Store, preset: MethodPreset, lr: float, 
         "median_step_s": statistics.median(history.step_times),
         "tokens_per_s": history.tokens_per_second,
         "peak_rss_bytes": peak,
+        "peak_gpu_memory_bytes": outcome.peak_gpu_bytes,
         "rss_before_bytes": rss_before,
         "train_wall_s": time.perf_counter() - started,
         "finished_at": time.time(),
@@ -257,7 +258,7 @@ def _measure_model(session: Session, model: nn.Module, peft: PeftModel | None, n
         trainable,
         total,
         activation_assumption(base.config, base, sizes["batch_size"], session.plan.max_length),
-    )["fp32"]
+    )["bf16" if session.precision.mixed else "fp32"]
     out: dict[str, Any] = {
         "trainable_params": trainable,
         "total_params": total,
@@ -273,7 +274,7 @@ def _measure_model(session: Session, model: nn.Module, peft: PeftModel | None, n
         out["adapter_path"] = str(target)
     else:
         out["adapter_file_bytes"] = trainable * 4  # a full checkpoint in fp32
-    with torch.no_grad():
+    with torch.no_grad(), session.precision.autocast():
         base_t, unmerged_t = interleaved_medians([lambda: base(**inputs), lambda: model(**inputs)], repeats)
         out["latency_base_s"] = base_t
         out["latency_unmerged_s"] = unmerged_t
@@ -393,6 +394,7 @@ def build_results(session: Session, store: Store) -> dict[str, Any]:
             "workers": opts.workers,
             "threads": torch.get_num_threads(),
             "lengths": session.plan.to_dict(),
+            **session.precision.to_dict(),
         },
         "zero_shot": {
             "metrics": zero["metrics"],

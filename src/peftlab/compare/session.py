@@ -36,12 +36,14 @@ from peftlab.data.metrics import (
     perplexity,
 )
 from peftlab.data.tasks import Example, Task
-from peftlab.models import load_causal_lm, load_sequence_classifier, model_kind
+from peftlab.devices import Precision, peak_memory
+from peftlab.models import load_causal_lm, load_sequence_classifier, load_tokenizer, model_kind
 from peftlab.presets import MethodPreset
 from peftlab.training.classify import ClassifierAsNextToken, classify, encode_texts, score_label_words
 from peftlab.training.fitting import (
     FitReport,
     LengthPlan,
+    PromptFormat,
     check_lost,
     context_length,
     example_lengths,
@@ -118,6 +120,7 @@ class TrainOutcome:
     validations: list[dict[str, float | None]] = field(default_factory=list)
     reason: str = "budget"
     still_improving: bool = False
+    peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated over training (CUDA only)
 
 
 class Session:
@@ -127,19 +130,38 @@ class Session:
         opts.validate()
         self.opts = opts
         self.verbose = verbose
+        # an unavailable device or a dtype it cannot run is refused before anything loads
+        self.precision = Precision.resolve(opts.device, opts.dtype)
         self.model_kind = model_kind(opts.model, opts.gguf_file)
         self.task = load_task(opts, self.model_kind)
         self.kind = run_kind(self.model_kind, self.task)
         self.sizes = resolve_sizes(opts, self.kind)
+        chat_rows = self.task.info.get("kind") == "chat"
+        template = opts.chat_template or ("auto" if chat_rows else "none")
+        if chat_rows and self.model_kind != "encoder":
+            # chat rows on a model without a chat template: refused before the weights load
+            tokenizer = load_tokenizer(opts.model, gguf_file=opts.gguf_file)
+            PromptFormat.resolve(tokenizer, template, chat_rows=True)
         torch.manual_seed(0)
         if self.model_kind == "encoder":
             self.base, self.tokenizer = load_sequence_classifier(
-                opts.model or "minilm", self.task.labels, verbose=verbose
+                opts.model or "minilm",
+                self.task.labels,
+                dtype=self.precision.dtype,
+                device=self.precision.device,
+                verbose=verbose,
             )
             self.task_type = TaskType.SEQ_CLS
         else:
-            self.base, self.tokenizer = load_causal_lm(opts.model, gguf_file=opts.gguf_file, verbose=verbose)
+            self.base, self.tokenizer = load_causal_lm(
+                opts.model,
+                gguf_file=opts.gguf_file,
+                dtype=self.precision.dtype,
+                device=self.precision.device,
+                verbose=verbose,
+            )
             self.task_type = TaskType.CAUSAL_LM
+        self.fmt = PromptFormat.resolve(self.tokenizer, template, chat_rows=chat_rows)
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.pad = pad_id(self.tokenizer)
@@ -153,7 +175,7 @@ class Session:
         for split in (self.train_split, self.val_split, self.test_split):
             check_lost(split.fit, self.plan)
         batch = collate(self.test_split.encoded[: self.sizes["batch_size"]], self.pad)
-        self.latency_inputs = {k: v for k, v in batch.items() if k != "labels"}
+        self.latency_inputs = {k: v.to(self.precision.device) for k, v in batch.items() if k != "labels"}
 
     # ---- data ------------------------------------------------------------------------------
     def _carve_validation(self) -> tuple[list[Example], list[Example]]:
@@ -175,12 +197,12 @@ class Session:
         if self.model_kind == "encoder":
             lengths = [(len(self.tokenizer(ex.text or "")["input_ids"]), 0) for ex in train]
         else:
-            lengths = example_lengths(self.tokenizer, train)
+            lengths = example_lengths(self.tokenizer, train, self.fmt)
         return plan_lengths(
             lengths,
             requested=self.opts.seq_len,
             context=context_length(self.base),
-            bytes_per_token=acts.bytes(4),
+            bytes_per_token=acts.bytes(self.precision.dtype.itemsize),
             batch_size=self.sizes["batch_size"],
             budget_bytes=budget,
         )
@@ -199,21 +221,24 @@ class Session:
                             f"{ex.source or part}: text of {full} tokens cut to {len(enc.input_ids)}"
                         )
             return Split(examples, encoded, report)
-        kept, encoded, report = fit_examples(self.tokenizer, examples, self.plan.max_length, part=part)
+        kept, encoded, report = fit_examples(
+            self.tokenizer, examples, self.plan.max_length, part=part, fmt=self.fmt
+        )
         return Split(kept, encoded, report)
 
     # ---- models ----------------------------------------------------------------------------
     def prepare(self, preset: MethodPreset, seed: int) -> tuple[nn.Module, PeftModel | None]:
         """A fresh copy of the base with the preset's adapter (all weights trainable for full
-        fine-tuning), initialised from ``seed``."""
+        fine-tuning), initialised from ``seed``; what trains is fp32 (:class:`Precision`)."""
         torch.manual_seed(seed)
         model = copy.deepcopy(self.base)
         config = preset.config(model.config, self.task_type)
         if config is None:
             for p in model.parameters():
                 p.requires_grad_(True)
-            return model, None
+            return self.precision.prepare(model), None
         peft = get_peft_model(model, config)
+        self.precision.prepare(peft)
         return peft, peft
 
     def train(
@@ -241,7 +266,12 @@ class Session:
         )
         forward = ClassifierAsNextToken(model) if self.kind == "encoder-classification" else None
         loop = TrainLoop(
-            model, self.train_split.encoded, config, pad_token_id=self.pad, forward_module=forward
+            model,
+            self.train_split.encoded,
+            config,
+            pad_token_id=self.pad,
+            forward_module=forward,
+            precision=self.precision,
         )
         outcome = TrainOutcome(loop.history, 0)
 
@@ -254,7 +284,9 @@ class Session:
                     current.stop_requested = True
                     outcome.reason = "stopped"
 
-        loop.run(desc=desc, on_step=on_step, progress=False)
+        with peak_memory(self.precision.device) as peak:
+            loop.run(desc=desc, on_step=on_step, progress=False)
+        outcome.peak_gpu_bytes = peak["peak_bytes"]
         outcome.examples_seen = loop.step * sizes["batch_size"]
         return outcome
 
@@ -263,19 +295,27 @@ class Session:
         """Loss on the validation split (and the task metric where it comes with the loss)."""
         labels = self.task.labels
         encoded = self.val_split.encoded
-        if self.kind == "encoder-classification":
-            indices, loss = classify(model, encoded, self.pad)
-        elif self.kind == "causal-classification":
-            indices, loss = score_label_words(model, self.tokenizer, encoded, labels, pad_token_id=self.pad)
-        else:
-            return Validation(evaluate_loss(model, encoded, pad_token_id=self.pad), None)
+        with self.precision.autocast():
+            if self.kind == "encoder-classification":
+                indices, loss = classify(model, encoded, self.pad)
+            elif self.kind == "causal-classification":
+                indices, loss = score_label_words(
+                    model, self.tokenizer, encoded, labels, pad_token_id=self.pad
+                )
+            else:
+                return Validation(evaluate_loss(model, encoded, pad_token_id=self.pad), None)
         references = [labels.index(str(ex.label)) for ex in self.val_split.examples]
         accuracy = float(np.mean(np.asarray(indices) == np.asarray(references)))
         return Validation(loss, accuracy if self.metric == "accuracy" else None)
 
     @torch.no_grad()
     def evaluate_test(self, model: nn.Module) -> TestOutput:
-        """The model's held-out metrics and per-example outputs on the test split."""
+        """The model's held-out metrics and per-example outputs on the test split (in the
+        session's precision)."""
+        with self.precision.autocast():
+            return self._evaluate_test(model)
+
+    def _evaluate_test(self, model: nn.Module) -> TestOutput:
         labels = self.task.labels
         examples, encoded = self.test_split.examples, self.test_split.encoded
         if self.kind == "generation":
@@ -286,6 +326,7 @@ class Session:
                 view,
                 prompt_ids=[e.prompt_ids for e in encoded],
                 max_new_tokens=self.plan.max_new_tokens,
+                stop_ids=self.fmt.stop_ids(),
             )
             loss = evaluate_loss(model, encoded, pad_token_id=self.pad)
             metrics = {**result.metrics, "eval_loss": loss, "perplexity": perplexity(loss)}

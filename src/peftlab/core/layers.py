@@ -310,7 +310,9 @@ class AdaptedModule(nn.Module):
             x = unit.pre(x)
         y = self.base_layer(x, *args, **kwargs)
         for unit in delta:
-            y = y + unit.delta(x)
+            # adapters may hold fp32 weights over a bf16/fp16 base: keep the base's output dtype,
+            # as the routed path does, so the next frozen layer sees the dtype it computes in
+            y = y + unit.delta(x).to(y.dtype)
         for unit in post:
             y = unit.post(y)
         return y

@@ -1,5 +1,11 @@
-"""User data: JSONL or CSV files, or a Hugging Face dataset, of ``prompt``/``completion`` or
-``text``/``label`` rows, turned into a :class:`~peftlab.data.tasks.Task`.
+"""User data: JSONL or CSV files, or a Hugging Face dataset, of ``prompt``/``completion``,
+``text``/``label`` or chat (``messages``) rows, turned into a :class:`~peftlab.data.tasks.Task`.
+
+Chat rows are the format of OpenAI fine-tuning files and TRL's conversational datasets:
+``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`` with at least
+one assistant turn (several are fine: every one is learned). Turns after the last assistant
+turn teach nothing and are left out. An unknown role, a turn without text, no assistant turn or
+``messages`` that is not a list makes the row bad.
 
 ``text``/``label`` rows become classification examples: the prompt lists the labels and the
 completion is the label name (what a causal LM learns and is scored on), and each example keeps
@@ -27,8 +33,9 @@ from peftlab.data.metrics import classification_metrics, generation_metrics, par
 from peftlab.data.tasks import Example, Task
 from peftlab.extras import require
 
-KINDS = ("generation", "classification")
-FIELDS = {"generation": ("prompt", "completion"), "classification": ("text", "label")}
+KINDS = ("generation", "classification", "chat")
+FIELDS = {"generation": ("prompt", "completion"), "classification": ("text", "label"), "chat": ("messages",)}
+CHAT_ROLES = ("system", "user", "assistant")
 # above this share of bad rows the input is rejected rather than cleaned
 MAX_BAD_FRACTION = 0.1
 # how many skipped-row reasons a report quotes (the count is always complete)
@@ -83,6 +90,7 @@ class Records:
     pairs: tuple[tuple[str, str], ...]
     report: RowReport
     sources: tuple[str, ...] = ()
+    conversations: tuple[tuple[tuple[str, str], ...], ...] = ()  # chat rows: (role, content) turns
 
 
 @dataclass(frozen=True)
@@ -140,12 +148,15 @@ def _file_rows(path: Path, report: RowReport) -> Iterable[tuple[str, dict[str, A
 
 
 def _kind_of(row: dict[str, Any], where: str) -> str:
+    if "messages" in row:
+        return "chat"
     if "prompt" in row or "completion" in row:
         return "generation"
     if "text" in row or "label" in row:
         return "classification"
     raise ValueError(
-        f"{where}: expected fields prompt/completion or text/label, found {', '.join(sorted(row)) or 'none'}"
+        f"{where}: expected fields prompt/completion, text/label or messages (chat), found "
+        f"{', '.join(sorted(row)) or 'none'}"
     )
 
 
@@ -159,15 +170,54 @@ def _value(row: dict[str, Any], name: str) -> str | None:
     return value.strip() if name in ("text", "label") else value
 
 
+def conversation(value: Any) -> tuple[tuple[str, str], ...] | str:
+    """A chat row's ``messages`` as (role, content) turns up to the last assistant turn, or the
+    reason the row is bad."""
+    if not isinstance(value, list) or not value:
+        return '\'messages\' must be a non-empty list of {"role", "content"} objects'
+    turns: list[tuple[str, str]] = []
+    for number, message in enumerate(value, start=1):
+        if not isinstance(message, dict):
+            return f"message {number} is a {type(message).__name__}, not a {{role, content}} object"
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            return f"message {number} has unknown role {role!r} (roles: {', '.join(CHAT_ROLES)})"
+        if not isinstance(content, str) or not content.strip():
+            return f"message {number} ({role}) has no text content"
+        turns.append((role, content))
+    last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
+    if last is None:
+        return "no assistant turn to learn from (a chat row needs at least one)"
+    return tuple(turns[: last + 1])
+
+
+def chat_prompt(turns: Sequence[tuple[str, str]]) -> str:
+    """A plain-text view of a conversation (the turns before its last assistant turn)."""
+    return "\n".join(f"{role}: {content}" for role, content in turns)
+
+
 def collect_records(
     rows: Iterable[tuple[str, dict[str, Any]]], report: RowReport, kind: str | None = None
 ) -> Records:
     """Validate rows into pairs; the first parseable row decides the kind unless ``kind`` is given."""
     pairs: list[tuple[str, str]] = []
     sources: list[str] = []
+    chats: list[tuple[tuple[str, str], ...]] = []
     for where, row in rows:
         if kind is None:
             kind = _kind_of(row, where)
+        if kind == "chat":
+            if "messages" not in row:
+                report.skip(f"{where}: missing field 'messages' (the file holds chat rows)")
+                continue
+            turns = conversation(row["messages"])
+            if isinstance(turns, str):
+                report.skip(f"{where}: {turns}")
+                continue
+            chats.append(turns)
+            pairs.append((chat_prompt(turns[:-1]), turns[-1][1]))
+            sources.append(where)
+            continue
         names = FIELDS[kind]
         values = [_value(row, name) for name in names]
         missing = [name for name, v in zip(names, values, strict=True) if v is None]
@@ -181,7 +231,7 @@ def collect_records(
         sources.append(where)
     report.rows_used = len(pairs)
     report.check()
-    return Records(kind or "generation", tuple(pairs), report, tuple(sources))
+    return Records(kind or "generation", tuple(pairs), report, tuple(sources), tuple(chats))
 
 
 def read_records(path: str | Path) -> Records:
@@ -191,6 +241,11 @@ def read_records(path: str | Path) -> Records:
 
 
 def build_examples(records: Records, labels: Sequence[str]) -> tuple[Example, ...]:
+    if records.kind == "chat":
+        return tuple(
+            Example(a, b, messages=turns, source=s)
+            for (a, b), turns, s in zip(records.pairs, records.conversations, _sources(records), strict=True)
+        )
     if records.kind == "generation":
         return tuple(
             Example(a, b, source=s) for (a, b), s in zip(records.pairs, _sources(records), strict=True)
@@ -214,7 +269,7 @@ def _labels(*sources: Records) -> tuple[str, ...]:
 
 
 def load_data_file(path: str | Path) -> DataFile:
-    """Read prompt/completion or text/label rows; the first good row decides which."""
+    """Read prompt/completion, text/label or chat rows; the first good row decides which."""
     records = read_records(path)
     labels = _labels(records) if records.kind == "classification" else ()
     return DataFile(build_examples(records, labels), records.kind, labels, records.report)
@@ -430,6 +485,9 @@ def _hf_rows(
         if kind == "generation":
             yield where, {"prompt": row.get("prompt"), "completion": row.get("completion")}
             continue
+        if kind == "chat":
+            yield where, {"messages": row.get("messages")}
+            continue
         label = row.get("label")
         if label_names is not None and isinstance(label, int) and not isinstance(label, bool):
             # datasets marks unlabelled rows (e.g. GLUE test splits) with -1
@@ -438,15 +496,17 @@ def _hf_rows(
 
 
 def _hf_kind(columns: Sequence[str], spec: str) -> tuple[str, str]:
+    if "messages" in columns:
+        return "chat", "messages"
     if "prompt" in columns and "completion" in columns:
         return "generation", "prompt"
     text = next((c for c in TEXT_COLUMNS if c in columns), None)
     if text is not None and "label" in columns:
         return "classification", text
     raise ValueError(
-        f"--hf-dataset {spec}: columns {', '.join(columns)} are neither prompt/completion nor "
-        f"label with one of {', '.join(TEXT_COLUMNS)}; rename them (datasets' rename_column) and "
-        "export to JSONL for --data"
+        f"--hf-dataset {spec}: columns {', '.join(columns)} are neither messages (chat), "
+        f"prompt/completion nor label with one of {', '.join(TEXT_COLUMNS)}; rename them (datasets' "
+        "rename_column) and export to JSONL for --data"
     )
 
 

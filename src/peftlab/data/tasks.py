@@ -19,13 +19,18 @@ class Example:
     """One training or evaluation pair; the model sees ``prompt`` and learns ``completion``.
 
     Classification examples also keep the raw ``text`` and its ``label`` name, which an encoder
-    with a classification head uses instead of the prompt.
+    with a classification head uses instead of the prompt. Chat examples keep their turns as
+    ``messages`` ((role, content) pairs ending with an assistant turn): ``completion`` is the last
+    assistant turn and ``prompt`` a plain-text view of the turns before it (for reports and
+    splitting); they are encoded with a chat template
+    (:class:`peftlab.training.fitting.PromptFormat`).
     """
 
     prompt: str
     completion: str
     text: str | None = None
     label: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
     source: str | None = field(default=None, compare=False)  # where it came from, e.g. "train.jsonl:12"
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.data.tasks import Example
+from peftlab.training.lm_head import hidden_and_head, linear_cross_entropy
 from peftlab.training.loop import IGNORE_INDEX, Encoded, collate
 
 # where encode_texts puts the class index: the shared loop pairs label position t + 1 with the
@@ -119,8 +120,9 @@ def score_label_words(
     reference label and eos; :func:`peftlab.training.fitting.fit_examples`). A label's score is
     the sum of the log-probabilities of its tokens (``" " + label``, as in training) after the
     prompt. Each example is run once with its reference completion (which gives the loss); when
-    every label is one token those logits also score all labels, else each label continuation
-    is run too.
+    every label is one token that run also scores all labels, else each label continuation is
+    run too. The output head is applied only where a score or the loss needs it
+    (:mod:`peftlab.training.lm_head`).
     """
     label_ids = _label_ids(tokenizer, labels)
     single = all(len(i) == 1 for i in label_ids)
@@ -135,22 +137,24 @@ def score_label_words(
             prompts = [e.prompt_length for e in chunk]
             batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
             targets = batch.pop("labels")
-            logits = model(**batch).logits.float()
             shifted = targets[:, 1:]
-            total += float(
-                F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]),
-                    shifted.reshape(-1),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
+            mask = shifted != IGNORE_INDEX
+            out, hidden, head = hidden_and_head(model, model, batch)
+            rows = torch.arange(len(chunk), device=device)
+            last = torch.tensor(prompts, device=device) - 1
+            if hidden is None or head is None:
+                logits = out.logits.float()
+                total += float(F.cross_entropy(logits[:, :-1][mask], shifted[mask], reduction="sum"))
+                at_last = logits[rows, last]
+            else:
+                total += float(
+                    linear_cross_entropy(hidden[:, :-1][mask], head.weight, head.bias, shifted[mask])
                 )
-            )
-            count += int((shifted != IGNORE_INDEX).sum())
+                at_last = head(hidden[rows, last]).float()
+            count += int(mask.sum())
             if single:
                 # the logits at the last prompt position predict the label's one token
-                rows = torch.arange(len(chunk), device=device)
-                last = torch.tensor(prompts, device=device) - 1
-                log_probs = logits[rows, last].log_softmax(-1)
+                log_probs = at_last.log_softmax(-1)
                 scores = log_probs[:, [i[0] for i in label_ids]]
             else:
                 heads = [e.input_ids[:n] for e, n in zip(chunk, prompts, strict=True)]
@@ -176,7 +180,16 @@ def _score_continuations(
     ]
     batch = {k: v.to(device) for k, v in collate(sequences, pad_token_id).items()}
     targets = batch.pop("labels")[:, 1:]
-    log_probs = model(**batch).logits[:, :-1].float().log_softmax(-1)
     mask = targets != IGNORE_INDEX
-    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1).view(len(prompts), len(label_ids))
+    out, hidden, head = hidden_and_head(model, model, batch)
+    if hidden is None or head is None:
+        log_probs = out.logits[:, :-1].float().log_softmax(-1)
+        picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (picked * mask).sum(-1).view(len(prompts), len(label_ids))
+    # each label token's log-probability, computed at the label positions only
+    losses = linear_cross_entropy(
+        hidden[:, :-1][mask], head.weight, head.bias, targets[mask], reduction="none"
+    )
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(len(sequences), dtype=torch.float32, device=device).index_add_(0, rows, -losses)
+    return sums.view(len(prompts), len(label_ids))

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from peftlab import devices
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -39,20 +41,10 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
-    """``auto``: the process's CUDA device when there is one, else the CPU."""
-    if choice not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {choice!r}")
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
-    if local_rank >= torch.cuda.device_count():
-        raise ValueError(
-            f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible; "
-            "start at most one process per GPU"
-        )
-    return torch.device("cuda", local_rank)
+def resolve_device(choice: str, local_rank: int = 0, *, launched: bool = False) -> torch.device:
+    """This process's device for ``--device choice`` (see :mod:`peftlab.devices`); under a
+    launcher (``launched``) ``cuda`` / ``auto`` mean the process's own GPU, ``cuda:LOCAL_RANK``."""
+    return devices.resolve_device(choice, local_rank=local_rank if launched else None)
 
 
 def setup(device_choice: str = "auto") -> Dist:
@@ -60,7 +52,7 @@ def setup(device_choice: str = "auto") -> Dist:
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
-    device = resolve_device(device_choice, local_rank)
+    device = resolve_device(device_choice, local_rank, launched=world_size > 1)
     if world_size <= 1:
         return Dist(0, 1, 0, device)
     import torch.distributed as dist

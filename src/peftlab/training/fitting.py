@@ -13,6 +13,17 @@ BOS are kept), as long as at least :data:`MIN_PROMPT_TOKENS` of the prompt remai
 is skipped. Both are counted, with the first few rows named by file and line. Losing more than
 :data:`MAX_LOST_FRACTION` of the rows is an error that gives the ``--seq-len`` that would fit
 :data:`COVERAGE` of them.
+
+How a row becomes tokens is a :class:`PromptFormat`. Without a chat template the prompt is
+tokenised as is and the completion follows with eos. With one (``--chat-template auto`` and a
+tokenizer that has one, or a Jinja file), a prompt/completion row is a user turn and an
+assistant turn, and a chat row (``messages``) is rendered whole with the template. The rendered
+text is cut at the start and end of every assistant turn, found by rendering the conversation
+up to that turn with the generation prompt and through it; the pieces are tokenised one by one
+(as prompt and completion are, so the boundaries are exact), and every assistant turn's tokens,
+its end-of-turn marker included, are supervised while everything else is -100. For fitting and
+generation the *completion* is the last assistant turn and the *prompt* everything before it
+(earlier assistant turns keep their labels): a row too long loses the start of that prompt.
 """
 
 from __future__ import annotations
@@ -20,10 +31,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from peftlab.data.tasks import Example
 from peftlab.training.loop import IGNORE_INDEX, Encoded, encode_completion, encode_prompt
+
+CHAT_TEMPLATE_CHOICES = ("auto", "none")
 
 COVERAGE = 0.95
 MAX_LOST_FRACTION = 0.10
@@ -92,12 +106,149 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-def example_lengths(tokenizer: Any, examples: Sequence[Example]) -> list[tuple[int, int]]:
-    """(prompt tokens, completion tokens with eos) of each example, as training encodes them."""
-    return [
-        (len(encode_prompt(tokenizer, ex.prompt)), len(encode_completion(tokenizer, ex.completion)))
-        for ex in examples
-    ]
+def check_chat_template(value: str) -> None:
+    """``auto``, ``none`` or the path of a Jinja chat template file (checked before any loading)."""
+    if value in CHAT_TEMPLATE_CHOICES:
+        return
+    if not Path(value).is_file():
+        raise ValueError(
+            f"--chat-template {value!r}: expected auto, none or a Jinja chat template file that exists"
+        )
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """One row's tokens: ``context`` (the prompt, or a chat up to its last assistant turn) with its
+    labels, and ``final`` (the completion + eos, or the last assistant turn), all supervised."""
+
+    context: list[int]
+    context_labels: list[int]
+    final: list[int]
+
+    def encoded(self) -> Encoded:
+        return Encoded(self.context + self.final, self.context_labels + self.final, len(self.context))
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How rows become tokens (see the module docstring): ``template`` None is the plain
+    prompt + completion + eos; otherwise the chat template used (``source`` says whose)."""
+
+    tokenizer: Any
+    template: str | None = None
+    source: str = "none"
+
+    @classmethod
+    def resolve(cls, tokenizer: Any, choice: str = "auto", *, chat_rows: bool = False) -> PromptFormat:
+        """The format ``--chat-template choice`` asks for; chat rows without a template are an error."""
+        check_chat_template(choice)
+        if choice == "none":
+            if chat_rows:
+                raise ValueError(
+                    "the data holds chat rows (messages), which need a chat template; drop "
+                    "--chat-template none (or give a template file)"
+                )
+            return cls(tokenizer)
+        if choice != "auto":
+            return cls(tokenizer, Path(choice).read_text(encoding="utf-8"), choice)
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: the default one
+            template = template.get("default")
+        if not template:
+            if chat_rows:
+                name = getattr(tokenizer, "name_or_path", "") or "the model"
+                raise ValueError(
+                    f"{name}: its tokenizer has no chat template, but the data holds chat rows (messages); "
+                    "give one with --chat-template FILE.jinja, or use prompt/completion rows"
+                )
+            return cls(tokenizer)
+        return cls(tokenizer, str(template), "tokenizer")
+
+    @property
+    def chat(self) -> bool:
+        return self.template is not None
+
+    def describe(self) -> str:
+        if not self.chat:
+            return "prompt + completion as plain text (no chat template)"
+        whose = "the tokenizer's" if self.source == "tokenizer" else self.source
+        return f"chat template: {whose}; loss on assistant turns only"
+
+    def render(self, messages: Sequence[dict[str, str]], *, generation_prompt: bool = False) -> str:
+        text = self.tokenizer.apply_chat_template(
+            list(messages),
+            chat_template=self.template,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )
+        return str(text)
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def messages(self, example: Example) -> list[dict[str, str]]:
+        turns = example.messages or (("user", example.prompt), ("assistant", example.completion))
+        return [{"role": role, "content": content} for role, content in turns]
+
+    def pieces(self, example: Example) -> Pieces:
+        if not self.chat:
+            prompt = encode_prompt(self.tokenizer, example.prompt)
+            return Pieces(
+                prompt, [IGNORE_INDEX] * len(prompt), encode_completion(self.tokenizer, example.completion)
+            )
+        messages = self.messages(example)
+        full = self.render(messages)
+        spans: list[tuple[int, int]] = []  # (start, end) of each assistant turn in ``full``
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], generation_prompt=True)
+            through = self.render(messages[: i + 1])
+            if not (through.startswith(before) and full.startswith(through)) or (
+                spans and len(before) < spans[-1][1]
+            ):
+                raise ValueError(
+                    f"{example.source or 'a chat row'}: the chat template does not render the "
+                    "conversation as a growing prefix (it rewrites earlier turns), so the assistant "
+                    "tokens cannot be found; give another template with --chat-template FILE.jinja"
+                )
+            # whitespace after the end-of-turn marker is not learned
+            spans.append((len(before), len(before) + len(through[len(before) :].rstrip())))
+        if not spans:
+            raise ValueError(f"{example.source or 'a chat row'}: no assistant turn to learn from")
+        ids: list[int] = []
+        labels: list[int] = []
+        position = 0
+        for start, end in spans[:-1]:
+            head, body = self._ids(full[position:start]), self._ids(full[start:end])
+            ids += head + body
+            labels += [IGNORE_INDEX] * len(head) + body
+            position = end
+        head = self._ids(full[position : spans[-1][0]])
+        final = self._ids(full[spans[-1][0] : spans[-1][1]])
+        return Pieces(ids + head, labels + [IGNORE_INDEX] * len(head), final)
+
+    def stop_ids(self) -> list[int]:
+        """Token ids that end an assistant turn (the template's end-of-turn marker), for
+        generation at evaluation; empty without a chat template (eos ends a completion)."""
+        if not self.chat:
+            return []
+        probe = self.pieces(Example("x", "y")).final
+        specials = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        return [probe[-1]] if probe and probe[-1] in specials else []
+
+
+def example_lengths(
+    tokenizer: Any, examples: Sequence[Example], fmt: PromptFormat | None = None
+) -> list[tuple[int, int]]:
+    """(prompt tokens, completion tokens) of each example as training encodes them (a chat's
+    completion is its last assistant turn)."""
+    fmt = fmt or PromptFormat(tokenizer)
+    out = []
+    for ex in examples:
+        pieces = fmt.pieces(ex)
+        out.append((len(pieces.context), len(pieces.final)))
+    return out
 
 
 def generation_length(completion_lengths: Sequence[int]) -> int:
@@ -188,17 +339,24 @@ def _leading_specials(tokenizer: Any, prompt: list[int]) -> int:
 
 
 def fit_examples(
-    tokenizer: Any, examples: Sequence[Example], max_length: int, *, part: str
+    tokenizer: Any,
+    examples: Sequence[Example],
+    max_length: int,
+    *,
+    part: str,
+    fmt: PromptFormat | None = None,
 ) -> tuple[list[Example], list[Encoded], FitReport]:
     """The examples that fit within ``max_length`` tokens (prompts cut from the left where
-    needed), their encodings (prompt labels -100) and the report of what was cut or skipped."""
+    needed), their encodings (``fmt``: plain prompt + completion by default) and the report of
+    what was cut or skipped."""
+    fmt = fmt or PromptFormat(tokenizer)
     report = FitReport(part)
     kept: list[Example] = []
     encoded: list[Encoded] = []
     for index, example in enumerate(examples):
         report.rows += 1
-        prompt = encode_prompt(tokenizer, example.prompt)
-        completion = encode_completion(tokenizer, example.completion)
+        pieces = fmt.pieces(example)
+        prompt, labels, completion = pieces.context, pieces.context_labels, pieces.final
         room = max_length - len(completion)
         if len(prompt) > room:
             head = _leading_specials(tokenizer, prompt)
@@ -215,9 +373,10 @@ def fit_examples(
                 report.first_truncated.append(
                     f"{_where(example, index, part)}: prompt of {len(prompt)} tokens cut to {room}"
                 )
-            prompt = prompt[:head] + prompt[len(prompt) - (room - head) :]
+            tail = len(prompt) - (room - head)
+            prompt, labels = prompt[:head] + prompt[tail:], labels[:head] + labels[tail:]
         kept.append(example)
-        encoded.append(Encoded(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion))
+        encoded.append(Pieces(prompt, labels, completion).encoded())
     report.kept = len(kept)
     return kept, encoded, report
 

@@ -7,6 +7,11 @@ or constant schedule. One optimizer step sees ``batch_size x grad_accum x world_
 examples; its loss is the mean over *all* completion tokens of that global batch, so gradient
 accumulation and data parallelism give the gradient of the same batch run at once.
 
+The loss is computed by :func:`peftlab.training.lm_head.supervised_loss_sum`: the output head
+and the cross-entropy run only at supervised positions, in chunks, so no ``batch x seq x vocab``
+logits exist. A :class:`~peftlab.devices.Precision` runs the forward under autocast (bf16/fp16)
+with what trains kept in fp32, and float16 with a gradient scaler.
+
 All randomness comes from the config's seed: batch order from an explicit generator
 (:class:`BatchStream`), dropout from a forked, seeded global RNG that is restored afterwards.
 :class:`TrainLoop` exposes every piece of that state, so a run can be checkpointed and resumed
@@ -31,8 +36,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from peftlab.data.tasks import Example, Task
+from peftlab.devices import Precision
+from peftlab.training.lm_head import IGNORE_INDEX, supervised_loss_sum
+from peftlab.training.lm_head import causal_lm_loss_sum as causal_lm_loss_sum
 
-IGNORE_INDEX = -100
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -42,10 +49,16 @@ class Encoded:
 
     input_ids: list[int]
     labels: list[int]
+    # tokens before the final supervised span (a chat's last assistant turn, whose earlier
+    # assistant turns are supervised too); None: before the first supervised token
+    context_length: int | None = None
 
     @property
     def prompt_length(self) -> int:
-        """Tokens before the first supervised one: the prompt (possibly cut to fit)."""
+        """Tokens before the supervised completion: the prompt (possibly cut to fit), or a chat's
+        conversation up to its last assistant turn, which generation at evaluation continues."""
+        if self.context_length is not None:
+            return self.context_length
         return next((i for i, label in enumerate(self.labels) if label != IGNORE_INDEX), len(self.labels))
 
     @property
@@ -195,18 +208,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of predicting token t+1 at position t over labels that are not -100
-    (0 when there are none): divided by the global batch's token count by the caller."""
-    vocab = logits.shape[-1]
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab).float(),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
 def num_targets(example: Encoded) -> int:
     """How many tokens of ``example`` the loss scores (labels after the shift that are not -100)."""
     return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
@@ -338,6 +339,12 @@ class TrainLoop:
     of the step's indices, so micro-batch ``m`` of a single process with ``world_size`` times
     the batch size covers the same examples. :meth:`state_dict` / :meth:`load_state_dict`
     hold everything but the parameters and the RNG, which :attr:`resume_rng` restores.
+
+    ``precision`` (default: float32 on the model's device) runs each forward under its
+    autocast; with a mixed precision the trainable parameters are cast to float32 here, so they
+    and AdamW's state are fp32 whatever dtype the frozen weights have (move the frozen weights
+    with :meth:`Precision.prepare`). float16 steps go through a ``GradScaler``: a step whose
+    scaled gradients overflow is skipped and the scale lowered, as the scaler does.
     """
 
     def __init__(
@@ -350,6 +357,7 @@ class TrainLoop:
         forward_module: nn.Module | None = None,
         rank: int = 0,
         world_size: int = 1,
+        precision: Precision | None = None,
     ) -> None:
         if not data:
             raise ValueError("no training examples")
@@ -363,6 +371,13 @@ class TrainLoop:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.model = model
         self.forward_module = forward_module if forward_module is not None else model
+        self.precision = precision if precision is not None else Precision(_device_of(model))
+        if self.precision.mixed:
+            with torch.no_grad():
+                for p in self.params:
+                    if p.is_floating_point() and p.dtype != torch.float32:
+                        p.data = p.data.float()
+        self.scaler = self.precision.grad_scaler()
         self.data = data
         self.config = config
         self.pad_token_id = pad_token_id
@@ -377,6 +392,7 @@ class TrainLoop:
         self.batches = BatchStream(len(data), config.seed)
         self.history = TrainHistory()
         self.step = 0  # optimizer steps done
+        self.skipped_steps = 0  # float16 steps the gradient scaler skipped (overflow)
         self.resume_rng: dict[str, Any] | None = None  # applied instead of seeding when run() starts
         self.stop_requested = False  # set by an on_step hook (early stopping) to end run() there
         self._targets = [num_targets(ex) for ex in data]
@@ -386,13 +402,17 @@ class TrainLoop:
         return self.config.batch_size * self.config.grad_accum * self.world_size
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "batches": self.batches.state_dict(),
             "history": asdict(self.history),
         }
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+            state["skipped_steps"] = self.skipped_steps
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -400,6 +420,9 @@ class TrainLoop:
         self.batches.load_state_dict(state["batches"])
         self.history = TrainHistory.from_dict(state["history"])
         self.step = int(state["step"])
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+            self.skipped_steps = int(state.get("skipped_steps", 0))
 
     def run(
         self, *, progress: bool = True, desc: str = "train", on_step: StepHook | None = None
@@ -464,9 +487,11 @@ class TrainLoop:
             # under DDP, only the last micro-batch all-reduces the accumulated gradients
             skip_sync = not last and isinstance(self.forward_module, DistributedDataParallel)
             with self.forward_module.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
-                summed = causal_lm_loss_sum(self.forward_module(**batch).logits, labels)
-                (summed * scale).backward()
-            loss_sum += summed.detach()
+                with self.precision.autocast():
+                    summed = supervised_loss_sum(self.forward_module, self.model, batch, labels)
+                scaled = summed * scale
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += summed.detach().float()
         if self.world_size > 1:
             import torch.distributed as dist
 
@@ -475,12 +500,23 @@ class TrainLoop:
         step = self.step + 1
         if not math.isfinite(loss):
             raise TrainingDiverged(step, loss)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = None
         if cfg.max_grad_norm is not None:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-            if not math.isfinite(norm):
+            # with a gradient scaler an overflow is expected now and then: the scaler skips the step
+            if not math.isfinite(norm) and self.scaler is None:
                 raise TrainingDiverged(step, norm, "gradient norm")
         lr = float(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step()
+        if self.scaler is not None:
+            before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.scaler.get_scale() < before:
+                self.skipped_steps += 1
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -499,21 +535,28 @@ def train(
     pad_token_id: int,
     progress: bool = True,
     desc: str = "train",
+    precision: Precision | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place for ``config.steps`` steps and return the history.
 
     Works with a :class:`~peftlab.PeftModel` (only adapter parameters require grad) and with a
     plain model (full fine-tuning): whatever requires grad is optimised, nothing else is touched.
     """
-    loop = TrainLoop(model, data, config, pad_token_id=pad_token_id)
+    loop = TrainLoop(model, data, config, pad_token_id=pad_token_id, precision=precision)
     return loop.run(progress=progress, desc=desc)
 
 
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, data: Sequence[Encoded], *, pad_token_id: int, batch_size: int = 8
+    model: nn.Module,
+    data: Sequence[Encoded],
+    *,
+    pad_token_id: int,
+    batch_size: int = 8,
+    precision: Precision | None = None,
 ) -> float:
-    """Mean cross-entropy over every completion token of ``data``, in eval mode."""
+    """Mean cross-entropy over every completion token of ``data``, in eval mode (the head
+    applied at supervised positions only), under ``precision``'s autocast when given."""
     total = sum(num_targets(ex) for ex in data)
     if total == 0:
         raise ValueError("no completion tokens to evaluate")
@@ -521,13 +564,16 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     summed = 0.0
+    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
     try:
-        for start in range(0, len(data), batch_size):
-            batch = {
-                k: v.to(device) for k, v in collate(data[start : start + batch_size], pad_token_id).items()
-            }
-            labels = batch.pop("labels")
-            summed += float(causal_lm_loss_sum(model(**batch).logits, labels))
+        with autocast:
+            for start in range(0, len(data), batch_size):
+                batch = {
+                    k: v.to(device)
+                    for k, v in collate(data[start : start + batch_size], pad_token_id).items()
+                }
+                labels = batch.pop("labels")
+                summed += float(supervised_loss_sum(model, model, batch, labels))
     finally:
         model.train(was_training)
     return summed / total
@@ -557,33 +603,41 @@ def generate_ids(
     *,
     max_new_tokens: int = 32,
     batch_size: int = 16,
+    stop_ids: Sequence[int] = (),
+    precision: Precision | None = None,
 ) -> list[str]:
-    """Greedy completions of already encoded prompts (e.g. cut to fit), decoded up to eos."""
+    """Greedy completions of already encoded prompts (e.g. cut to fit), decoded up to eos or
+    the first of ``stop_ids`` (a chat template's end-of-turn token), under ``precision``'s
+    autocast when given."""
     eos = _eos_id(tokenizer)
+    stops = list(dict.fromkeys([eos, *stop_ids]))
     pad = pad_id(tokenizer)
     device = _device_of(model)
     was_training = model.training
     model.eval()
     outputs: list[str] = []
+    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = [list(p) for p in prompts[start : start + batch_size]]
             batch = collate([Encoded(ids, ids) for ids in chunk], pad, padding_side="left")
-            generated = model.generate(  # type: ignore[operator]
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                # the model's generation_config may ask for sampling; greedy must not inherit it
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                eos_token_id=eos,
-                pad_token_id=pad,
-            )
+            with autocast:
+                generated = model.generate(  # type: ignore[operator]
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    # the model's generation_config may ask for sampling; greedy must not inherit it
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    eos_token_id=stops if len(stops) > 1 else eos,
+                    pad_token_id=pad,
+                )
             for row in generated[:, batch["input_ids"].shape[1] :].tolist():
-                if eos in row:
-                    row = row[: row.index(eos)]
+                ends = [row.index(t) for t in stops if t in row]
+                if ends:
+                    row = row[: min(ends)]
                 outputs.append(tokenizer.decode(row, skip_special_tokens=True))
     finally:
         model.train(was_training)
@@ -608,10 +662,13 @@ def evaluate_task(
     batch_size: int = 16,
     prompt_ids: Sequence[Sequence[int]] | None = None,
     max_new_tokens: int | None = None,
+    stop_ids: Sequence[int] = (),
+    precision: Precision | None = None,
 ) -> EvalResult:
     """Generate for the task's eval split (or its first ``max_examples``) and score it.
-    ``prompt_ids`` (one per eval example, e.g. cut to fit) replace encoding the prompts, and
-    ``max_new_tokens`` the task's own generation length."""
+    ``prompt_ids`` (one per eval example, e.g. cut to fit or rendered with a chat template)
+    replace encoding the prompts, ``max_new_tokens`` the task's own generation length;
+    ``stop_ids`` and ``precision`` go to :func:`generate_ids`."""
     examples = list(task.eval if max_examples is None else task.eval[:max_examples])
     start = time.perf_counter()
     prompts = [ex.prompt for ex in examples]
@@ -619,7 +676,13 @@ def evaluate_task(
     if len(ids) != len(examples):
         raise ValueError(f"{len(ids)} prompt_ids for {len(examples)} eval examples; give one per example")
     predictions = generate_ids(
-        model, tokenizer, ids, max_new_tokens=max_new_tokens or task.max_new_tokens, batch_size=batch_size
+        model,
+        tokenizer,
+        ids,
+        max_new_tokens=max_new_tokens or task.max_new_tokens,
+        batch_size=batch_size,
+        stop_ids=stop_ids,
+        precision=precision,
     )
     references = [ex.completion for ex in examples]
     metrics = task.score(predictions, references)

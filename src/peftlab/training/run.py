@@ -34,8 +34,9 @@ from peftlab.count import activation_assumption
 from peftlab.data.catalog import get_task
 from peftlab.data.files import task_from_files
 from peftlab.data.tasks import Example, Task
+from peftlab.devices import Precision, parse_device, parse_dtype, peak_memory, resolve_dtype
 from peftlab.extras import require
-from peftlab.models import load_causal_lm, quiet
+from peftlab.models import load_causal_lm, load_tokenizer, quiet
 from peftlab.presets import PRESETS
 from peftlab.training import distributed
 from peftlab.training.checkpoints import (
@@ -53,6 +54,8 @@ from peftlab.training.checkpoints import (
 from peftlab.training.fitting import (
     FitReport,
     LengthPlan,
+    PromptFormat,
+    check_chat_template,
     check_lost,
     context_length,
     example_lengths,
@@ -70,6 +73,7 @@ from peftlab.training.loop import (
     pad_id,
     rng_state,
 )
+from peftlab.training.tracking import Tracker, check_report_to, make_tracker
 
 DEFAULT_EVAL_FRACTION = 0.1
 # method options that also have their own flag (--r, --lora-alpha, ...) and top-level config key
@@ -85,7 +89,9 @@ METHOD_OPTION_KEYS = (
     "prefix_projection",
 )
 # settings a resumed run may change: none of them alters the training trajectory
-RESUMABLE_CHANGES = frozenset({"out", "save_every", "keep_checkpoints", "eval_every", "num_eval", "device"})
+RESUMABLE_CHANGES = frozenset(
+    {"out", "save_every", "keep_checkpoints", "eval_every", "num_eval", "device", "report_to"}
+)
 # settings where giving one (on the command line) replaces the others (from a run file)
 EXCLUSIVE_GROUPS = (("steps", "epochs"), ("task", "data"), ("eval_data", "eval_fraction"))
 
@@ -127,7 +133,10 @@ class RunConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0  # steps between evaluations; 0 = only at the end
     num_eval: int = 100  # held-out examples evaluated; 0 = no evaluation
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (peftlab.devices)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto: mixed precision (peftlab.devices)
+    chat_template: str = "auto"  # auto | none | a .jinja file (peftlab.training.fitting)
+    report_to: str = "none"  # none | tensorboard | mlflow | trackio (peftlab.training.tracking)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -184,10 +193,17 @@ class RunConfig:
             raise ValueError(
                 f"gradient_checkpointing: must be true or false, got {self.gradient_checkpointing!r}"
             )
-        for name in ("model", "gguf_file", "task", "data", "eval_data", "out", "lr_schedule", "device"):
+        for name in (
+            "model", "gguf_file", "task", "data", "eval_data", "out", "lr_schedule", "device", "dtype",
+            "chat_template", "report_to",
+        ):  # fmt: skip
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name}: must be a string, got {value!r}")
+        self.device = parse_device(self.device)
+        self.dtype = parse_dtype(self.dtype)
+        check_chat_template(self.chat_template)
+        check_report_to(self.report_to)
         self.peft_config()  # the method options are checked now, not after the model has loaded
 
     @property
@@ -396,6 +412,9 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
+    # a run saved before a setting existed ran with that setting's default
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    saved = {k: saved.get(k, defaults.get(k)) for k in keys}
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
@@ -475,14 +494,24 @@ def _write_checkpoint(
 
 
 def _evaluate(
-    model: nn.Module, tokenizer: Any, task: Task, evals: Split, config: RunConfig, plan: LengthPlan
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    evals: Split,
+    config: RunConfig,
+    plan: LengthPlan,
+    *,
+    precision: Precision | None = None,
+    fmt: PromptFormat | None = None,
 ) -> dict[str, float]:
-    """Eval loss and the task metric on the first ``num_eval`` held-out examples (as fitted)."""
+    """Eval loss and the task metric on the first ``num_eval`` held-out examples (as fitted;
+    generation continues each one's prompt, chat-rendered when ``fmt`` has a template)."""
     n = min(config.num_eval, len(evals.examples))
     device = next(model.parameters()).device
     # evaluation must not move the training RNG, or a resumed run would differ
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        result = {"eval_loss": evaluate_loss(model, evals.encoded[:n], pad_token_id=pad_id(tokenizer))}
+        loss = evaluate_loss(model, evals.encoded[:n], pad_token_id=pad_id(tokenizer), precision=precision)
+        result = {"eval_loss": loss}
         scored = evaluate_task(
             model,
             tokenizer,
@@ -490,6 +519,8 @@ def _evaluate(
             batch_size=16,
             prompt_ids=[e.prompt_ids for e in evals.encoded[:n]],
             max_new_tokens=plan.max_new_tokens,
+            stop_ids=fmt.stop_ids() if fmt is not None else (),
+            precision=precision,
         )
         result.update(scored.metrics)
     return result
@@ -507,21 +538,29 @@ MEMORY_BUDGET_BYTES = 4 * 2**30
 
 
 def plan_run_lengths(
-    config: RunConfig, model: nn.Module, tokenizer: Any, task: Task, batch_size: int
+    config: RunConfig,
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    batch_size: int,
+    fmt: PromptFormat | None = None,
+    param_bytes: int = 4,
 ) -> LengthPlan:
     acts = activation_assumption(getattr(model, "config", None), model, 1, 1)
     return plan_lengths(
-        example_lengths(tokenizer, task.train),
+        example_lengths(tokenizer, task.train, fmt),
         requested=config.max_length,
         context=context_length(model),
-        bytes_per_token=acts.bytes(4),
+        bytes_per_token=acts.bytes(param_bytes),
         batch_size=batch_size,
         budget_bytes=MEMORY_BUDGET_BYTES,
     )
 
 
-def fit_split(tokenizer: Any, examples: Sequence[Example], plan: LengthPlan, part: str) -> Split:
-    kept, encoded, report = fit_examples(tokenizer, examples, plan.max_length, part=part)
+def fit_split(
+    tokenizer: Any, examples: Sequence[Example], plan: LengthPlan, part: str, fmt: PromptFormat | None = None
+) -> Split:
+    kept, encoded, report = fit_examples(tokenizer, examples, plan.max_length, part=part, fmt=fmt)
     check_lost(report, plan)
     return Split(kept, encoded, report)
 
@@ -536,8 +575,12 @@ def run_training(
     """Train as ``config`` says and write the adapter (or full model) and metrics to ``config.out``."""
     info = distributed.setup(config.device)
     try:
+        # a dtype the device cannot run is refused here, before any weights are loaded
+        precision = Precision(info.device, resolve_dtype(config.dtype, info.device))
         # the default learning rate is written out, so a checkpoint does not depend on the preset
-        run = _Run(dataclasses.replace(config, lr=config.learning_rate), info, verbose=verbose)
+        run = _Run(
+            dataclasses.replace(config, lr=config.learning_rate), info, precision=precision, verbose=verbose
+        )
         return run.execute(resume=resume, command=command)
     finally:
         distributed.teardown(info)
@@ -547,9 +590,14 @@ class _Run:
     """One ``peftlab train`` run, step by step: output folder, model and data, the loop (resumed
     from a checkpoint when asked), periodic evaluation and checkpoints, the final files."""
 
-    def __init__(self, config: RunConfig, info: distributed.Dist, *, verbose: bool) -> None:
+    def __init__(
+        self, config: RunConfig, info: distributed.Dist, *, precision: Precision, verbose: bool
+    ) -> None:
         self.config = config
         self.info = info
+        self.precision = precision
+        self.tracker: Tracker = Tracker()
+        self.peak_bytes: int | None = None  # torch.cuda.max_memory_allocated over training
         self.verbose = verbose
         self.out = Path(config.out)
         self.root = self.out / CHECKPOINT_DIR
@@ -563,15 +611,31 @@ class _Run:
         checkpoint = self._checkpoint_to_resume(resume)
         self.task = load_run_task(self.config)
         wall = time.perf_counter()
+        # a chat template asked for and missing is refused before the weights load
+        PromptFormat.resolve(
+            load_tokenizer(self.config.model, gguf_file=self.config.gguf_file, verbose=self.verbose),
+            self.config.chat_template,
+            chat_rows=self.task.info.get("kind") == "chat",
+        )
         with quiet(self.verbose):
             self._load()
             loop = self._make_loop(checkpoint)
             self._banner(loop, resume, checkpoint)
-            history = self._train(loop)
-            final = self._final_eval()
-            metrics = self._metrics(loop, history, final, command, time.perf_counter() - wall)
             if self.info.is_main:
-                self._write_outputs(history, final, metrics)
+                self.tracker = make_tracker(
+                    self.config.report_to, self.out, run_name=self.out.name or "peftlab-train"
+                )
+            try:
+                self.tracker.log_config({**self.config.to_dict(), "precision": self.precision.to_dict()})
+                with peak_memory(self.info.device) as peak:
+                    history = self._train(loop)
+                self.peak_bytes = peak["peak_bytes"]
+                final = self._final_eval()
+                metrics = self._metrics(loop, history, final, command, time.perf_counter() - wall)
+                if self.info.is_main:
+                    self._write_outputs(history, final, metrics)
+            finally:
+                self.tracker.close()
             distributed.barrier(self.info)
         return RunResult(self.model, self.tokenizer, metrics, self.out)
 
@@ -591,16 +655,33 @@ class _Run:
         # rank 0 loads first: the embedded model is converted into a shared cache on first use
         if not info.is_main:
             distributed.barrier(info)
-        base, self.tokenizer = load_causal_lm(config.model, gguf_file=config.gguf_file, verbose=self.verbose)
+        # full fine-tuning keeps fp32 master weights; adapters train over a base in --dtype
+        base, self.tokenizer = load_causal_lm(
+            config.model,
+            gguf_file=config.gguf_file,
+            dtype=self.precision.load_dtype(trains_everything=config.peft_config() is None),
+            verbose=self.verbose,
+        )
         if info.is_main:
             distributed.barrier(info)
-        self.model = _build_model(config, base).to(info.device)
+        self.model = self.precision.prepare(_build_model(config, base))
         self.pad = pad_id(self.tokenizer)
-        self.plan = plan_run_lengths(config, self.model, self.tokenizer, self.task, config.batch_size)
+        self.fmt = PromptFormat.resolve(
+            self.tokenizer, config.chat_template, chat_rows=self.task.info.get("kind") == "chat"
+        )
+        self.plan = plan_run_lengths(
+            config,
+            self.model,
+            self.tokenizer,
+            self.task,
+            config.batch_size,
+            self.fmt,
+            param_bytes=self.precision.dtype.itemsize,
+        )
         # the chosen length is written into the run's settings, so a resumed run checks it
         self.config = config = dataclasses.replace(config, max_length=self.plan.max_length)
-        self.train_split = fit_split(self.tokenizer, self.task.train, self.plan, "train")
-        self.eval_split = fit_split(self.tokenizer, self.task.eval, self.plan, "eval")
+        self.train_split = fit_split(self.tokenizer, self.task.train, self.plan, "train", self.fmt)
+        self.eval_split = fit_split(self.tokenizer, self.task.eval, self.plan, "eval", self.fmt)
         self.train_data, self.eval_data = self.train_split.encoded, self.eval_split.encoded
         self.fingerprint = data_fingerprint(self.train_data)
         self.global_batch = config.batch_size * config.grad_accum * info.world_size
@@ -640,6 +721,7 @@ class _Run:
             forward_module=forward_module,
             rank=info.rank,
             world_size=info.world_size,
+            precision=self.precision,
         )
         if saved is not None:
             trainer_state, optimizer_state = saved
@@ -659,8 +741,9 @@ class _Run:
             f"trainable%: {100 * self.trainable / self.total:.4f}\n"
             f"{self.steps} steps of {self.global_batch} examples (batch {config.batch_size} x grad_accum "
             f"{config.grad_accum} x {self.info.world_size} processes), lr {config.learning_rate:g} "
-            f"({config.lr_schedule}), device {self.info.device}\n"
-            f"{self.plan.describe()}; {self.train_split.fit.describe()}; {self.eval_split.fit.describe()}"
+            f"({config.lr_schedule}); {self.precision.describe()}\n"
+            f"{self.fmt.describe()}; {self.plan.describe()}; {self.train_split.fit.describe()}; "
+            f"{self.eval_split.fit.describe()}"
         )
         if resume and checkpoint is None:
             self.say(f"--resume: no checkpoint in {self.root}; starting from step 0")
@@ -674,14 +757,32 @@ class _Run:
         metrics: dict[str, float] = {}
         if self.info.is_main:
             metrics = _evaluate(
-                self.model, self.tokenizer, self.task, self.eval_split, self.config, self.plan
+                self.model,
+                self.tokenizer,
+                self.task,
+                self.eval_split,
+                self.config,
+                self.plan,
+                precision=self.precision,
+                fmt=self.fmt,
             )
             self.evals.append({"step": step, **metrics})
+            self.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step)
         distributed.barrier(self.info)
         return metrics
 
     def _on_step(self, loop: TrainLoop) -> None:
         config, step = self.config, loop.step
+        history = loop.history
+        seconds = history.step_times[-1]
+        self.tracker.log(
+            {
+                "train/loss": history.losses[-1],
+                "train/learning_rate": history.learning_rates[-1],
+                "train/tokens_per_second": history.tokens[-1] / seconds if seconds > 0 else 0.0,
+            },
+            step,
+        )
         if config.eval_every and step % config.eval_every == 0 and step < self.steps and config.num_eval:
             metrics = self._evaluate_now(step)
             self.say(f"step {step}: {_fmt(metrics)}")
@@ -732,6 +833,9 @@ class _Run:
             "config": self.config.to_dict(),
             "task": {"name": task.name, "description": task.description, "metric": task.metric},
             "steps": self.steps,
+            "precision": self.precision.to_dict(),
+            "chat_template": self.fmt.source if self.fmt.chat else None,
+            "peak_gpu_memory_bytes": self.peak_bytes,
             "world_size": self.info.world_size,
             "global_batch_size": self.global_batch,
             "epochs": loop.batches.epoch,
