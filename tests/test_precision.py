@@ -49,11 +49,18 @@ def test_cuda_without_a_gpu_is_one_line_naming_the_fix(
     with pytest.raises(ValueError, match=r"--device cuda: torch sees no CUDA GPU.*use --device cpu"):
         resolve_device("cuda")
     assert resolve_device("auto").type in ("cpu", "mps")
-    # through the command line, before any model is touched (the model path does not even exist)
-    argv = ["train", "--model", str(tmp_path / "nope"), "--task", "topic", "--device", "cuda"]
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "use --device cpu" in err[0]
+    # through every command line, before any model is touched (the model path does not even exist)
+    nope = str(tmp_path / "nope")
+    for argv in (
+        ["train", "--model", nope, "--task", "topic", "--device", "cuda"],
+        ["compare", "--model", nope, "--device", "cuda", "--out", str(tmp_path / "c")],
+        ["serve", "--model", nope, "--device", "cuda"],
+        ["demo", "--model", nope, "--device", "cuda"],
+        ["merge", nope, nope, str(tmp_path / "m"), "--device", "cuda"],
+    ):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "use --device cpu" in err[0], (argv, err)
 
 
 def _adapted(config: object, vocab: int = VOCAB) -> torch.nn.Module:

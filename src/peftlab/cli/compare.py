@@ -109,8 +109,13 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default="peftlab-compare", help="output folder (default: ./peftlab-compare)")
     p.add_argument("--quick", action="store_true", help="a small, fast run without search (about 2 minutes)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", help=f"{DEVICE_HELP} (default cpu)")
-    p.add_argument("--dtype", default="float32", help=f"{DTYPE_HELP} (default float32)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help=f"{DTYPE_HELP} (default auto: mixed precision where it is native, so every method "
+        "trains in the same precision)",
+    )
     p.add_argument(
         "--chat-template",
         default=None,

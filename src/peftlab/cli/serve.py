@@ -8,7 +8,7 @@ import argparse
 import os
 from typing import Any
 
-DTYPES = ("float32", "bfloat16", "float16")
+from peftlab.devices import DEVICE_HELP, DTYPE_HELP, resolve_device, resolve_dtype
 
 
 def _adapter(value: str) -> tuple[str, str]:
@@ -125,8 +125,8 @@ def register(sub: Any) -> None:
         default=30.0,
         help="on SIGTERM, seconds running requests get to finish before they are cancelled (default 30)",
     )
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
+    p.add_argument("--dtype", default="float32", help=f"the weights' dtype: {DTYPE_HELP} (default float32)")
     p.add_argument("--threads", type=_positive, help="torch CPU threads")
     p.add_argument(
         "--log-level",
@@ -143,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
     from peftlab.serving import load_engine, require_server, serve_forever
 
     require_server()  # before any weights are loaded
+    # an unavailable device or a dtype it cannot run: refused before loading too
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     names = [name for name, _ in args.adapter]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -156,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
         gguf_file=args.gguf_file,
         adapters=dict(args.adapter),
         served_model_name=args.served_model_name,
-        device=args.device,
-        dtype=getattr(torch, args.dtype),
+        device=str(device),
+        dtype=dtype,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,

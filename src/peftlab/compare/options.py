@@ -41,14 +41,14 @@ RUN_SIZES: dict[str, dict[str, int | None]] = {
         "batch_size": 8,
         "eval_every": 160,
         "patience": 2,
-        "search_budget": 480,
-        "val_size": 256,
-        "num_eval": None,
+        "search_budget": 320,
+        "val_size": 128,
+        "num_eval": 600,
     },
     "encoder-classification": {
         "budget": 4800,
         "batch_size": 16,
-        "eval_every": 800,
+        "eval_every": 600,
         "patience": 2,
         "search_budget": 2400,
         "val_size": 512,
@@ -104,8 +104,8 @@ class CompareOptions:
     search_budget: int | None = None
     val_size: int | None = None
     # where and in which precision (peftlab.devices), and how rows are encoded (training.fitting)
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: str = "auto"
+    dtype: str = "auto"
     # None: chat rows through the tokenizer's template, prompt/completion rows as plain text
     chat_template: str | None = None
 

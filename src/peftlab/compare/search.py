@@ -58,8 +58,13 @@ def search_learning_rate(
 ) -> tuple[float, list[Trial]]:
     """Run (or finish) the method's search; returns the chosen learning rate and every trial."""
     optuna = optuna_module()
+    # the first rung at half the search budget: earlier, a larger learning rate's faster start
+    # would decide, not where it is heading
+    validations = max(1, session.sizes["search_budget"] // session.sizes["eval_every"])
     pruner = optuna.pruners.SuccessiveHalvingPruner(
-        min_resource=1, reduction_factor=REDUCTION_FACTOR, min_early_stopping_rate=0
+        min_resource=max(1, math.ceil(validations / 2)),
+        reduction_factor=REDUCTION_FACTOR,
+        min_early_stopping_rate=0,
     )
     study = store.study(f"search:{preset.name}", pruner=pruner)
     rates = grid(preset.lr_for(session.model_kind), effort)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from peftlab.core.peft_model import PeftModel
+from peftlab.devices import resolve_device
 from peftlab.extras import require
 from peftlab.models import ALIASES, DEFAULT_CAUSAL_LM, load_causal_lm
 from peftlab.serving.adapters import check_adapter_folder, check_adapter_name
@@ -70,7 +71,7 @@ def load_engine(
         except ServeError as err:
             raise ValueError(f"--adapter {name}={path}: {err.message}") from None
     base, tokenizer = load_causal_lm(model, gguf_file=gguf_file, dtype=dtype)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = resolve_device(device or "auto")
     peft_model = PeftModel(base)
     for name, folder in folders.items():
         peft_model.load_adapter(folder, adapter_name=name)
