@@ -55,7 +55,7 @@ RUN_SIZES: dict[str, dict[str, int | None]] = {
         "num_eval": None,
     },
 }
-# what --quick sets (on any kind): a small run in about two minutes, no search
+# what --quick sets (on any kind): a small run of a few minutes, no search
 QUICK: dict[str, Any] = {
     "budget": 48,
     "eval_every": 24,
