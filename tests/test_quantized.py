@@ -278,3 +278,38 @@ def test_load_base_model_quantizes_a_folder(tiny_llama: Path) -> None:
     assert not quantized.is_quantized(model.lm_head)
     model8, _ = load_causal_lm(str(tiny_llama), quantization="int8")
     assert {quantized.module_scheme(m) for _, m in quantized.quantized_modules(model8)} == {"int8"}
+
+
+# ---- peftlab train --quantize ----------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_train_on_a_quantized_base_saves_a_full_precision_adapter(
+    scheme: str, tiny_llama: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.training.run import RunConfig, run_training
+
+    out = tmp_path / "out"
+    config = RunConfig(
+        model=str(tiny_llama), task="topic", quantize=scheme, steps=3, batch_size=2, lr=1e-2,
+        num_eval=2, out=str(out), save_every=0, gradient_checkpointing=True,
+    )  # fmt: skip
+    result = run_training(config)
+    assert len(quantized.quantized_modules(result.model)) == 14
+    # the adapter loads onto the full-precision base
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out)
+    for name, value in result.model.adapter_parameters("default").items():
+        assert value.dtype == torch.float32
+        assert torch.equal(loaded.adapter_parameters("default")[name], value)
+
+
+def test_train_quantize_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from peftlab import cli
+
+    for argv, message in [
+        (["--quantize", "nf3"], "unknown scheme 'nf3'; choose from nf4, fp4, int8"),
+        (["--quantize", "nf4", "--method", "full"], "quantized weights cannot train"),
+    ]:
+        assert cli.main(["train", "--task", "topic", "--out", str(tmp_path / "o"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
