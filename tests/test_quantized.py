@@ -313,3 +313,29 @@ def test_train_quantize_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert cli.main(["train", "--task", "topic", "--out", str(tmp_path / "o"), *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---- peftlab serve --quantize ----------------------------------------------------------------
+def test_serve_loads_adapters_over_one_nf4_base(tiny_llama: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.serving import load_engine
+
+    folders = {}
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(i)
+        config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type=TASK)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(
+            tmp_path / name
+        )
+        folders[name] = str(tmp_path / name)
+    engine = load_engine(str(tiny_llama), adapters=folders, device="cpu", quantization="nf4")
+    model = engine.model
+    assert len(quantized.quantized_modules(model)) == 14
+    ids = torch.tensor([[6, 7, 8, 9], [9, 8, 7, 6]])
+    kw: dict[str, Any] = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, adapter_names=["a", "b"], **kw)
+        for i, name in enumerate(("a", "b")):
+            model.set_adapter(name)
+            assert torch.equal(mixed[i : i + 1], model.generate(input_ids=ids[i : i + 1], **kw))

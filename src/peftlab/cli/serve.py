@@ -127,6 +127,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    p.add_argument(
+        "--quantize",
+        metavar="SCHEME",
+        help="serve over a base quantized by bitsandbytes: nf4, fp4 or int8 (needs pip install "
+        "'peftlab[quant]'; adapters stay fp32)",
+    )
+    p.add_argument("--double-quant", action="store_true", help="with --quantize nf4/fp4: 8-bit block scales")
     p.add_argument("--threads", type=_positive, help="torch CPU threads")
     p.add_argument(
         "--log-level",
@@ -158,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         device=args.device,
         dtype=getattr(torch, args.dtype),
+        quantization=args.quantize,
+        double_quant=args.double_quant,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
