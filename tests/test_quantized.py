@@ -339,3 +339,21 @@ def test_serve_loads_adapters_over_one_nf4_base(tiny_llama: Path, tmp_path: Path
         for i, name in enumerate(("a", "b")):
             model.set_adapter(name)
             assert torch.equal(mixed[i : i + 1], model.generate(input_ids=ids[i : i + 1], **kw))
+
+
+# ---- peftlab count --quantize ----------------------------------------------------------------
+def test_count_estimates_a_quantized_base() -> None:
+    from peftlab.count import count_methods, load_preset
+
+    report = count_methods(load_preset("mistral-7b"), quantize="nf4")
+    rows = {r.label: r for r in report.rows}
+    lora = rows["LoRA (r=8, q+v)"]
+    assert "nf4" not in rows["Full fine-tuning"].memory  # quantized weights cannot train
+    nf4, bf16 = lora.memory["nf4"], lora.memory["bf16"]
+    # 7.24B params, of which the 6.98B in linear layers but the head drop from 16 to 4.5 bits
+    linear = 6_979_321_856
+    assert bf16.weights - nf4.weights == pytest.approx(linear * (2 - 4.5 / 8), abs=1)
+    assert nf4.gradients == bf16.gradients and nf4.optimizer == bf16.optimizer
+    dq = count_methods(load_preset("mistral-7b"), quantize="nf4", double_quant=True)
+    assert dq.rows[1].memory["nf4+dq"].weights < nf4.weights
+    assert "4.5 bits per weight" in report.render()
