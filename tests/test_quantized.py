@@ -357,3 +357,28 @@ def test_count_estimates_a_quantized_base() -> None:
     dq = count_methods(load_preset("mistral-7b"), quantize="nf4", double_quant=True)
     assert dq.rows[1].memory["nf4+dq"].weights < nf4.weights
     assert "4.5 bits per weight" in report.render()
+
+
+# ---- peftlab compare --methods lora,qlora --------------------------------------------------
+def test_compare_adds_a_lora_on_nf4_row(tiny_llama: Path, tmp_path: Path) -> None:
+    import json
+
+    from peftlab.cli import main
+    from peftlab.compare.options import DEFAULT_METHODS
+    from test_compare_runs import _mixed_lengths, _short_eval
+
+    assert "qlora" not in DEFAULT_METHODS  # opt-in: it needs peftlab[quant]
+    data, held = _mixed_lengths(tmp_path / "mixed.jsonl"), _short_eval(tmp_path / "held.jsonl")
+    out = tmp_path / "out"
+    args = ["compare", "--quick", "--model", str(tiny_llama), "--data", str(data), "--eval-data", str(held)]
+    assert (
+        main([*args, "--threads", "1", "--out", str(out), "--methods", "lora,qlora", "--search", "none"]) == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    assert "LoRA on NF4 base" in report and "LoRA (r=8, q+v)" in report
+    assert "qlora" in json.dumps(results)
+    # its adapter is a plain PEFT LoRA checkpoint that loads on the full-precision base
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out / "adapters" / "qlora")

@@ -54,6 +54,10 @@ ACTIVATION_FORMULA = (
 )
 
 
+# the rows count shows (a quantized variant is estimated with --quantize instead)
+UNQUANTIZED_PRESETS = tuple(preset for preset in PRESETS.values() if preset.quantize is None)
+
+
 # ---- configs and presets ---------------------------------------------------------------
 def preset_names() -> list[str]:
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
@@ -413,7 +417,7 @@ def count_methods(
     data: dict[str, Any],
     *,
     label: str = "model",
-    rows: Sequence[MethodPreset] = tuple(PRESETS.values()),
+    rows: Sequence[MethodPreset] = UNQUANTIZED_PRESETS,
     batch_size: int = 1,
     seq_len: int = 512,
     task: TaskType | None = None,

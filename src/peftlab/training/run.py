@@ -209,6 +209,8 @@ class RunConfig:
         self.dtype = parse_dtype(self.dtype)
         check_chat_template(self.chat_template)
         check_report_to(self.report_to)
+        if self.quantize is None:
+            self.quantize = PRESETS[self.method].quantize if self.method in PRESETS else None
         if self.quantize is not None:
             check_scheme(self.quantize)
             if self.method == "full":
