@@ -93,6 +93,10 @@ def test_quantize_model_replaces_linear_layers_but_the_head() -> None:
     q = model.model.layers[0].self_attn.q_proj
     assert q.weight.quant_type == "nf4" and q.weight.compress_statistics
     assert quantized.module_scheme(q) == "nf4"
+    # the packed codes count as the weights they hold: the same total as the fp32 model
+    from peftlab.core.peft_model import count_parameters
+
+    assert count_parameters(model)[1] == count_parameters(build_model("llama"))[1]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -678,12 +678,14 @@ def _restore(flags: list[tuple[nn.Parameter, bool]]) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total); a parameter shared by several modules (tied embeddings) counts once."""
+    """(trainable, total); a parameter shared by several modules (tied embeddings) counts once,
+    and a 4-bit quantized weight counts its weights, not its packed bytes (as HF PEFT counts)."""
     trainable = total = 0
     for p in model.parameters():
-        total += p.numel()
+        n = quantized.weight_count(p)
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return trainable, total
 
 

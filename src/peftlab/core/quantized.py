@@ -106,6 +106,15 @@ def module_scheme(module: nn.Module) -> str:
     return "int8"
 
 
+def weight_count(param: torch.Tensor) -> int:
+    """How many weights ``param`` holds: a bitsandbytes 4-bit weight packs ``8 / bits`` of them
+    into each element of its storage dtype (two per uint8)."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return param.numel()
+
+
 def unit_placement(base_layer: nn.Module, weight: torch.Tensor) -> dict[str, Any]:
     """Device and dtype for an adapter's parameters at ``base_layer`` (whose weight is
     ``weight``): the weight's, or float32 over a quantized layer (its codes are integers)."""
