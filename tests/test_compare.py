@@ -11,9 +11,9 @@ import pytest
 
 from peftlab.cli import main
 from peftlab.compare import CompareOptions
+from peftlab.compare.options import DEFAULT_METHODS
 from peftlab.count import count_methods
 from peftlab.data.files import load_data_file, task_from_files
-from peftlab.presets import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_quick_writes_every_file(quick_run: tuple[Path, dict[str, Any]]) -> None
     for name in ("results.json", "report.md", "quality_vs_params.png", "cost.png",
                  "inference_overhead.png", "loss_curves.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
-    assert [r["method"] for r in results["methods"]] == list(PRESETS)
+    assert [r["method"] for r in results["methods"]] == list(DEFAULT_METHODS)  # qlora is opt-in
     report = (out / "report.md").read_text()
     for row in results["methods"]:
         assert row["label"] in report

@@ -23,7 +23,7 @@ LIBRARY = ("peftlab.core", "peftlab.methods")
 # (pyyaml is not among them: huggingface_hub, which transformers needs, imports it)
 APPLICATION_PACKAGES = (
     "matplotlib", "sklearn", "rouge_score", "optuna", "sacrebleu", "fastapi", "uvicorn", "datasets", "gguf",
-    "prometheus_client",
+    "prometheus_client", "bitsandbytes",
 )  # fmt: skip
 
 

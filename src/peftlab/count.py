@@ -9,6 +9,7 @@ by construction and a 70B config takes seconds. The rows are the method presets 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftlab.core import quantized
 from peftlab.core.config import TaskType
+from peftlab.core.injection import is_linear, output_head_names
 from peftlab.core.peft_model import count_parameters, get_peft_model
 from peftlab.core.registry import method_for
 from peftlab.models import AUTO_CLASSES, quiet
@@ -49,6 +52,10 @@ ACTIVATION_FORMULA = (
     "min(b*s, C) positions at a time, C*V = 4M values); no activation checkpointing; the same "
     "for every method, since backward still runs through every layer"
 )
+
+
+# the rows count shows (a quantized variant is estimated with --quantize instead)
+UNQUANTIZED_PRESETS = tuple(preset for preset in PRESETS.values() if preset.quantize is None)
 
 
 # ---- configs and presets ---------------------------------------------------------------
@@ -226,6 +233,28 @@ def memory_estimates(trainable: int, total: int, acts: ActivationAssumption) -> 
     }
 
 
+def quantized_estimate(
+    trainable: int, total: int, quantizable: int, bits: float, acts: ActivationAssumption
+) -> MemoryEstimate:
+    """A quantized base (``--quantize``): its linear layers at ``bits`` per weight (scales
+    included), the rest of the frozen weights (embeddings, norms, the output head) and the
+    activations at bf16, the compute dtype; adapters, gradients and AdamW state in fp32."""
+    frozen_other = total - trainable - quantizable
+    return MemoryEstimate(
+        weights=math.ceil(quantizable * bits / 8) + frozen_other * 2 + trainable * TRAINED_BYTES,
+        gradients=trainable * TRAINED_BYTES,
+        optimizer=trainable * ADAMW_STATE_BYTES,
+        activations=acts.bytes(2),
+    )
+
+
+def quantizable_params(model: nn.Module) -> int:
+    """Weights bitsandbytes would quantize: every linear layer's but the output head's (as
+    :func:`peftlab.models.load_base_model` quantizes)."""
+    heads = output_head_names(model)
+    return sum(m.weight.numel() for name, m in model.named_modules() if is_linear(m) and name not in heads)
+
+
 # ---- the report ------------------------------------------------------------------------
 @dataclass
 class CountRow:
@@ -272,6 +301,7 @@ class CountReport:
     activations: ActivationAssumption
     rows: list[CountRow]
     seconds: float
+    quantized_bits: float | None = None  # bits per quantized weight, with --quantize
 
     def to_dict(self) -> dict[str, Any]:
         a = self.activations
@@ -291,6 +321,7 @@ class CountReport:
                 "bytes_per_frozen_param": PRECISIONS,
                 "bytes_per_trained_param": TRAINED_BYTES,
                 "adamw_state_bytes_per_trainable_param": ADAMW_STATE_BYTES,
+                "bits_per_quantized_param": self.quantized_bits,
             },
             "rows": [r.to_dict() for r in self.rows],
         }
@@ -321,16 +352,20 @@ class CountReport:
         targets = [r for r in ok if r.targets]
         if targets:
             lines += ["", "targets:"] + [f"- {r.label}: {', '.join(r.targets)}" for r in targets]
-        for precision in PRECISIONS:
+        for precision in dict.fromkeys(k for r in ok for k in r.memory):
+            title = precision
+            if precision not in PRECISIONS:
+                title = f"adapters over the quantized base, {precision} (bf16 compute)"
             lines += [
                 "",
-                f"## Training memory estimate, {precision} (GiB)",
+                f"## Training memory estimate, {title} (GiB)",
                 "",
                 *_table(
                     ["method", "weights", "gradients", "AdamW states", "activations", "total"],
                     [
                         [r.label, *(f"{v / GIB:.2f}" for v in r.memory[precision].to_dict().values())]
                         for r in ok
+                        if precision in r.memory
                     ],
                 ),
             ]
@@ -344,6 +379,13 @@ class CountReport:
             f"Activations: batch b={a.batch_size}, seq len s={a.seq_len}, L={a.num_layers} layers, "
             f"hidden h={a.hidden_size}, output V={a.output_size}: {ACTIVATION_FORMULA}.",
         ]
+        if self.quantized_bits is not None:
+            lines.append(
+                f"Quantized base: every linear layer but the output head at {self.quantized_bits:.3g} "
+                "bits per weight incl. block scales (NF4/FP4: 4-bit codes + an fp32 absmax per 64 weights; "
+                "double quantisation: 8-bit absmax; int8: 8 bits); embeddings, norms and the head in "
+                "bf16; full fine-tuning cannot train quantized weights, so it has no row."
+            )
         failed = [r for r in self.rows if r.error is not None]
         if failed:
             lines += ["", "Not applicable to this model:"] + [f"- {r.label}: {r.error}" for r in failed]
@@ -375,12 +417,20 @@ def count_methods(
     data: dict[str, Any],
     *,
     label: str = "model",
-    rows: Sequence[MethodPreset] = tuple(PRESETS.values()),
+    rows: Sequence[MethodPreset] = UNQUANTIZED_PRESETS,
     batch_size: int = 1,
     seq_len: int = 512,
     task: TaskType | None = None,
+    quantize: str | None = None,
+    double_quant: bool = False,
 ) -> CountReport:
-    """Exact counts and memory estimates of every row's method on the model ``data`` describes."""
+    """Exact counts and memory estimates of every row's method on the model ``data`` describes;
+    with ``quantize`` (``"nf4"``, ``"fp4"``, ``"int8"``) also for adapters over that quantized
+    base (:data:`peftlab.core.quantized.BITS_PER_PARAM` bits per weight)."""
+    bits = None
+    if quantize is not None:
+        bits = quantized.BITS_PER_PARAM[(quantized.check_scheme(quantize), double_quant)]
+        quant_label = quantize + ("+dq" if double_quant and quantize != "int8" else "")
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch size and sequence length must be >= 1, got {batch_size} and {seq_len}")
     start = time.perf_counter()
@@ -388,6 +438,7 @@ def count_methods(
     cls, task_type = model_class(config, task)
     base = build_meta_model(config, cls)
     acts = activation_assumption(config, base, batch_size, seq_len)
+    linear_params = quantizable_params(base)
     out: list[CountRow] = []
     for row in rows:
         # a model without a PEFT task (e.g. masked LM) is counted as a language model
@@ -406,6 +457,10 @@ def count_methods(
             result.trainable, result.total = count_parameters(model)
             result.targets, result.adapted_modules = _targets(model, "default")
         result.memory = memory_estimates(result.trainable, result.total, acts)
+        if bits is not None and peft_config is not None:
+            result.memory[quant_label] = quantized_estimate(
+                result.trainable, result.total, linear_params, bits, acts
+            )
         out.append(result)
     return CountReport(
         model=label,
@@ -415,4 +470,5 @@ def count_methods(
         activations=acts,
         rows=out,
         seconds=time.perf_counter() - start,
+        quantized_bits=bits,
     )

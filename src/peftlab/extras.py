@@ -8,6 +8,7 @@ and tqdm; each application's extra packages are an install extra, imported when 
 | ``train`` | pyyaml | YAML run files for ``peftlab train`` |
 | ``serve`` | fastapi, uvicorn, prometheus-client | ``peftlab serve`` |
 | ``hf`` | datasets | ``--hf-dataset`` |
+| ``quant`` | bitsandbytes | ``--quantize`` / ``quantization=`` (a 4-bit or 8-bit frozen base) |
 | ``tensorboard`` / ``mlflow`` / ``trackio`` | the library of that name | ``train --report-to`` |
 
 (``compare`` uses its packages for the search, its store, the plots and the metrics.)
@@ -31,6 +32,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "uvicorn": ("uvicorn", "serve"),
     "prometheus_client": ("prometheus-client", "serve"),
     "datasets": ("datasets", "hf"),
+    "bitsandbytes": ("bitsandbytes", "quant"),
     "tensorboard": ("tensorboard", "tensorboard"),
     "mlflow": ("mlflow", "mlflow"),
     "trackio": ("trackio", "trackio"),

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.core import atomic
+from peftlab.core import atomic, quantized
 from peftlab.core.config import TaskType
+from peftlab.core.injection import output_head_names
 from peftlab.extras import require
 
 DEFAULT_CAUSAL_LM = "smollm2-135m"
@@ -199,6 +200,8 @@ def load_base_model(
     device: torch.device | str | None = None,
     verbose: bool = False,
     tokenizer: bool = True,
+    quantization: Any = None,
+    double_quant: bool = False,
     **kwargs: Any,
 ) -> tuple[nn.Module, Any]:
     """(model in eval mode, tokenizer) for any ``--model`` value: an alias (``smollm2-135m``,
@@ -207,17 +210,36 @@ def load_base_model(
     casts them on load) and moved to ``device`` when given. ``task_type`` picks the transformers
     Auto class (default: a causal LM); ``kwargs`` go to its ``from_pretrained``. With
     ``tokenizer=False`` a model without a loadable tokenizer gives ``None`` for it instead of an
-    error."""
+    error.
+
+    ``quantization`` (``"nf4"``, ``"fp4"``, ``"int8"`` or a transformers ``BitsAndBytesConfig``;
+    needs ``peftlab[quant]``) loads the linear layers quantized by bitsandbytes, all but the
+    output head, computing in ``dtype``; ``double_quant`` stores 4-bit block scales in 8 bits.
+    Folders and hub ids are quantized by transformers while loading; GGUF files, which
+    transformers will not quantize, are loaded de-quantized and their layers replaced by
+    bitsandbytes' (:func:`peftlab.core.quantized.quantize_model`)."""
     import transformers
 
     auto_name = AUTO_CLASSES[task_type]
+    qconfig = None
+    if quantization is not None:
+        # a bad scheme or a missing extra is refused before any weights load
+        qconfig = quantized.bnb_config(quantization, compute_dtype=dtype, double_quant=double_quant)
+        require("bitsandbytes", f"--quantize {quantized.scheme_of(qconfig)}")
+        check_quantizable_device(device)
     with quiet(verbose):
         path, gguf = resolve_model_path(name_or_path, gguf_file)
-        extra = {"gguf_file": gguf} if gguf else {}
+        extra: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
         if gguf:
             require("gguf", f"loading {gguf}")
+        load_kwargs = dict(kwargs)
+        if qconfig is not None and not gguf:
+            load_kwargs["quantization_config"] = qconfig
+            load_kwargs["device_map"] = {"": str(torch.device(device) if device is not None else "cpu")}
         try:
-            model = getattr(transformers, auto_name).from_pretrained(path, dtype=dtype, **extra, **kwargs)
+            model = getattr(transformers, auto_name).from_pretrained(
+                path, dtype=dtype, **extra, **load_kwargs
+            )
         except OSError as err:
             raise ValueError(
                 f"cannot load the base model {name_or_path or DEFAULT_CAUSAL_LM!r} as {auto_name}: {err}. "
@@ -230,10 +252,25 @@ def load_base_model(
             if tokenizer:
                 raise
             tok = None
-    if device is not None:
+    if qconfig is not None and gguf:
+        if device is not None:
+            model.to(device)
+        quantized.quantize_model(model, qconfig, skip=output_head_names(model))
+    if qconfig is not None:
+        quantized.one_cpu_kernel(model)
+    elif device is not None and qconfig is None:
         model.to(device)
     model.eval()
     return model, tok
+
+
+def check_quantizable_device(device: torch.device | str | None) -> None:
+    """bitsandbytes quantizes on the CPU, CUDA and XPU; anything else is refused before loading."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    if kind not in ("cpu", "cuda", "xpu"):
+        raise ValueError(
+            f"--quantize: bitsandbytes cannot run on {kind!r}; use --device cpu or cuda, or drop --quantize"
+        )
 
 
 def load_tokenizer(

@@ -48,6 +48,8 @@ class MethodPreset:
     traits: tuple[str, ...] = ()  # "mergeable", "composes"
     shown: tuple[str, ...] = ()  # the config fields ``settings()`` prints
     summary: str = ""  # the settings in words, where the fields alone do not say them
+    quantize: str | None = None  # the frozen base quantized (nf4 | fp4 | int8); None: as loaded
+    in_default: bool = True  # among the methods compare runs without --methods
 
     def config(self, model_config: Any = None, task_type: TaskType = TaskType.CAUSAL_LM) -> PeftConfig | None:
         return self.make_config(model_config, task_type)
@@ -168,6 +170,18 @@ PRESETS: dict[str, MethodPreset] = {
             (),
             ("num_virtual_tokens", "prefix_projection"),
             "plain vectors (no MLP) for classification heads",
+        ),
+        MethodPreset(
+            "qlora",
+            "LoRA on NF4 base",
+            _lora,
+            2e-3,
+            2e-3,
+            (),  # not in place: merge_and_unload() gives a full-precision model instead
+            ("r", "lora_alpha", "target_modules"),
+            "LoRA (r=8, q+v) over the base quantized to NF4 by bitsandbytes (QLoRA); needs peftlab[quant]",
+            quantize="nf4",
+            in_default=False,
         ),
         MethodPreset(
             "ia3",

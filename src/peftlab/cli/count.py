@@ -34,6 +34,13 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--seq-len", type=int, default=512, help="sequence length for the activation estimate (512)"
     )
+    p.add_argument(
+        "--quantize",
+        metavar="SCHEME",
+        help="also estimate adapters over a base quantized to nf4, fp4 or int8 (NF4: 4.5 bits/param "
+        "incl. scales)",
+    )
+    p.add_argument("--double-quant", action="store_true", help="with --quantize nf4/fp4: 8-bit block scales")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=run)
 
@@ -53,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         task=TaskType(args.task) if args.task else None,
+        quantize=args.quantize,
+        double_quant=args.double_quant,
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
     return 0

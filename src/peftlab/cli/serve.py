@@ -127,6 +127,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
     p.add_argument("--dtype", default="float32", help=f"the weights' dtype: {DTYPE_HELP} (default float32)")
+    p.add_argument(
+        "--quantize",
+        metavar="SCHEME",
+        help="serve over a base quantized by bitsandbytes: nf4, fp4 or int8 (needs pip install "
+        "'peftlab[quant]'; adapters stay fp32)",
+    )
+    p.add_argument("--double-quant", action="store_true", help="with --quantize nf4/fp4: 8-bit block scales")
     p.add_argument("--threads", type=_positive, help="torch CPU threads")
     p.add_argument(
         "--log-level",
@@ -161,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         device=str(device),
         dtype=dtype,
+        quantization=args.quantize,
+        double_quant=args.double_quant,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,

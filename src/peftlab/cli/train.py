@@ -153,6 +153,17 @@ def register(sub: Any) -> None:
         action=argparse.BooleanOptionalAction,
         help="recompute activations in the backward pass to save memory",
     )
+    t.add_argument(
+        "--quantize",
+        metavar="SCHEME",
+        help="load the frozen base quantized by bitsandbytes: nf4, fp4 or int8 (QLoRA: nf4); "
+        "adapters train in fp32 (needs pip install 'peftlab[quant]')",
+    )
+    t.add_argument(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        help="with --quantize nf4/fp4: store the block scales in 8 bits too (~0.37 bits/param less)",
+    )
     t.add_argument("--seed", type=int, help="seed of adapter init, data split and order, dropout (default 0)")
     t.add_argument("--max-length", type=int, help="maximum tokens per example (default: from the data)")
     t.add_argument("--device", metavar="DEVICE", help=f"{DEVICE_HELP} (default auto)")

@@ -9,7 +9,7 @@ from typing import Any
 from peftlab.data.tasks import Task
 from peftlab.presets import PRESETS
 
-DEFAULT_METHODS = tuple(PRESETS)
+DEFAULT_METHODS = tuple(name for name, p in PRESETS.items() if p.in_default)
 SEARCH_EFFORTS = ("none", "quick", "full")
 # the learning rates a search tries, as multiples of the preset's, in the order tried (the
 # preset first, so the pruner has a sensible reference early)

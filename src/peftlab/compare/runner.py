@@ -56,6 +56,7 @@ from peftlab.compare.stats import bootstrap_interval, compare_to_best, resample_
 from peftlab.compare.store import Store, default_storage
 from peftlab.core import atomic
 from peftlab.core.peft_model import PeftModel, count_parameters
+from peftlab.core.quantized import quantized_modules
 from peftlab.core.registry import method_for
 from peftlab.count import activation_assumption, memory_estimates
 from peftlab.models import ENCODER_ALIASES, quiet
@@ -264,7 +265,9 @@ def _measure_model(session: Session, model: nn.Module, peft: PeftModel | None, n
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
         "estimated_train_memory_bytes": estimate.to_dict(),
-        "mergeable": peft is None or all(method_for(c).mergeable for c in peft.peft_config.values()),
+        # merging in place is refused over a quantized base (peftlab.core.quantized)
+        "mergeable": peft is None
+        or (all(method_for(c).mergeable for c in peft.peft_config.values()) and not quantized_modules(model)),
         "config": peft.peft_config["default"].to_dict() if peft is not None else None,
     }
     if peft is not None:

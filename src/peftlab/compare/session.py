@@ -24,6 +24,7 @@ from torch import nn
 from peftlab.compare.options import CompareOptions, resolve_sizes, run_kind
 from peftlab.core.config import TaskType
 from peftlab.core.peft_model import PeftModel, get_peft_model
+from peftlab.core.quantized import prepare_for_kbit_training
 from peftlab.count import activation_assumption
 from peftlab.data.catalog import get_task
 from peftlab.data.files import stratified_split, task_from_files, task_from_hf_dataset
@@ -130,6 +131,7 @@ class Session:
         opts.validate()
         self.opts = opts
         self.verbose = verbose
+        self._quantized: dict[str, nn.Module] = {}
         # an unavailable device or a dtype it cannot run is refused before anything loads
         self.precision = Precision.resolve(opts.device, opts.dtype)
         self.model_kind = model_kind(opts.model, opts.gguf_file)
@@ -231,7 +233,7 @@ class Session:
         """A fresh copy of the base with the preset's adapter (all weights trainable for full
         fine-tuning), initialised from ``seed``; what trains is fp32 (:class:`Precision`)."""
         torch.manual_seed(seed)
-        model = copy.deepcopy(self.base)
+        model = copy.deepcopy(self.base if preset.quantize is None else self.quantized_base(preset.quantize))
         config = preset.config(model.config, self.task_type)
         if config is None:
             for p in model.parameters():
@@ -239,7 +241,28 @@ class Session:
             return self.precision.prepare(model), None
         peft = get_peft_model(model, config)
         self.precision.prepare(peft)
+        if preset.quantize is not None:
+            prepare_for_kbit_training(peft, gradient_checkpointing=False)
         return peft, peft
+
+    def quantized_base(self, scheme: str) -> nn.Module:
+        """The base loaded again, quantized (``qlora``), once per comparison."""
+        found = self._quantized.get(scheme)
+        if found is None:
+            if self.model_kind == "encoder":
+                raise ValueError(f"a base quantized to {scheme} is for causal LMs; drop qlora from --methods")
+            found, _ = load_causal_lm(
+                self.opts.model,
+                gguf_file=self.opts.gguf_file,
+                dtype=self.precision.dtype,
+                device=self.precision.device,
+                verbose=self.verbose,
+                quantization=scheme,
+            )
+            for p in found.parameters():
+                p.requires_grad_(False)
+            self._quantized[scheme] = found
+        return found
 
     def train(
         self,

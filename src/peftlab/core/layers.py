@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftlab.core.quantized import IN_PLACE_REFUSAL, is_quantized, module_scheme
+
 Stage = Literal["pre", "delta", "post"]
 
 
@@ -329,6 +331,9 @@ class AdaptedModule(nn.Module):
         """
         units = [(n, self.adapters[n]) for n in adapter_names if n in self.adapters]
         units = [(n, u) for n, u in units if n not in self.merged]
+        if units and is_quantized(self.base_layer):
+            reason = IN_PLACE_REFUSAL.format(scheme=module_scheme(self.base_layer))
+            raise ValueError(f"cannot merge adapter {units[0][0]!r} in place: {reason}")
         order = {"delta": 0, "pre": 1, "post": 2}
         units.sort(key=lambda nu: (order[nu[1].stage], nu[1].post_order))  # type: ignore[index]
         for name, unit in units:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.core import checkpoint, combination
+from peftlab.core import checkpoint, combination, quantized
 from peftlab.core.composition import Parallel, Stack
 from peftlab.core.config import TASK_HEADS, PeftConfig, TaskType
 from peftlab.core.injection import (
@@ -474,14 +474,50 @@ class PeftModel(nn.Module):
         for _, wrapper in wrapped_modules(self.base_model):
             wrapper.unmerge()
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge the active (or named) adapters for good and return the plain base model."""
+    def merge_and_unload(
+        self, adapter_names: list[str] | None = None, *, requantize: bool = False
+    ) -> nn.Module:
+        """Merge the active (or named) adapters for good and return the plain base model.
+
+        On a quantized base (bitsandbytes 4-/8-bit layers) every quantized layer is de-quantized
+        and the adapters folded in float32: the result is a full-precision model in the layers'
+        compute dtype, equal to the adapted model up to float rounding. With ``requantize=True``
+        the merged layers are quantized again with their own settings (the other layers stay as
+        they were), which rounds ``W + dW`` once more: the merged model then differs from the
+        adapted one by about one quantization step (README, "Adapters on a quantized base").
+        """
         names = list(self._state.active if adapter_names is None else adapter_names)
         self._check_mergeable(names)
+        if requantize and not quantized.quantized_modules(self.base_model):
+            raise ValueError("merge_and_unload(requantize=True) needs a quantized base; this one is not")
+        # de-quantize (to float32) where adapters merge: requantize keeps the other layers' codes
+        settings: dict[str, tuple[Any, torch.dtype]] = {}
+        for name, wrapper in wrapped_modules(self.base_model):
+            if quantized.is_quantized(wrapper.base_layer) and any(n in wrapper.adapters for n in names):
+                settings[name] = (
+                    quantized.config_of(wrapper.base_layer),
+                    quantized.compute_dtype_of(wrapper.base_layer),
+                )
+                wrapper.base_layer = quantized.dequantize_linear(wrapper.base_layer)
         for _, wrapper in wrapped_modules(self.base_model):
             pending = [n for n in names if n in wrapper.adapters and n not in wrapper.merged]
             wrapper.merge(pending)
-        return self._unload(keep=names)
+        model = self._unload(keep=names)
+        for name, (config, dtype) in settings.items():
+            parent, child = get_parent(model, name)
+            merged = getattr(parent, child)
+            if requantize:
+                merged.bias = None if merged.bias is None else nn.Parameter(merged.bias.to(dtype), False)
+                setattr(parent, child, quantized.quantize_linear(merged, config))
+            else:
+                merged.to(dtype)
+        if not requantize:
+            for name, module in quantized.quantized_modules(model):
+                parent, child = get_parent(model, name)
+                dtype = quantized.compute_dtype_of(module)
+                setattr(parent, child, quantized.dequantize_linear(module).to(dtype))
+            quantized.forget_quantization(model)
+        return model
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the plain base model."""
@@ -642,12 +678,14 @@ def _restore(flags: list[tuple[nn.Parameter, bool]]) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total); a parameter shared by several modules (tied embeddings) counts once."""
+    """(trainable, total); a parameter shared by several modules (tied embeddings) counts once,
+    and a 4-bit quantized weight counts its weights, not its packed bytes (as HF PEFT counts)."""
     trainable = total = 0
     for p in model.parameters():
-        total += p.numel()
+        n = quantized.weight_count(p)
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return trainable, total
 
 

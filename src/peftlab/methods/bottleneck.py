@@ -34,6 +34,7 @@ from torch import nn
 from peftlab.core.config import PeftConfig, TaskType, check_positive_int, normalize_targets
 from peftlab.core.layers import AdapterUnit, Stage, base_weight, linear_features
 from peftlab.core.method import Method, Targets, architecture_of, resolve_targets
+from peftlab.core.quantized import unit_placement
 
 NON_LINEARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -170,7 +171,7 @@ class BottleneckUnit(AdapterUnit):
         _, d_model = linear_features(base_layer)
         size = config.bottleneck_for(d_model)
         weight = base_weight(base_layer)
-        kw: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
+        kw = unit_placement(base_layer, weight)
         self.adapter_down = nn.Linear(d_model, size, **kw)
         self.adapter_up = nn.Linear(size, d_model, **kw)
         self.non_linearity = config.non_linearity

@@ -25,6 +25,7 @@ from peftlab.core.host import AdapterHost
 from peftlab.core.injection import exact_suffixes, find_targets
 from peftlab.core.layers import AdapterUnit, Stage, base_bias, base_weight, is_conv1d, linear_features
 from peftlab.core.method import Method, Targets, architecture_of, resolve_targets
+from peftlab.core.quantized import unit_placement
 
 # |l| below this cannot be divided back out of a merged weight without losing it
 _MIN_INVERTIBLE = 1e-6
@@ -94,7 +95,7 @@ class IA3Unit(AdapterUnit):
         self.fan_in_fan_out = is_conv1d(base_layer)
         shape = (1, in_features) if feedforward else (out_features, 1)
         w = base_weight(base_layer)
-        self.ia3_l = nn.Parameter(torch.empty(shape, device=w.device, dtype=w.dtype))
+        self.ia3_l = nn.Parameter(torch.empty(shape, **unit_placement(base_layer, w)))
         with torch.no_grad():
             if config.init_ia3_weights:
                 nn.init.ones_(self.ia3_l)

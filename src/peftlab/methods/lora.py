@@ -52,6 +52,7 @@ from peftlab.core.host import AdapterHost
 from peftlab.core.injection import exact_suffixes
 from peftlab.core.layers import AdapterUnit, Stage, base_weight, is_conv1d, linear_features
 from peftlab.core.method import Method, Targets, architecture_of, resolve_targets
+from peftlab.core.quantized import unit_placement
 
 BIAS_MODES = ("none", "all", "lora_only")
 # target_modules=None: the query and value projections (Hu et al.)
@@ -156,7 +157,7 @@ class LoraUnit(AdapterUnit):
         super().__init__()
         in_features, out_features = linear_features(base_layer)
         weight = base_weight(base_layer)
-        kw: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
+        kw = unit_placement(base_layer, weight)
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.lora_A = nn.Linear(in_features, config.r, bias=False, **kw)
         self.lora_B = nn.Linear(config.r, out_features, bias=False, **kw)

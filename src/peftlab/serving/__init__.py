@@ -56,11 +56,15 @@ def load_engine(
     served_model_name: str | None = None,
     device: str | None = None,
     dtype: torch.dtype = torch.float32,
+    quantization: Any = None,
+    double_quant: bool = False,
     **engine_options: Any,
 ) -> Engine:
     """Load a causal LM (``None``: the embedded SmolLM2-135M) and the named adapter folders,
     and wrap them in an :class:`Engine` (options: ``batching``, ``max_batch_size``,
-    ``adapter_dirs``, ...)."""
+    ``adapter_dirs``, ...). ``quantization`` (``"nf4"``, ``"fp4"``, ``"int8"`` or a
+    ``BitsAndBytesConfig``) serves every adapter over one quantized base, as
+    :func:`peftlab.models.load_base_model` loads it."""
     base_name = served_model_name or base_model_name(model, gguf_file)
     adapters = dict(adapters or {})
     folders = {}
@@ -70,8 +74,11 @@ def load_engine(
             folders[name] = str(check_adapter_folder(path))
         except ServeError as err:
             raise ValueError(f"--adapter {name}={path}: {err.message}") from None
-    base, tokenizer = load_causal_lm(model, gguf_file=gguf_file, dtype=dtype)
     target = resolve_device(device or "auto")
+    quant: dict[str, Any] = {}
+    if quantization is not None:  # quantized straight onto the device
+        quant = {"quantization": quantization, "double_quant": double_quant, "device": target}
+    base, tokenizer = load_causal_lm(model, gguf_file=gguf_file, dtype=dtype, **quant)
     peft_model = PeftModel(base)
     for name, folder in folders.items():
         peft_model.load_adapter(folder, adapter_name=name)

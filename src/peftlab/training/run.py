@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from peftlab.core import atomic
 from peftlab.core.config import PeftConfig, TaskType
 from peftlab.core.peft_model import PeftModel, get_peft_model
+from peftlab.core.quantized import check_scheme, prepare_for_kbit_training
 from peftlab.count import activation_assumption
 from peftlab.data.catalog import get_task
 from peftlab.data.files import task_from_files
@@ -126,6 +127,8 @@ class RunConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
+    quantize: str | None = None  # nf4 | fp4 | int8: the frozen base quantized (peftlab.core.quantized)
+    double_quant: bool = False  # 4-bit block scales stored in 8 bits
     seed: int = 0
     max_length: int | None = None  # None: from the data (see peftlab.training.fitting)
     out: str = "peftlab-train"
@@ -193,9 +196,11 @@ class RunConfig:
             raise ValueError(
                 f"gradient_checkpointing: must be true or false, got {self.gradient_checkpointing!r}"
             )
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"double_quant: must be true or false, got {self.double_quant!r}")
         for name in (
             "model", "gguf_file", "task", "data", "eval_data", "out", "lr_schedule", "device", "dtype",
-            "chat_template", "report_to",
+            "chat_template", "report_to", "quantize",
         ):  # fmt: skip
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -204,6 +209,15 @@ class RunConfig:
         self.dtype = parse_dtype(self.dtype)
         check_chat_template(self.chat_template)
         check_report_to(self.report_to)
+        if self.quantize is None:
+            self.quantize = PRESETS[self.method].quantize if self.method in PRESETS else None
+        if self.quantize is not None:
+            check_scheme(self.quantize)
+            if self.method == "full":
+                raise ValueError(
+                    "--quantize: full fine-tuning updates every weight, and quantized weights cannot "
+                    "train; pick an adapter method (--method lora) or drop --quantize"
+                )
         self.peft_config()  # the method options are checked now, not after the model has loaded
 
     @property
@@ -375,6 +389,13 @@ def total_steps(config: RunConfig, num_train: int, global_batch: int) -> int:
         return config.steps
     epochs = 1.0 if config.epochs is None else float(config.epochs)
     return max(1, math.ceil(epochs * num_train / global_batch))
+
+
+def quantized_load(scheme: str | None, double_quant: bool, device: Any) -> dict[str, Any]:
+    """The loader's arguments for a quantized base (loaded straight onto its device), or none."""
+    if scheme is None:
+        return {}
+    return {"quantization": scheme, "double_quant": double_quant, "device": device}
 
 
 def _build_model(config: RunConfig, base: nn.Module) -> nn.Module:
@@ -661,10 +682,14 @@ class _Run:
             gguf_file=config.gguf_file,
             dtype=self.precision.load_dtype(trains_everything=config.peft_config() is None),
             verbose=self.verbose,
+            **quantized_load(config.quantize, config.double_quant, self.precision.device),
         )
         if info.is_main:
             distributed.barrier(info)
         self.model = self.precision.prepare(_build_model(config, base))
+        if config.quantize is not None:
+            # after prepare, which casts frozen weights to --dtype: norms back to fp32, input grads
+            prepare_for_kbit_training(self.model, gradient_checkpointing=False)
         self.pad = pad_id(self.tokenizer)
         self.fmt = PromptFormat.resolve(
             self.tokenizer, config.chat_template, chat_rows=self.task.info.get("kind") == "chat"
