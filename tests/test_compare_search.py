@@ -45,11 +45,12 @@ def test_search_picks_the_rate_that_wins_and_prunes_the_rest(tmp_path: Path) -> 
     by_lr = {t.learning_rate: t for t in trials}
     assert [t.learning_rate for t in trials] == grid(2e-3, "full")  # tried in the grid's order
     assert by_lr[2e-3].state == by_lr[6e-3].state == "complete"
-    # the far rates fall behind at the first rung and stop there: one validation of ten
+    # the far rates fall behind at the first rung (half the trial: five validations of ten) and
+    # stop there
     for far in (6.67e-4, 1.8e-2, 2.22e-4):
-        assert by_lr[far].state == "pruned" and by_lr[far].examples == 4
+        assert by_lr[far].state == "pruned" and by_lr[far].examples == 20
     trained = dict(session.trained)
-    assert trained[6.67e-4] == 4 and trained[2e-3] == 40  # training really stopped early
+    assert trained[6.67e-4] == 20 and trained[2e-3] == 40  # training really stopped early
     assert by_lr[6e-3].val_loss == pytest.approx(abs(math.log(6e-3 / BEST_LR)) + 1 / 10)
 
 
@@ -103,3 +104,17 @@ def test_sigkill_mid_trial_loses_only_that_trial(tmp_path: Path) -> None:
     assert [lr for lr, _ in resumed.trained] == [6e-3, 6.67e-4]
     uninterrupted = _search(FakeSession(), _store(tmp_path, "clean.db"))
     assert after_kill == uninterrupted
+
+
+def test_a_trial_killed_before_its_rate_was_drawn_is_resumed(tmp_path: Path) -> None:
+    """A kill between Optuna taking an enqueued trial (RUNNING) and drawing its learning rate
+    leaves a running trial without params; the resumed search draws the enqueued rate for it."""
+    store = _store(tmp_path)
+    study = store.study(f"search:{LORA.name}")
+    for lr in grid(2e-3, "quick"):
+        study.enqueue_trial({"learning_rate": lr}, skip_if_exists=True)
+    taken = study._pop_waiting_trial_id()  # what study.ask does before it samples
+    assert taken is not None and study.get_trials()[0].params == {}
+    lr, trials = _search(FakeSession(), store)
+    uninterrupted = _search(FakeSession(), _store(tmp_path, "clean.db"))
+    assert (lr, [t.to_dict() for t in trials]) == (uninterrupted[0], [t.to_dict() for t in uninterrupted[1]])

@@ -75,7 +75,10 @@ def search_learning_rate(
     states = optuna.trial.TrialState
     # a trial left running by a killed worker is trained again under the same trial
     for frozen in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
-        _run_trial(session, study, optuna.trial.Trial(study, frozen._trial_id), preset, frozen.last_step)
+        trial = optuna.trial.Trial(study, frozen._trial_id)
+        if PARAM not in frozen.params:  # killed between taking the trial and drawing its rate
+            trial.suggest_float(PARAM, distribution.low, distribution.high, log=True)
+        _run_trial(session, study, trial, preset, frozen.last_step)
         on_trial()
     while study.get_trials(deepcopy=False, states=(states.WAITING,)):
         trial = study.ask({PARAM: distribution})

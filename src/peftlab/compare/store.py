@@ -134,7 +134,8 @@ class Store:
                     return False
                 optuna.delete_study(study_name=f"{PREFIX}:{name}", storage=self.storage)
                 continue
-            for key, value in _owner().items():
+            # "host" last: a claim with a host has its pid too (see _stale)
+            for key, value in sorted(_owner().items(), key=lambda item: item[0] == "host"):
                 self._set_attr(name, key, value)
             return True
         return False
