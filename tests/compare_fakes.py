@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from peftlab.compare.session import TrainOutcome, Validation
 from peftlab.training.loop import TrainHistory, TrainingDiverged
 
@@ -26,14 +28,15 @@ class FakeSession:
     def __init__(
         self, *, diverge_at: float = math.inf, pause_lr: float | None = None, pause_file: str = ""
     ) -> None:
-        self.sizes = {"search_budget": 40, "batch_size": 4, "eval_every": 4}
+        # trials pause at the search budget, a quarter into the schedule of the whole budget
+        self.sizes = {"search_budget": 40, "budget": 160, "batch_size": 4, "eval_every": 4, "patience": 100}
         self.diverge_at = diverge_at
         self.pause_lr = pause_lr
         self.pause_file = pause_file
         self.trained: list[tuple[float, int]] = []  # (lr, validations seen)
 
     def prepare(self, preset: Any, seed: int) -> tuple[Any, None]:
-        return object(), None
+        return torch.nn.Linear(1, 1), None
 
     def train(
         self,
@@ -44,11 +47,13 @@ class FakeSession:
         budget: int,
         on_validation: Callable[[int, Validation], bool],
         desc: str,
+        stop_at: int | None = None,
     ) -> TrainOutcome:
         if learning_rate >= self.diverge_at:
             raise TrainingDiverged(1, float("nan"))
         outcome = TrainOutcome(TrainHistory(), 0)
-        validations = budget // self.sizes["eval_every"]
+        assert budget == self.sizes["budget"]  # a trial runs on the final run's schedule
+        validations = min(budget, stop_at or budget) // self.sizes["eval_every"]
         for k in range(1, validations + 1):
             if self.pause_lr is not None and math.isclose(learning_rate, self.pause_lr) and k == 3:
                 Path(self.pause_file).write_text(str(os.getpid()))
@@ -58,5 +63,7 @@ class FakeSession:
             if on_validation(outcome.examples_seen, Validation(loss, None)):
                 outcome.reason = "stopped"
                 break
+        else:
+            outcome.reason = "paused" if outcome.examples_seen < budget else "budget"
         self.trained.append((learning_rate, outcome.examples_seen))
         return outcome

@@ -230,3 +230,57 @@ def test_bad_search_effort_is_refused_by_the_parser(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         main(["compare", "--search", "huge"])
     assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_a_final_run_going_on_from_its_search_trial_equals_retraining_it(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The chosen search trial is the start of its final run (same schedule, paused at the search
+    budget): going on from it in memory gives exactly the figures of training it again."""
+    from peftlab.compare.options import CompareOptions
+    from peftlab.compare.runner import work
+    from peftlab.compare.session import Session
+
+    data = _short_eval(tmp_path / "d.jsonl")
+    data.write_text(data.read_text() * 4)
+    records = []
+    for continued in (True, False):
+        opts = CompareOptions(
+            model=str(tiny_llama), data=str(data), methods=("lora",), budget=48, batch_size=4,
+            eval_every=8, search_budget=16, val_size=8, num_eval=8, latency_repeats=1,
+            dtype="float32", device="cpu", out=str(tmp_path / f"out-{continued}"),
+        )  # fmt: skip
+        store = Store(default_storage(Path(opts.out)))
+        work(Session(opts), store, continue_trials=continued)
+        record = store.get_record("lora", 0)
+        assert record is not None and record["continued_search_trial"] is continued
+        records.append(record)
+    went_on, retrained = records
+    assert went_on["search"] == retrained["search"]
+    assert went_on["examples_seen"] > 16  # it went past the trial's pause
+    for key in (
+        "learning_rate",
+        "losses",
+        "validations",
+        "examples_seen",
+        "best_examples",
+        "test",
+        "metrics",
+    ):
+        assert went_on[key] == retrained[key], key
+
+
+def test_each_local_worker_takes_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from peftlab.compare.options import CompareOptions
+    from peftlab.compare.runner import worker_options
+
+    opts = CompareOptions(workers=3)
+    assert worker_options(opts, 2) is opts  # no GPU here: every worker on the CPU, as asked
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [worker_options(opts, i).device for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    for device in ("cpu", "cuda:1"):  # an explicit device is kept
+        assert worker_options(CompareOptions(workers=3, device=device), 1).device == device
+    assert worker_options(CompareOptions(workers=1), 0).device == "auto"

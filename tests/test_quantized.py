@@ -307,6 +307,32 @@ def test_train_on_a_quantized_base_saves_a_full_precision_adapter(
         assert torch.equal(loaded.adapter_parameters("default")[name], value)
 
 
+def test_train_checkpoints_gradients_over_a_quantized_base_unless_told_not_to(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """As QLoRA (and HF PEFT's k-bit preparation) do: on by default with --quantize, off without it,
+    off for prefix tuning (which it would break), and an explicit setting wins."""
+    from peftlab.training.run import RunConfig, run_training, uses_checkpointing
+
+    runs = iter(range(10))
+
+    def checkpointing(**kw: Any) -> bool:
+        out = tmp_path / f"run{next(runs)}"
+        config = RunConfig(model=str(tiny_llama), task="topic", steps=1, batch_size=2, num_eval=1,
+                           save_every=0, out=str(out), **kw)  # fmt: skip
+        result = run_training(config)
+        on = any(getattr(m, "gradient_checkpointing", False) for m in result.model.modules())
+        assert on == uses_checkpointing(config)
+        return on
+
+    assert checkpointing(quantize="nf4")
+    assert not checkpointing(quantize="nf4", gradient_checkpointing=False)
+    assert not checkpointing(quantize="nf4", method="prefix")
+    assert not checkpointing()
+    with pytest.raises(ValueError, match="prefix tuning does not work with it"):
+        RunConfig(task="topic", method="prefix", gradient_checkpointing=True).validate()
+
+
 def test_train_quantize_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from peftlab import cli
 
@@ -343,6 +369,32 @@ def test_serve_loads_adapters_over_one_nf4_base(tiny_llama: Path, tmp_path: Path
         for i, name in enumerate(("a", "b")):
             model.set_adapter(name)
             assert torch.equal(mixed[i : i + 1], model.generate(input_ids=ids[i : i + 1], **kw))
+    # over HTTP, as `peftlab serve --quantize nf4` serves it: each adapter says what it says alone
+    from peftlab.serving.api import ServerThread, create_app
+    from serve_helpers import Client
+
+    prompt = "good bad good"
+    x = engine.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with ServerThread(create_app(engine)) as running:
+        client = Client(running.url)
+        texts = {}
+        for name in ("a", "b"):
+            status, body = client.complete(name, [prompt], max_tokens=4)
+            assert status == 200, body
+            model.set_adapter(name)
+            with torch.no_grad():
+                alone = model.generate(input_ids=x, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            want = engine.tokenizer.decode(alone[0, x.shape[1] :], skip_special_tokens=True)
+            texts[name] = body["choices"][0]["text"]
+            assert texts[name] == want, name
+
+
+def test_serve_cli_refuses_a_bad_scheme_before_loading(capsys: pytest.CaptureFixture[str]) -> None:
+    from peftlab import cli
+
+    assert cli.main(["serve", "--quantize", "nf3", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown scheme 'nf3'" in err and len(err.strip().splitlines()) == 1, err
 
 
 # ---- peftlab count --quantize ----------------------------------------------------------------
@@ -382,7 +434,72 @@ def test_compare_adds_a_lora_on_nf4_row(tiny_llama: Path, tmp_path: Path) -> Non
     report = (out / "report.md").read_text()
     assert "LoRA on NF4 base" in report and "LoRA (r=8, q+v)" in report
     assert "qlora" in json.dumps(results)
+    # its estimated memory is count --quantize's: the linear layers at NF4's 4.5 bits
+    rows = {r["method"]: r for r in results["methods"]}
+    est = {m: rows[m]["estimated_train_memory_bytes"] for m in ("lora", "qlora")}
+    assert est["qlora"]["weights"] < est["lora"]["weights"]
+    assert est["qlora"]["optimizer"] == est["lora"]["optimizer"]  # the same adapter
     # its adapter is a plain PEFT LoRA checkpoint that loads on the full-precision base
     from transformers import AutoModelForCausalLM
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out / "adapters" / "qlora")
+
+
+# ---- peftlab merge --quantize ----------------------------------------------------------------
+def test_merge_cli_folds_into_the_dequantized_base_it_trained_on(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An adapter trained over NF4 merged with --quantize nf4 computes what the adapted NF4 model
+    did (the fold is onto the weights it trained against); merged onto the fp32 base instead it
+    is off by the quantization error."""
+    from transformers import AutoModelForCausalLM
+
+    from peftlab import cli
+    from peftlab.models import load_causal_lm
+
+    base, _ = load_causal_lm(str(tiny_llama), quantization="nf4")
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type=TASK)
+    adapted = get_peft_model(base, config)
+    adapted.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[6, 7, 8, 9, 10, 11], [11, 10, 9, 8, 7, 6]])
+    with torch.no_grad():
+        want = adapted(input_ids=ids).logits
+    for flags, folder in ((["--quantize", "nf4"], "over-nf4"), ([], "over-fp32")):
+        argv = ["merge", str(tiny_llama), str(tmp_path / "adapter"), str(tmp_path / folder), *flags]
+        assert cli.main(argv) == 0
+    printed = capsys.readouterr()
+    assert "folded into the de-quantized nf4 base" in printed.out
+    assert printed.err == ""  # quiet: no loading bars or library warnings
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "over-nf4")
+    assert not quantized.quantized_modules(merged) and merged.dtype == torch.float32
+    assert getattr(merged.config, "quantization_config", None) is None
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "over-fp32")
+    with torch.no_grad():
+        err_nf4 = (merged(input_ids=ids).logits - want).abs().max().item()
+        err_fp32 = (plain(input_ids=ids).logits - want).abs().max().item()
+    assert err_nf4 < ATOL_4BIT  # the fold itself: float rounding only
+    assert err_fp32 > 100 * err_nf4  # the NF4 grid the adapter trained on is not the fp32 base
+    capsys.readouterr()  # (transformers' own loading bars above)
+    # bad input: an unknown scheme, --double-quant alone (one line each, nothing written)
+    for flags, message in (
+        (["--quantize", "nf3"], "unknown scheme 'nf3'"),
+        (["--double-quant"], "--double-quant goes with --quantize"),
+    ):
+        argv = ["merge", str(tiny_llama), str(tmp_path / "adapter"), str(tmp_path / "bad"), *flags]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "bad").exists()
+
+
+def test_int8_cast_notice_is_not_logged_at_every_matmul(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    model = quantized_llama("int8")
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        model(**sample_inputs("llama"))
+    assert not [r for r in caplog.records if "cast from" in r.getMessage()]
+    # other bitsandbytes warnings still get through
+    logging.getLogger("bitsandbytes.autograd._functions").warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]

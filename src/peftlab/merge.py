@@ -18,6 +18,7 @@ from torch import nn
 from peftlab.core import atomic
 from peftlab.core.checkpoint import read_adapter_config
 from peftlab.core.peft_model import PeftModel
+from peftlab.core.quantized import check_scheme, dequantize_model
 from peftlab.core.registry import method_for
 from peftlab.devices import DTYPES, parse_dtype, resolve_device
 from peftlab.models import AUTO_CLASSES, load_base_model, quiet, savable
@@ -40,11 +41,24 @@ def merge_to_folder(
     device: str = "cpu",
     force: bool = False,
     verbose: bool = False,
+    quantize: str | None = None,
+    double_quant: bool = False,
 ) -> MergeResult:
     """Load ``base`` in float32 on ``device``, apply the adapter saved in ``adapter``, fold it
     into the weights in float32, cast the result once to ``dtype`` and write ``out``
-    (transformers' ``save_pretrained`` plus the tokenizer, when the base has one)."""
+    (transformers' ``save_pretrained`` plus the tokenizer, when the base has one).
+
+    ``quantize`` (nf4 / fp4 / int8, with ``double_quant``): for an adapter trained over a base
+    quantized so (QLoRA), the base is loaded quantized the same way and the adapter folded into
+    the de-quantized weights it was trained against; every other quantized layer is
+    de-quantized too, so the written model is full precision and computes what the adapted
+    quantized model did. (Quantizing the merged weights again would round most of a small
+    adapter's update away: see ``merge_and_unload(requantize=True)``.)"""
     out, adapter = Path(out), Path(adapter)
+    if quantize is not None:
+        check_scheme(quantize)
+    elif double_quant:
+        raise ValueError("--double-quant goes with --quantize nf4 or fp4; add --quantize or drop it")
     dtype = parse_dtype(dtype)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: the merged weights need one of {', '.join(DTYPES)}")
@@ -68,11 +82,15 @@ def merge_to_folder(
         device=where,
         verbose=verbose,
         tokenizer=False,
+        quantization=quantize,
+        double_quant=double_quant,
     )
     if tokenizer is None:
         print(f"note: {base} has no tokenizer that loads; the merged folder will have none")
     # the adapter's units take the base's dtype, float32, whatever dtype its file holds
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if quantize is not None:
+        merged = dequantize_model(merged)
     merged = savable(merged, AUTO_CLASSES[task_type]).to(device="cpu", dtype=DTYPES[dtype])
     _write(out, merged, tokenizer, verbose)
     return MergeResult(config.peft_type, sum(p.numel() for p in merged.parameters()), tokenizer is not None)

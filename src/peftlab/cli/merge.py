@@ -35,6 +35,14 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--device", default="cpu", help="where to fold the adapter in: cpu (default), cuda, cuda:N, mps, auto"
     )
+    p.add_argument(
+        "--quantize",
+        default=None,
+        metavar="SCHEME",
+        help="the adapter was trained over a base quantized to nf4, fp4 or int8 (QLoRA): load BASE "
+        "so and fold into the de-quantized weights it trained against; OUT is full precision",
+    )
+    p.add_argument("--double-quant", action="store_true", help="with --quantize nf4/fp4: as trained")
     p.add_argument("--force", action="store_true", help="replace the contents of a non-empty OUT")
     p.add_argument("--verbose", action="store_true", help="show transformers' logs and full tracebacks")
     p.set_defaults(func=run)
@@ -50,10 +58,13 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         force=args.force,
         verbose=args.verbose,
+        quantize=args.quantize,
+        double_quant=args.double_quant,
     )
     print(
         f"merged the {result.peft_type} adapter {args.adapter} into {args.base}: wrote {args.out} "
         f"({result.num_parameters:,} parameters, {args.dtype}"
+        f"{f', folded into the de-quantized {args.quantize} base' if args.quantize else ''}"
         f"{', with tokenizer' if result.with_tokenizer else ''})"
     )
     return 0

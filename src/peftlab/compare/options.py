@@ -24,7 +24,9 @@ SEARCH_GRIDS: dict[str, tuple[float, ...]] = {
 # ``eval_every``: examples between validation losses (early stopping and pruning decide on
 # them); ``patience``: validations without a better loss before a final run stops;
 # ``search_budget``: the longest a search trial trains; ``val_size``: validation rows carved from
-# the training data; ``num_eval``: test rows scored (None: all). Sized so a default run takes
+# the training data; ``num_eval``: test rows scored (None: all). A search trial is the first
+# ``search_budget`` examples of its final run (same schedule), and the chosen one goes on, so a
+# method costs about budget + (trials - 1) x search_budget examples. Sized so a default run takes
 # about 25 minutes on 2 CPU cores (MiniLM is ~6x smaller than SmolLM2-135M, so it affords more).
 RUN_SIZES: dict[str, dict[str, int | None]] = {
     "generation": {
@@ -37,16 +39,16 @@ RUN_SIZES: dict[str, dict[str, int | None]] = {
         "num_eval": 64,
     },
     "causal-classification": {
-        "budget": 640,
+        "budget": 720,
         "batch_size": 8,
         "eval_every": 80,
-        "patience": 3,
+        "patience": 4,
         "search_budget": 160,
-        "val_size": 64,
+        "val_size": 96,
         "num_eval": 400,
     },
     "encoder-classification": {
-        "budget": 6400,
+        "budget": 8000,
         "batch_size": 16,
         "eval_every": 400,
         "patience": 3,

@@ -213,7 +213,15 @@ def search_lines(results: dict[str, Any]) -> list[str]:
             for t in trials
         )
         rows.append([r["label"], str(search.get("effort", "-")), tried or "-", f"{r['learning_rate']:g}"])
-    return [_markdown_table(header, rows)]
+    s = results["settings"]
+    intro = (
+        f"A trial is the first {s['search_budget']:,} training examples of the final run it would be "
+        f"(the same schedule over all {s['budget']:,}); successive halving stops the trials that fall "
+        "behind, the lowest validation loss wins, and the final run at that rate goes on from its trial."
+        if s.get("search") != "none"
+        else "No search (--search none): each method trains at its preset's rate, or the one --lr gives."
+    )
+    return [intro, "", _markdown_table(header, rows)]
 
 
 def training_lines(results: dict[str, Any]) -> list[str]:

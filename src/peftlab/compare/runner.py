@@ -50,15 +50,16 @@ from peftlab.compare.measure import (
 from peftlab.compare.options import SEARCH_GRIDS, CompareOptions
 from peftlab.compare.plots import write_plots
 from peftlab.compare.report import attach_best_for, render_report
-from peftlab.compare.search import search_learning_rate
-from peftlab.compare.session import EVALUATION, Session, Validation, binary_outcomes
+from peftlab.compare.search import TrialStart, search_learning_rate
+from peftlab.compare.session import EVALUATION, EarlyStopping, Session, binary_outcomes
 from peftlab.compare.stats import bootstrap_interval, compare_to_best, resample_indices
 from peftlab.compare.store import Store, default_storage
 from peftlab.core import atomic
 from peftlab.core.peft_model import PeftModel, count_parameters
-from peftlab.core.quantized import quantized_modules
+from peftlab.core.quantized import BITS_PER_PARAM, quantized_modules
 from peftlab.core.registry import method_for
-from peftlab.count import activation_assumption, memory_estimates
+from peftlab.count import activation_assumption, memory_estimates, quantizable_params, quantized_estimate
+from peftlab.devices import parse_device
 from peftlab.models import ENCODER_ALIASES, quiet
 from peftlab.presets import PRESETS, MethodPreset
 
@@ -79,8 +80,12 @@ def run_compare(opts: CompareOptions, *, verbose: bool = False) -> dict[str, Any
     assert opts.storage is not None
     store = Store(opts.storage)
     with quiet(verbose):
-        session = Session(opts, verbose=verbose)
-    store.check_settings({**opts.settings(), "data_sha256": data_fingerprint(session)})
+        session = Session(worker_options(opts, 0), verbose=verbose)
+    # the sizes as resolved (not as given): a default that changed between versions changes the
+    # figures too, and --steps N is --budget N x batch size
+    settings = {**opts.settings(), **session.sizes, "data_sha256": data_fingerprint(session)}
+    settings.pop("steps", None)
+    store.check_settings(settings)
     _zero_shot(session, store)
     _check_metric(session, store)
     progress = Progress(store, opts, session)
@@ -104,24 +109,35 @@ def run_compare(opts: CompareOptions, *, verbose: bool = False) -> dict[str, Any
 
 # ---- the work ------------------------------------------------------------------------------
 def work(
-    session: Session, store: Store, *, on_unit: Callable[[], None] = lambda: None, verbose: bool = False
+    session: Session,
+    store: Store,
+    *,
+    on_unit: Callable[[], None] = lambda: None,
+    verbose: bool = False,
+    continue_trials: bool = True,
 ) -> None:
-    """Take every method no live worker has and that is not done: search, final runs, record."""
+    """Take every method no live worker has and that is not done: search, final runs, record.
+    The final run of seed 0 goes on from the chosen search trial when this process ran it
+    (``continue_trials``; the figures are the same as retraining it, only sooner)."""
     for name in session.opts.methods:
         if not store.claim(name):
             continue
         preset = PRESETS[name]
         with quiet(verbose):
-            lr, trials = _learning_rate(session, store, preset, on_unit)
+            kept: list[TrialStart] = []
+            lr, trials = _learning_rate(session, store, preset, on_unit, kept if continue_trials else None)
+            start = kept[0] if kept and kept[0].learning_rate == lr else None
+            kept.clear()
             for seed in range(session.opts.seeds):
                 if store.get_record(name, seed) is None:
-                    record = _final_run(session, store, preset, lr, seed)
+                    record = _final_run(session, store, preset, lr, seed, start if seed == 0 else None)
                     record["search"] = {
                         "effort": _effort(session.opts, preset),
                         "trials": trials,
                         "chosen": lr,
                     }
                     store.put_record(name, seed, record)
+                start = None
                 store.heartbeat(name)
                 on_unit()
         store.finish(name)
@@ -133,7 +149,11 @@ def _effort(opts: CompareOptions, preset: MethodPreset) -> str:
 
 
 def _learning_rate(
-    session: Session, store: Store, preset: MethodPreset, on_unit: Callable[[], None]
+    session: Session,
+    store: Store,
+    preset: MethodPreset,
+    on_unit: Callable[[], None],
+    kept: list[TrialStart] | None,
 ) -> tuple[float, list[dict[str, Any]]]:
     fixed = session.opts.learning_rates.get(preset.name)
     if fixed is not None:
@@ -145,23 +165,41 @@ def _learning_rate(
         store.heartbeat(preset.name)
         on_unit()
 
-    lr, trials = search_learning_rate(session, store, preset, session.opts.search, on_trial=trial_done)
+    def keep_best(start: TrialStart) -> None:  # only the best so far: each holds a model
+        if kept is not None and (not kept or start.key() < kept[0].key()):
+            kept[:] = [start]
+
+    lr, trials = search_learning_rate(
+        session, store, preset, session.opts.search, on_trial=trial_done, on_start=keep_best
+    )
     return lr, [t.to_dict() for t in trials]
 
 
-def _final_run(session: Session, store: Store, preset: MethodPreset, lr: float, seed: int) -> dict[str, Any]:
-    """Train with early stopping on the validation loss (keeping the best state), score on the
-    test split and, for seed 0, measure the costs."""
+def _final_run(
+    session: Session, store: Store, preset: MethodPreset, lr: float, seed: int, start: TrialStart | None
+) -> dict[str, Any]:
+    """Train with early stopping on the validation loss (keeping the best state), going on from
+    the search trial ``start`` when there is one; score on the test split and, for seed 0,
+    measure the costs."""
     sizes = session.sizes
-    model, peft = session.prepare(preset, seed)
+
+    def heartbeat() -> None:
+        store.heartbeat(preset.name)
+
+    desc = f"{preset.name} (seed {seed})"
+    if start is not None:
+        model, peft, stopper, outcome = start.model, start.peft, start.stopper, start.outcome
+        stopper.heartbeat = heartbeat
+    else:
+        model, peft = session.prepare(preset, seed)
+        stopper = EarlyStopping(model, sizes["patience"], heartbeat=heartbeat)
     release_free_memory()
     rss_before = current_rss()
     reset_ok = reset_peak_rss()
-    stopper = EarlyStopping(model, sizes["patience"], heartbeat=lambda: store.heartbeat(preset.name))
-    started = time.perf_counter()
-    outcome = session.train(
-        model, lr, seed, budget=sizes["budget"], on_validation=stopper, desc=f"{preset.name} (seed {seed})"
-    )
+    if start is None:
+        outcome = session.train(model, lr, seed, budget=sizes["budget"], on_validation=stopper, desc=desc)
+    elif outcome.reason == "paused":
+        outcome = session.resume(outcome, model, on_validation=stopper, desc=desc)
     peak = peak_rss() if reset_ok else None
     stopper.restore()
     test = session.evaluate_test(model)
@@ -182,7 +220,8 @@ def _final_run(session: Session, store: Store, preset: MethodPreset, lr: float, 
         "peak_rss_bytes": peak,
         "peak_gpu_memory_bytes": outcome.peak_gpu_bytes,
         "rss_before_bytes": rss_before,
-        "train_wall_s": time.perf_counter() - started,
+        "train_wall_s": outcome.wall_s,
+        "continued_search_trial": start is not None,
         "finished_at": time.time(),
     }
     if seed == 0:
@@ -190,49 +229,6 @@ def _final_run(session: Session, store: Store, preset: MethodPreset, lr: float, 
     del model, peft
     gc.collect()
     return record
-
-
-class EarlyStopping:
-    """Stop when the validation loss has not improved for ``patience`` validations; keeps a copy
-    of the trainable state of the best one, which :meth:`restore` puts back."""
-
-    def __init__(self, model: nn.Module, patience: int, heartbeat: Callable[[], None] = lambda: None) -> None:
-        self.model = model
-        self.patience = patience
-        self.heartbeat = heartbeat
-        self.best_loss = float("inf")
-        self.best_examples: int | None = None
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.losses: list[float] = []
-        self.waited = 0
-
-    def __call__(self, seen: int, result: Validation) -> bool:
-        self.heartbeat()
-        self.losses.append(result.loss)
-        if result.loss < self.best_loss:
-            self.best_loss, self.best_examples, self.waited = result.loss, seen, 0
-            self.best_state = {
-                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
-            }
-            return False
-        self.waited += 1
-        return self.waited >= self.patience
-
-    def restore(self) -> None:
-        if self.best_state is None:
-            return
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in self.best_state.items():
-                params[name].copy_(value)
-        self.best_state = None
-
-    def still_improving(self, reason: str) -> bool:
-        """Whether the budget ended a run whose validation loss was still falling clearly (by more
-        than 1% over its last validation interval)."""
-        if reason != "budget" or len(self.losses) < 2:
-            return False
-        return self.losses[-1] < 0.99 * self.losses[-2]
 
 
 def _zero_shot(session: Session, store: Store) -> None:
@@ -255,11 +251,14 @@ def _measure_model(session: Session, model: nn.Module, peft: PeftModel | None, n
     repeats = session.opts.latency_repeats
     model.eval()
     trainable, total = count_parameters(model)
-    estimate = memory_estimates(
-        trainable,
-        total,
-        activation_assumption(base.config, base, sizes["batch_size"], session.plan.max_length),
-    )["bf16" if session.precision.mixed else "fp32"]
+    acts = activation_assumption(base.config, base, sizes["batch_size"], session.plan.max_length)
+    scheme = PRESETS[name].quantize
+    if scheme is not None:
+        # as ``peftlab count --quantize`` estimates it: linear layers at the scheme's bits
+        bits = BITS_PER_PARAM[(scheme, False)]
+        estimate = quantized_estimate(trainable, total, quantizable_params(base), bits, acts)
+    else:
+        estimate = memory_estimates(trainable, total, acts)["bf16" if session.precision.mixed else "fp32"]
     out: dict[str, Any] = {
         "trainable_params": trainable,
         "total_params": total,
@@ -325,12 +324,22 @@ def _start_helpers(opts: CompareOptions, verbose: bool) -> list[Any]:
     return helpers
 
 
+def worker_options(opts: CompareOptions, index: int) -> CompareOptions:
+    """The options worker ``index`` runs with: with several local workers on a machine with
+    several GPUs and ``--device auto`` or ``cuda``, each worker takes its own, ``cuda:(index mod
+    GPUs)`` (the figures do not depend on which GPU ran them, only the timings)."""
+    several = opts.workers > 1 and torch.cuda.is_available() and torch.cuda.device_count() > 1
+    if several and parse_device(opts.device) in ("auto", "cuda"):
+        return replace(opts, device=f"cuda:{index % torch.cuda.device_count()}")
+    return opts
+
+
 def _helper(opts: CompareOptions, index: int, verbose: bool) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.workers))
     assert opts.storage is not None
     store = Store(opts.storage)
     with quiet(verbose):
-        session = Session(opts, verbose=verbose)
+        session = Session(worker_options(opts, index), verbose=verbose)
     work(session, store, verbose=verbose)
 
 

@@ -2,6 +2,11 @@
 learning rate, each trial trained on the training split and judged by its validation loss,
 with Optuna's successive-halving pruner stopping trials that fall behind early.
 
+A trial is the start of the final run it would become: the same schedule over the whole budget
+(not a short one that would favour larger rates), paused after the search budget. The final run
+at the chosen rate goes on from that trial where it is still in memory
+(:class:`TrialStart`), and otherwise retrains it, with the same result.
+
 Trials run one after the other in a fixed order (the preset's learning rate first), so the
 pruner's decisions, and the learning rate chosen, are the same however the methods are spread
 over workers. The study lives in the comparison's storage: a rerun after a kill reuses every
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftlab.compare.options import SEARCH_GRIDS
-from peftlab.compare.session import Session, Validation
+from peftlab.compare.session import EarlyStopping, Session, TrainOutcome, Validation
 from peftlab.compare.store import Store, optuna_module
 from peftlab.presets import MethodPreset
 from peftlab.training.loop import TrainingDiverged
@@ -44,6 +49,21 @@ class Trial:
         }
 
 
+@dataclass
+class TrialStart:
+    """A finished trial's paused run, which the final run at its learning rate continues."""
+
+    learning_rate: float
+    val_loss: float
+    model: Any
+    peft: Any
+    outcome: TrainOutcome
+    stopper: EarlyStopping
+
+    def key(self) -> tuple[float, float]:
+        return (self.val_loss, self.learning_rate)  # how the search chooses
+
+
 def grid(preset_lr: float, effort: str) -> list[float]:
     return [float(f"{preset_lr * factor:.3g}") for factor in SEARCH_GRIDS[effort]]
 
@@ -55,8 +75,11 @@ def search_learning_rate(
     effort: str,
     *,
     on_trial: Callable[[], None] = lambda: None,
+    on_start: Callable[[TrialStart], None] | None = None,
 ) -> tuple[float, list[Trial]]:
-    """Run (or finish) the method's search; returns the chosen learning rate and every trial."""
+    """Run (or finish) the method's search; returns the chosen learning rate and every trial.
+    ``on_start`` gets each trial that ran to the end of the search budget here (a final run
+    can continue the chosen one)."""
     optuna = optuna_module()
     # the first rung at half the search budget: earlier, a larger learning rate's faster start
     # would decide, not where it is heading
@@ -78,11 +101,11 @@ def search_learning_rate(
         trial = optuna.trial.Trial(study, frozen._trial_id)
         if PARAM not in frozen.params:  # killed between taking the trial and drawing its rate
             trial.suggest_float(PARAM, distribution.low, distribution.high, log=True)
-        _run_trial(session, study, trial, preset, frozen.last_step)
+        _run_trial(session, study, trial, preset, frozen.last_step, on_start)
         on_trial()
     while study.get_trials(deepcopy=False, states=(states.WAITING,)):
         trial = study.ask({PARAM: distribution})
-        _run_trial(session, study, trial, preset, None)
+        _run_trial(session, study, trial, preset, None, on_start)
         on_trial()
     trials = [_summary(t) for t in study.get_trials(deepcopy=False) if t.state != states.WAITING]
     finished = [t for t in trials if t.state == "complete" and t.val_loss is not None]
@@ -95,28 +118,44 @@ def search_learning_rate(
     return best.learning_rate, trials
 
 
-def _run_trial(session: Session, study: Any, trial: Any, preset: MethodPreset, reported: int | None) -> None:
-    """Train one learning rate for the search budget, reporting each validation loss to the
-    pruner; ``reported``: the last step a killed run of this trial already reported."""
+def _run_trial(
+    session: Session,
+    study: Any,
+    trial: Any,
+    preset: MethodPreset,
+    reported: int | None,
+    on_start: Callable[[TrialStart], None] | None,
+) -> None:
+    """Train one learning rate for the search budget (on the final run's schedule), reporting
+    each validation loss to the pruner; ``reported``: the last step a killed run of this trial
+    already reported."""
     optuna = optuna_module()
     lr = float(trial.params[PARAM])
-    model, _ = session.prepare(preset, seed=0)
+    sizes = session.sizes
+    model, peft = session.prepare(preset, seed=0)
+    stopper = EarlyStopping(model, sizes["patience"])
     best: list[float] = []
     metrics: list[float | None] = []
+    pruned = False
 
     def on_validation(seen: int, result: Validation) -> bool:
+        nonlocal pruned
         step = len(best) + 1
         best.append(min([result.loss, *best[-1:]]))
         metrics.append(result.metric)
+        patience_ran_out = stopper(seen, result)  # as the final run will see it
         if reported is not None and step <= reported:
-            return False  # decided before the kill: this trial went on
+            return patience_ran_out  # decided before the kill: this trial went on
         trial.report(best[-1], step)
-        return bool(trial.should_prune())
+        if trial.should_prune():
+            pruned = True
+            return True
+        return patience_ran_out
 
     try:
         outcome = session.train(
-            model, lr, seed=0, budget=session.sizes["search_budget"], on_validation=on_validation,
-            desc=f"search {preset.name} lr={lr:g}",
+            model, lr, seed=0, budget=sizes["budget"], stop_at=sizes["search_budget"],
+            on_validation=on_validation, desc=f"search {preset.name} lr={lr:g}",
         )  # fmt: skip
     except TrainingDiverged:
         trial.set_user_attr("diverged", True)
@@ -124,10 +163,12 @@ def _run_trial(session: Session, study: Any, trial: Any, preset: MethodPreset, r
         return
     trial.set_user_attr("examples", outcome.examples_seen)
     trial.set_user_attr("val_metric", metrics[best.index(best[-1])] if metrics else None)
-    if outcome.reason == "stopped":  # the pruner ended it
+    if pruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    else:
-        study.tell(trial, best[-1])
+        return
+    study.tell(trial, best[-1])
+    if on_start is not None and best:
+        on_start(TrialStart(lr, best[-1], model, peft, outcome, stopper))
 
 
 def _summary(trial: Any) -> Trial:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,7 @@ from peftlab.training.loop import (
     evaluate_loss,
     evaluate_task,
     pad_id,
+    rng_state,
 )
 
 # the activation memory a batch may take at the chosen length (what caps --seq-len from the data)
@@ -119,9 +121,56 @@ class TrainOutcome:
     examples_seen: int
     best_examples: int | None = None
     validations: list[dict[str, float | None]] = field(default_factory=list)
-    reason: str = "budget"
+    reason: str = "budget"  # "budget", "stopped" (on_validation said so) or "paused" (stop_at)
     still_improving: bool = False
     peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated over training (CUDA only)
+    wall_s: float = 0.0  # training time so far, validations included
+    # a paused run goes on from here with Session.resume: its loop and the RNG it paused with
+    loop: TrainLoop | None = field(default=None, repr=False)
+    rng: dict[str, Any] | None = field(default=None, repr=False)
+
+
+class EarlyStopping:
+    """Stop when the validation loss has not improved for ``patience`` validations; keeps a copy
+    of the trainable state of the best one, which :meth:`restore` puts back."""
+
+    def __init__(self, model: nn.Module, patience: int, heartbeat: Callable[[], None] = lambda: None) -> None:
+        self.model = model
+        self.patience = patience
+        self.heartbeat = heartbeat
+        self.best_loss = float("inf")
+        self.best_examples: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.losses: list[float] = []
+        self.waited = 0
+
+    def __call__(self, seen: int, result: Validation) -> bool:
+        self.heartbeat()
+        self.losses.append(result.loss)
+        if result.loss < self.best_loss:
+            self.best_loss, self.best_examples, self.waited = result.loss, seen, 0
+            self.best_state = {
+                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+            }
+            return False
+        self.waited += 1
+        return self.waited >= self.patience
+
+    def restore(self) -> None:
+        if self.best_state is None:
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.best_state.items():
+                params[name].copy_(value)
+        self.best_state = None
+
+    def still_improving(self, reason: str) -> bool:
+        """Whether the budget ended a run whose validation loss was still falling clearly (by more
+        than 1% over its last validation interval)."""
+        if reason != "budget" or len(self.losses) < 2:
+            return False
+        return self.losses[-1] < 0.99 * self.losses[-2]
 
 
 class Session:
@@ -273,12 +322,14 @@ class Session:
         budget: int,
         on_validation: Callable[[int, Validation], bool],
         desc: str,
+        stop_at: int | None = None,
     ) -> TrainOutcome:
-        """Train for ``budget`` examples, validating every ``eval_every`` examples; training stops
-        early when ``on_validation(examples seen, result)`` returns True."""
+        """Train on the schedule of ``budget`` examples, validating every ``eval_every`` examples;
+        training stops early when ``on_validation(examples seen, result)`` returns True, and
+        pauses after ``stop_at`` examples (reason "paused"), from where :meth:`resume` goes on
+        exactly as an uninterrupted run would (a search trial is the start of its final run)."""
         sizes = self.sizes
         steps = max(1, budget // sizes["batch_size"])
-        every = max(1, sizes["eval_every"] // sizes["batch_size"])
         config = TrainConfig(
             steps=steps,
             batch_size=sizes["batch_size"],
@@ -296,21 +347,63 @@ class Session:
             forward_module=forward,
             precision=self.precision,
         )
-        outcome = TrainOutcome(loop.history, 0)
+        outcome = TrainOutcome(loop.history, 0, loop=loop)
+        return self._advance(outcome, model, on_validation, desc, stop_at)
+
+    def resume(
+        self,
+        outcome: TrainOutcome,
+        model: nn.Module,
+        *,
+        on_validation: Callable[[int, Validation], bool],
+        desc: str,
+    ) -> TrainOutcome:
+        """Go on with a run :meth:`train` paused, to the end of its budget (or an early stop)."""
+        if outcome.reason != "paused" or outcome.loop is None:
+            raise ValueError(f"only a paused run can be resumed (this one ended: {outcome.reason})")
+        return self._advance(outcome, model, on_validation, desc, None)
+
+    def _advance(
+        self,
+        outcome: TrainOutcome,
+        model: nn.Module,
+        on_validation: Callable[[int, Validation], bool],
+        desc: str,
+        stop_at: int | None,
+    ) -> TrainOutcome:
+        loop = outcome.loop
+        assert loop is not None
+        batch = self.sizes["batch_size"]
+        every = max(1, self.sizes["eval_every"] // batch)
+        steps = loop.config.steps
+        pause = steps if stop_at is None else min(steps, max(1, stop_at // batch))
+        outcome.reason = "budget"
 
         def on_step(current: TrainLoop) -> None:
             if current.step % every == 0 or current.step == steps:
-                seen = current.step * sizes["batch_size"]
+                seen = current.step * batch
                 result = self.validate(model)
                 outcome.validations.append({"examples": seen, "loss": result.loss, "metric": result.metric})
                 if on_validation(seen, result):
                     current.stop_requested = True
                     outcome.reason = "stopped"
+                    return
+            if current.step >= pause and current.step < steps:
+                current.stop_requested = True
+                outcome.reason = "paused"
+                outcome.rng = rng_state()  # inside the run's RNG: what it goes on with
 
+        loop.stop_requested = False
+        if outcome.rng is not None:
+            loop.resume_rng, outcome.rng = outcome.rng, None
+        started = time.perf_counter()
         with peak_memory(self.precision.device) as peak:
             loop.run(desc=desc, on_step=on_step, progress=False)
+        outcome.wall_s += time.perf_counter() - started
         outcome.peak_gpu_bytes = peak["peak_bytes"]
-        outcome.examples_seen = loop.step * sizes["batch_size"]
+        outcome.examples_seen = loop.step * batch
+        if outcome.reason != "paused":
+            outcome.loop = None  # nothing goes on from here: let the optimizer state go
         return outcome
 
     @torch.no_grad()

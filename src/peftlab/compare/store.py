@@ -42,6 +42,23 @@ def optuna_module() -> Any:
     return optuna
 
 
+def _open_storage(optuna: Any, url: str, kwargs: dict[str, Any], attempts: int = 5) -> Any:
+    """Optuna's RDBStorage; two processes creating the same new database at once can collide on
+    its schema tables (an IntegrityError for the loser), so that is tried again."""
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna's experimental-feature notices
+                return optuna.storages.RDBStorage(url, **kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 class Store:
     """The comparison's state in one Optuna storage (see the module docstring)."""
 
@@ -56,9 +73,7 @@ class Store:
             # several local workers write to one file: wait for the lock instead of failing
             kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Optuna's experimental-feature notices
-                self.storage = optuna.storages.RDBStorage(url, **kwargs)
+            self.storage = _open_storage(optuna, url, kwargs)
         except Exception as err:  # SQLAlchemy and Optuna raise many types for a bad URL
             raise ValueError(
                 f"--storage {url!r}: cannot open it ({type(err).__name__}: {err}); give a database URL "

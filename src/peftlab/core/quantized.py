@@ -19,6 +19,7 @@ the functions that build quantized layers; :func:`is_quantized` looks it up in `
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -82,6 +83,19 @@ def bnb_config(
 def scheme_of(config: Any) -> str:
     """``"nf4"``, ``"fp4"`` or ``"int8"`` for a ``BitsAndBytesConfig``."""
     return "int8" if config.load_in_8bit else str(config.bnb_4bit_quant_type)
+
+
+class _Int8CastNotice(logging.Filter):
+    """bitsandbytes logs "inputs will be cast ... to float16" at every int8 matmul whose input is
+    not fp16 (every call on the CPU): expected (README, "Adapters on a quantized base"), and once
+    per layer per step it would bury every other line. Dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will be cast from" not in str(record.msg)
+
+
+# bitsandbytes' module logger (the same object whether bitsandbytes is imported before or after)
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Int8CastNotice())
 
 
 def _bnb() -> Any:
@@ -272,6 +286,18 @@ def quantize_model(
     model_config = getattr(model, "config", None)
     if model_config is not None:
         model_config.quantization_config = config
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Every quantized layer of ``model`` replaced (in place) by a plain ``nn.Linear`` in ``dtype``
+    holding the weights it computed with, and the quantization marks dropped: the full-precision
+    model that computes what the quantized one did (up to the kernels' rounding)."""
+    for name, module in quantized_modules(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, dequantize_linear(module, dtype))
+    forget_quantization(model)
     return model
 
 

@@ -81,20 +81,26 @@ def classify(
     was = model.training
     model.eval()
     device = _device_of(model)
-    predictions: list[int] = []
+    predictions = [0] * len(data)
     total = 0.0
     try:
-        for start in range(0, len(data), batch_size):
-            batch = {
-                k: v.to(device) for k, v in collate(data[start : start + batch_size], pad_token_id).items()
-            }
+        for rows in length_batches(data, batch_size):
+            batch = {k: v.to(device) for k, v in collate([data[i] for i in rows], pad_token_id).items()}
             labels = batch.pop("labels")
             logits = model(**batch).logits.float()
             total += float(F.cross_entropy(logits, labels[:, CLASS_POSITION], reduction="sum"))
-            predictions += logits.argmax(-1).tolist()
+            for i, p in zip(rows, logits.argmax(-1).tolist(), strict=True):
+                predictions[i] = p
     finally:
         model.train(was)
     return predictions, total / len(data)
+
+
+def length_batches(data: Sequence[Encoded], batch_size: int) -> list[list[int]]:
+    """Indices of ``data`` in batches of similar length (shortest first), so a batch pads little;
+    for evaluation, where the order does not matter."""
+    order = sorted(range(len(data)), key=lambda i: (len(data[i].input_ids), i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def _label_ids(tokenizer: Any, labels: Sequence[str]) -> list[list[int]]:
@@ -129,11 +135,11 @@ def score_label_words(
     was = model.training
     model.eval()
     device = _device_of(model)
-    predictions: list[int] = []
+    predictions = [0] * len(encoded)
     total, count = 0.0, 0
     try:
-        for start in range(0, len(encoded), batch_size):
-            chunk = list(encoded[start : start + batch_size])
+        for indices in length_batches(encoded, batch_size):
+            chunk = [encoded[i] for i in indices]
             prompts = [e.prompt_length for e in chunk]
             batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
             targets = batch.pop("labels")
@@ -159,7 +165,8 @@ def score_label_words(
             else:
                 heads = [e.input_ids[:n] for e, n in zip(chunk, prompts, strict=True)]
                 scores = _score_continuations(model, heads, label_ids, pad_token_id)
-            predictions += scores.argmax(-1).tolist()
+            for i, p in zip(indices, scores.argmax(-1).tolist(), strict=True):
+                predictions[i] = p
     finally:
         model.train(was)
     return predictions, total / max(count, 1)

@@ -126,7 +126,8 @@ class RunConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    gradient_checkpointing: bool = False
+    # None: on over a quantized base (as QLoRA and HF PEFT's k-bit preparation do), else off
+    gradient_checkpointing: bool | None = None
     quantize: str | None = None  # nf4 | fp4 | int8: the frozen base quantized (peftlab.core.quantized)
     double_quant: bool = False  # 4-bit block scales stored in 8 bits
     seed: int = 0
@@ -192,9 +193,15 @@ class RunConfig:
             raise ValueError(
                 f"max_grad_norm: must be a number > 0 or null (no clipping), got {self.max_grad_norm!r}"
             )
-        if not isinstance(self.gradient_checkpointing, bool):
+        if self.gradient_checkpointing is not None and not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(
-                f"gradient_checkpointing: must be true or false, got {self.gradient_checkpointing!r}"
+                "gradient_checkpointing: must be true, false or null (auto), got "
+                f"{self.gradient_checkpointing!r}"
+            )
+        if self.gradient_checkpointing and self.method in PRESETS and _is_prefix(self.method):
+            raise ValueError(
+                "gradient_checkpointing: prefix tuning does not work with it (the recomputed attention "
+                "would run without the prefix); drop --gradient-checkpointing"
             )
         if not isinstance(self.double_quant, bool):
             raise ValueError(f"double_quant: must be true or false, got {self.double_quant!r}")
@@ -398,9 +405,22 @@ def quantized_load(scheme: str | None, double_quant: bool, device: Any) -> dict[
     return {"quantization": scheme, "double_quant": double_quant, "device": device}
 
 
+def uses_checkpointing(config: RunConfig) -> bool:
+    """``gradient_checkpointing`` as set, or (None) on over a quantized base for every method
+    that allows it (prefix tuning does not)."""
+    if config.gradient_checkpointing is not None:
+        return config.gradient_checkpointing
+    return config.quantize is not None and not _is_prefix(config.method)
+
+
+def _is_prefix(method: str) -> bool:
+    return str(PRESETS[method].peft_type) == "PREFIX_TUNING"
+
+
 def _build_model(config: RunConfig, base: nn.Module) -> nn.Module:
-    if config.gradient_checkpointing:
-        if not getattr(base, "supports_gradient_checkpointing", False):
+    supported = getattr(base, "supports_gradient_checkpointing", False)
+    if uses_checkpointing(config) and (supported or config.gradient_checkpointing):
+        if not supported:
             raise ValueError(f"{type(base).__name__} does not support gradient checkpointing; drop the flag")
         # non-reentrant: works with frozen inputs (adapters) and under DDP
         base.gradient_checkpointing_enable(  # type: ignore[operator]
