@@ -372,8 +372,11 @@ class Progress:
             if name not in self.opts.learning_rates and self.opts.search != "none":
                 study = self.store.study(f"search:{name}")
                 done += sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
-        self.bar.n = min(done, self.bar.total)
-        self.bar.refresh()
+        done = min(done, self.bar.total)
+        # on a terminal the clock ticks; in a log file every refresh is a line, so only changes
+        if done != self.bar.n or sys.stderr.isatty():
+            self.bar.n = done
+            self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
