@@ -18,7 +18,7 @@ from torch import nn
 from peftlab.core import atomic
 from peftlab.core.checkpoint import read_adapter_config
 from peftlab.core.peft_model import PeftModel
-from peftlab.core.quantized import check_scheme, dequantize_model
+from peftlab.core.quantized import dequantize_model
 from peftlab.core.registry import method_for
 from peftlab.devices import DTYPES, parse_dtype, resolve_device
 from peftlab.models import AUTO_CLASSES, load_base_model, quiet, savable
@@ -55,9 +55,7 @@ def merge_to_folder(
     quantized model did. (Quantizing the merged weights again would round most of a small
     adapter's update away: see ``merge_and_unload(requantize=True)``.)"""
     out, adapter = Path(out), Path(adapter)
-    if quantize is not None:
-        check_scheme(quantize)
-    elif double_quant:
+    if double_quant and quantize is None:  # (a bad scheme: load_base_model refuses it before loading)
         raise ValueError("--double-quant goes with --quantize nf4 or fp4; add --quantize or drop it")
     dtype = parse_dtype(dtype)
     if dtype not in DTYPES:

@@ -153,10 +153,6 @@ def run(args: argparse.Namespace) -> int:
     # an unavailable device or a dtype it cannot run: refused before loading too
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.quantize is not None:
-        from peftlab.core.quantized import check_scheme
-
-        check_scheme(args.quantize)
     names = [name for name, _ in args.adapter]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

@@ -61,7 +61,12 @@ class TrialStart:
     stopper: EarlyStopping
 
     def key(self) -> tuple[float, float]:
-        return (self.val_loss, self.learning_rate)  # how the search chooses
+        return choice_key(self.val_loss, self.learning_rate)
+
+
+def choice_key(val_loss: float | None, learning_rate: float) -> tuple[float, float]:
+    """How the search chooses: the lowest validation loss (none: last), the smaller rate on a tie."""
+    return (math.inf if val_loss is None else val_loss, learning_rate)
 
 
 def grid(preset_lr: float, effort: str) -> list[float]:
@@ -114,7 +119,7 @@ def search_learning_rate(
             f"{preset.name}: no learning rate of {rates} trained to the end of the search (all diverged or "
             "were pruned); fix one with --lr " + f"{preset.name}=LR"
         )
-    best = min(finished, key=lambda t: (t.val_loss, t.learning_rate))
+    best = min(finished, key=lambda t: choice_key(t.val_loss, t.learning_rate))
     return best.learning_rate, trials
 
 
