@@ -4,8 +4,15 @@ One train step = forward + backward + AdamW step (the optimizer and its state ar
 both the time and the memory), with a completion-only loss: the first ``--prompt-fraction`` of
 every row is prompt (labels -100). Two loss paths (``--losses``): ``plain`` is
 ``model(**batch, labels=...).loss`` (full ``batch x seq x vocab`` logits, what peftlab's loop
-did before), ``selected`` is the loop's own :func:`peftlab.training.lm_head.supervised_loss_sum`
-(the head and the cross-entropy at supervised positions only, in chunks).
+did before), ``selected`` is the loop's own path: :func:`peftlab.training.lm_head.supervised_loss_sum`
+(the head and the cross-entropy at supervised positions only, in chunks) inside
+:func:`peftlab.training.saved_activations.recomputed_activations` (activation outputs recomputed
+in backward, not kept).
+
+Heap allocators (``--allocators``): ``system`` (glibc's malloc, nothing preloaded) and the ones
+``peftlab`` can preload (``jemalloc``, ``tcmalloc``; see :mod:`peftlab.allocator`); by default
+``system`` and, when installed, ``jemalloc``, which is what the ``peftlab`` command runs under
+then. Each child checks that the allocator it was started with is the one loaded.
 
 Methods: ``full`` (every weight trainable), ``lora`` (r=8, alpha 16, q_proj + v_proj), ``ia3``
 (k_proj, v_proj, down_proj), ``bottleneck`` (reduction factor 16 after attention and FFN),
@@ -20,6 +27,7 @@ time ratio is the median over rounds of the per-round ratio; memory ratios use t
 peak of each method. Figures go to stdout as Markdown, optionally to ``--out`` as JSON.
 
     python benchmarks/train_memory.py                  # batch 4 x seq 128, 3 rounds, 1 thread, both losses
+    python benchmarks/train_memory.py --methods full lora --allocators system jemalloc
     python benchmarks/train_memory.py --quick          # smoke run
     python benchmarks/train_memory.py --activation-checkpointing --methods full lora
 """
@@ -39,21 +47,49 @@ from typing import Any
 
 METHODS = ("full", "lora", "ia3", "bottleneck", "prefix")
 LOSSES = ("plain", "selected")
+ALLOCATORS = ("system", "jemalloc", "tcmalloc")
 # (label, numerator, denominator, kind, target): kind "time" or "memory"; ratio <= target
-# passes; a run is "method/loss"
+# passes; a run is "method/loss/allocator", where allocator "shipped" stands for the one the
+# peftlab command runs under here and "system" is what the training loop had before issue 16
 TARGETS = (
-    ("LoRA step / full step (selected)", "lora/selected", "full/selected", "time", 0.70),
-    ("LoRA peak memory / full peak memory (selected)", "lora/selected", "full/selected", "memory", 0.50),
-    ("LoRA peak memory, selected / plain", "lora/selected", "lora/plain", "memory", 0.75),
-    ("LoRA step, selected / plain", "lora/selected", "lora/plain", "time", 1.00),
-    ("LoRA peak memory / full peak memory (plain)", "lora/plain", "full/plain", "memory", 0.50),
+    ("LoRA step / full step (as shipped)", "lora/selected/shipped", "full/selected/shipped", "time", 0.70),
+    (
+        "LoRA peak memory / full peak memory (as shipped)",
+        "lora/selected/shipped",
+        "full/selected/shipped",
+        "memory",
+        0.50,
+    ),
+    ("LoRA peak memory, as shipped / before", "lora/selected/shipped", "lora/plain/system", "memory", 0.75),
+    ("LoRA step, as shipped / before", "lora/selected/shipped", "lora/plain/system", "time", 1.00),
+    (
+        "LoRA peak memory / full peak memory (plain)",
+        "lora/plain/shipped",
+        "full/plain/shipped",
+        "memory",
+        0.50,
+    ),
 )
+
+
+def shipped_allocator() -> str:
+    """The allocator the ``peftlab`` command runs under on this machine (``PEFTLAB_ALLOCATOR=auto``)."""
+    from peftlab import allocator
+
+    return "jemalloc" if allocator.resolve("auto") is not None else "system"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES, help="loss paths (both)")
+    p.add_argument(
+        "--allocators",
+        nargs="+",
+        choices=ALLOCATORS,
+        default=None,
+        help="heap allocators (default: system, and jemalloc when installed)",
+    )
     p.add_argument("--prompt-fraction", type=float, default=0.5, help="share of each row that is prompt")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
@@ -72,7 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)  # internal: one measurement
     p.add_argument("--loss", choices=LOSSES, default="selected", help=argparse.SUPPRESS)
+    p.add_argument("--allocator", choices=ALLOCATORS, default="system", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.allocators is None:
+        args.allocators = sorted({"system", shipped_allocator()}, key=ALLOCATORS.index)
     if args.quick:
         args.batch_size, args.seq_len, args.rounds, args.warmup, args.steps = 1, 32, 1, 1, 1
     if min(args.batch_size, args.seq_len, args.rounds, args.steps, args.threads) < 1 or args.warmup < 0:
@@ -101,12 +140,18 @@ def _peak_mib() -> float:
 
 
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
+    from peftlab import allocator
+
+    loaded = allocator.loaded() or "system"
+    if loaded != args.allocator:
+        raise SystemExit(f"started for allocator {args.allocator}, but {loaded} is loaded")
     import torch
 
     torch.set_num_threads(args.threads)
     from peftlab import BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
     from peftlab.models import load_causal_lm
     from peftlab.training.lm_head import supervised_loss_sum
+    from peftlab.training.saved_activations import recomputed_activations
 
     runtime_mib = _rss_mib()  # Python + torch + transformers, before any weights
     model, _tok = load_causal_lm()
@@ -144,7 +189,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         if args.loss == "plain":
             loss = model(**batch, labels=labels).loss
         else:
-            loss = supervised_loss_sum(model, model, batch, labels) / targets
+            with recomputed_activations(model):
+                loss = supervised_loss_sum(model, model, batch, labels) / targets
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -153,6 +199,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "method": args.child,
         "loss_path": args.loss,
+        "allocator": loaded,
         "step_s": statistics.median(times),
         "step_times_s": times,
         "peak_mib": _peak_mib(),
@@ -164,24 +211,36 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---- the parent: rounds of fresh subprocesses -----------------------------------------------
-def _spawn(method: str, args: argparse.Namespace) -> dict[str, Any]:
+def _spawn(run: str, args: argparse.Namespace) -> dict[str, Any]:
+    from peftlab import allocator
+
+    method, loss, heap = run.split("/")
     command = [
-        sys.executable, os.path.abspath(__file__), "--child", method.split("/")[0],
-        "--loss", method.split("/")[1], "--prompt-fraction", str(args.prompt_fraction),
+        sys.executable, os.path.abspath(__file__), "--child", method, "--loss", loss,
+        "--allocator", heap, "--prompt-fraction", str(args.prompt_fraction),
         "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--warmup", str(args.warmup),
         "--steps", str(args.steps), "--threads", str(args.threads), "--seed", str(args.seed),
     ]  # fmt: skip
     if args.activation_checkpointing:
         command.append("--activation-checkpointing")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    env.pop(allocator.REEXEC_ENV, None)
+    preloads = [p for p in env.pop("LD_PRELOAD", "").replace(":", " ").split() if allocator.loaded(p) is None]
+    if preloads:
+        env["LD_PRELOAD"] = " ".join(preloads)
+    if heap != "system":
+        library = allocator.find(heap)
+        if library is None:
+            sys.exit(f"--allocators {heap}: not installed ({allocator.INSTALL_HINT[heap]})")
+        env = allocator.preload_environ(library, env)
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        sys.exit(f"{method} failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"{run} failed:\n{done.stderr[-3000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def measure(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    methods = [f"{m}/{loss}" for m in args.methods for loss in args.losses]
+    methods = [f"{m}/{loss}/{a}" for m in args.methods for loss in args.losses for a in args.allocators]
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for r in range(args.rounds):
         shift = r % len(methods)
@@ -219,16 +278,19 @@ def report(
         f"the last {1 - args.prompt_fraction:.0%} of each row, {threads}"
         f"{', activation checkpointing' if args.activation_checkpointing else ''}; "
         f"{args.rounds} rounds of one fresh process per method (order rotated), each {args.warmup} warm-up + "
-        f"{args.steps} timed steps; torch {torch.__version__}, {meta['cpu']}; load average "
+        f"{args.steps} timed steps; allocators {', '.join(args.allocators)} "
+        f"(the peftlab command's: {shipped_allocator()}); "
+        f"torch {torch.__version__}, {meta['cpu']}; load average "
         f"{meta['load_before']} before, {meta['load_after']} after; wall time {meta['wall_s']:.0f} s",
         "",
-        "| method / loss | trainable params | step s (median) | p25-p75 s | step / full | peak RSS MiB "
-        "| peak / full | peak above runtime MiB | above-runtime / full |",
+        "| method / loss / allocator | trainable params | step s (median) | p25-p75 s | step / full "
+        "| peak RSS MiB | peak / full | peak above runtime MiB | above-runtime / full |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     table: dict[str, dict[str, Any]] = {}
     for method, rs in runs.items():
-        ref = "full/" + method.split("/")[1]  # full fine-tuning with the same loss path
+        _, loss, heap = method.split("/")
+        ref = f"full/{loss}/{heap}"  # full fine-tuning with the same loss path and allocator
         full = runs[ref]
         above_full = med[ref]["peak_mib"] - med[ref]["runtime_mib"]
         steps = [r["step_s"] for r in rs]
@@ -255,7 +317,9 @@ def report(
         )
     lines += ["", "| target | value | target | result |", "|---|---:|---:|---|"]
     verdicts = []
+    shipped = shipped_allocator()
     for label, num, den, kind, target in TARGETS:
+        num, den = (run.replace("/shipped", f"/{shipped}") for run in (num, den))
         if num not in runs or den not in runs:
             continue
         if kind == "time":
@@ -265,7 +329,9 @@ def report(
         else:
             value = med[num]["peak_mib"] / med[den]["peak_mib"]
         result = "PASS" if value <= target else "MISS"
-        verdicts.append({"target": label, "value": value, "limit": target, "result": result})
+        verdicts.append(
+            {"target": label, "runs": [num, den], "value": value, "limit": target, "result": result}
+        )
         lines.append(f"| {label} | {value:.3f} | ≤ {target:.2f} | {result} |")
     lines.append("")
     runtime = statistics.median(m["runtime_mib"] for m in med.values())

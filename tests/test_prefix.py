@@ -420,7 +420,7 @@ def test_unsupported_attention_implementation() -> None:
 
 def test_gradient_checkpointing_is_refused() -> None:
     model = _prefixed("llama")
-    model.base_model.gradient_checkpointing_enable()
+    model.base_model.activation_checkpointing_enable()
     model.train()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         model(**sample_inputs("llama"))

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from peftlab import allocator
 from peftlab.compare.measure import (
     current_rss,
     dir_size,
@@ -521,6 +522,7 @@ def _versions() -> dict[str, str]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_count": str(os.cpu_count()),
+        "allocator": allocator.loaded() or "system",  # peak RSS depends on it
     }
 
 

@@ -335,5 +335,16 @@ def prepare_for_kbit_training(model: nn.Module, *, gradient_checkpointing: bool 
     if callable(enable):
         enable()
     if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing (works with frozen inputs and under DDP), by the name
+    the installed transformers has (``activation_checkpointing_enable`` since v5, before it
+    ``gradient_checkpointing_enable``, now a deprecated alias that warns)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]

@@ -39,6 +39,7 @@ from peftlab.data.tasks import Example, Task
 from peftlab.devices import Precision
 from peftlab.training.lm_head import IGNORE_INDEX, supervised_loss_sum
 from peftlab.training.lm_head import causal_lm_loss_sum as causal_lm_loss_sum
+from peftlab.training.saved_activations import recomputed_activations
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -498,7 +499,7 @@ class TrainLoop:
             # under DDP, only the last micro-batch all-reduces the accumulated gradients
             skip_sync = not last and isinstance(self.forward_module, DistributedDataParallel)
             with self.forward_module.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
-                with self.precision.autocast():
+                with self.precision.autocast(), recomputed_activations(self.model):
                     summed = supervised_loss_sum(self.forward_module, self.model, batch, labels)
                 scaled = summed * scale
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()

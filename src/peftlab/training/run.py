@@ -27,10 +27,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from peftlab import allocator
 from peftlab.core import atomic
 from peftlab.core.config import PeftConfig, TaskType
 from peftlab.core.peft_model import PeftModel, get_peft_model
-from peftlab.core.quantized import check_scheme, prepare_for_kbit_training
+from peftlab.core.quantized import check_scheme, enable_activation_checkpointing, prepare_for_kbit_training
 from peftlab.count import activation_assumption
 from peftlab.data.catalog import get_task
 from peftlab.data.files import task_from_files
@@ -423,9 +424,7 @@ def _build_model(config: RunConfig, base: nn.Module) -> nn.Module:
         if not supported:
             raise ValueError(f"{type(base).__name__} does not support gradient checkpointing; drop the flag")
         # non-reentrant: works with frozen inputs (adapters) and under DDP
-        base.gradient_checkpointing_enable(  # type: ignore[operator]
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        enable_activation_checkpointing(base)
         model_config = getattr(base, "config", None)
         if model_config is not None:
             model_config.use_cache = False
@@ -881,6 +880,7 @@ class _Run:
             "precision": self.precision.to_dict(),
             "chat_template": self.fmt.source if self.fmt.chat else None,
             "peak_gpu_memory_bytes": self.peak_bytes,
+            "allocator": allocator.loaded() or "system",
             "world_size": self.info.world_size,
             "global_batch_size": self.global_batch,
             "epochs": loop.batches.epoch,

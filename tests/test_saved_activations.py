@@ -1,0 +1,181 @@
+"""Activation outputs recomputed in backward instead of kept: loss and gradients bit-identical to
+the plain forward pass for every method and full fine-tuning, the gated MLP's activation really
+recomputed (once per layer), nothing recomputed where keeping the input would cost (Tanh keeps
+its output), and the training loop uses it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+from peftlab import LoraConfig, TaskType, get_peft_model
+from peftlab.training import saved_activations
+from peftlab.training.lm_head import supervised_loss_sum
+from peftlab.training.loop import Encoded, TrainConfig, TrainLoop
+from peftlab.training.saved_activations import activation_modules, recomputed_activations
+from test_lm_head import METHODS, VOCAB, _batch, _nonzero
+from test_training import tiny_llama
+
+
+@pytest.fixture
+def recomputed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Counts the outputs the backward pass recomputed (by module class)."""
+    calls: list[str] = []
+    unpack = saved_activations._unpack
+
+    def counting(saved: Any) -> Any:
+        if isinstance(saved, saved_activations._Recompute):
+            calls.append(type(saved.module).__name__)
+        return unpack(saved)
+
+    monkeypatch.setattr(saved_activations, "_unpack", counting)
+    return calls
+
+
+def _loss_and_grads(model: nn.Module, recompute: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    batch, labels = _batch()
+    model.zero_grad(set_to_none=True)
+    if recompute:
+        with recomputed_activations(model):
+            loss = supervised_loss_sum(model, model, batch, labels)
+    else:
+        loss = supervised_loss_sum(model, model, batch, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_identical(grads: dict[str, torch.Tensor], plain: dict[str, torch.Tensor]) -> None:
+    assert set(grads) == set(plain) and grads
+    for name, grad in grads.items():
+        assert torch.equal(grad, plain[name]), name
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_gradients_are_bit_identical_and_the_mlp_activation_is_recomputed(
+    method: str, recomputed: list[str]
+) -> None:
+    torch.manual_seed(0)
+    model = _nonzero(METHODS[method](tiny_llama(VOCAB)))
+    model.train()
+    loss, plain = _loss_and_grads(model, recompute=False)
+    assert recomputed == []
+    loss2, grads = _loss_and_grads(model, recompute=True)
+    assert recomputed == ["SiLUActivation"] * 2  # one per decoder layer (2 layers)
+    assert torch.equal(loss, loss2)
+    _assert_identical(grads, plain)
+
+
+def _neox() -> nn.Module:
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return GPTNeoXForCausalLM(config)
+
+
+def test_a_gelu_mlp_is_recomputed_in_full_fine_tuning_lora_needs_not(recomputed: list[str]) -> None:
+    torch.manual_seed(0)
+    model = _neox().train()
+    _, plain = _loss_and_grads(model, recompute=False)
+    _, grads = _loss_and_grads(model, recompute=True)
+    # full fine-tuning: dense_4h_to_h's weight trains, so its matmul keeps the GELU output: recomputed
+    assert recomputed == ["GELUActivation"] * 2
+    _assert_identical(grads, plain)
+    recomputed.clear()
+    config = LoraConfig(r=4, target_modules=["query_key_value"], task_type=TaskType.CAUSAL_LM)
+    lora = _nonzero(get_peft_model(_neox(), config))
+    _loss_and_grads(lora, recompute=True)
+    assert recomputed == []  # a frozen dense_4h_to_h keeps nothing of its input
+
+
+def test_an_activation_output_kept_as_a_view_is_recomputed_as_that_view(recomputed: list[str]) -> None:
+    # GPT-2's Conv1D flattens the GELU output (NewGELU, written in Python ops) before its matmul
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).train()
+    _, plain = _loss_and_grads(model, recompute=False)
+    _, grads = _loss_and_grads(model, recompute=True)
+    assert recomputed == ["NewGELUActivation"] * 2
+    _assert_identical(grads, plain)
+
+
+class _MLP(nn.Module):
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.gate, self.up, self.down, self.act = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8), act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (nn.SiLU, 1),
+        (nn.GELU, 1),
+        (nn.Tanh, 0),  # keeps its output, not its input: recomputing would keep more
+        (lambda: nn.ReLU(inplace=True), 0),  # in place: its input is gone
+        (nn.RReLU, 0),  # random
+        (nn.PReLU, 0),  # has a parameter
+    ],
+    ids=["silu", "gelu", "tanh", "relu-inplace", "rrelu", "prelu"],
+)
+def test_only_pure_activations_that_keep_their_input_are_recomputed(
+    make: Callable[[], nn.Module], expected: int, recomputed: list[str]
+) -> None:
+    torch.manual_seed(0)
+    mlp = _MLP(make()).train()
+    x = torch.randn(4, 8, requires_grad=True)
+    torch.manual_seed(1)
+    mlp(x).square().sum().backward()
+    plain = [p.grad.clone() for p in mlp.parameters()] + [x.grad.clone()]  # type: ignore[union-attr]
+    mlp.zero_grad()
+    x.grad = None
+    torch.manual_seed(1)
+    with recomputed_activations(mlp):
+        y = mlp(x)
+    y.square().sum().backward()
+    assert len(recomputed) == expected
+    got = [p.grad for p in mlp.parameters()] + [x.grad]
+    assert all(a is not None and torch.equal(a, b) for a, b in zip(got, plain, strict=True))
+
+
+def test_no_hooks_are_left_behind_and_eval_is_untouched(recomputed: list[str]) -> None:
+    model = tiny_llama(VOCAB)
+    act = activation_modules(model)[0]
+    with torch.no_grad(), recomputed_activations(model):
+        model(torch.tensor([[3, 4, 5]]))
+    with recomputed_activations(model):
+        pass
+    assert not act._forward_hooks
+    assert recomputed == []
+
+
+def test_the_training_loop_recomputes(recomputed: list[str]) -> None:
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(VOCAB), LoraConfig(r=4, task_type=TaskType.CAUSAL_LM))
+    g = torch.Generator().manual_seed(2)
+    data = []
+    for i in range(8):
+        ids = torch.randint(3, VOCAB, (8 + i % 3,), generator=g).tolist()
+        data.append(Encoded(ids, [-100] * 3 + ids[3:]))
+    TrainLoop(model, data, TrainConfig(steps=2, batch_size=4, seed=0), pad_token_id=0).run(progress=False)
+    assert recomputed == ["SiLUActivation"] * 4  # 2 layers x 2 steps
