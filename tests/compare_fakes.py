@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from peftlab.compare.options import RunSizes
 from peftlab.compare.session import TrainOutcome, Validation
 from peftlab.training.loop import TrainHistory, TrainingDiverged
 
@@ -29,7 +30,9 @@ class FakeSession:
         self, *, diverge_at: float = math.inf, pause_lr: float | None = None, pause_file: str = ""
     ) -> None:
         # trials pause at the search budget, a quarter into the schedule of the whole budget
-        self.sizes = {"search_budget": 40, "budget": 160, "batch_size": 4, "eval_every": 4, "patience": 100}
+        self.sizes = RunSizes(
+            budget=160, batch_size=4, eval_every=4, patience=100, search_budget=40, val_size=8, num_eval=None
+        )
         self.diverge_at = diverge_at
         self.pause_lr = pause_lr
         self.pause_file = pause_file
@@ -52,13 +55,13 @@ class FakeSession:
         if learning_rate >= self.diverge_at:
             raise TrainingDiverged(1, float("nan"))
         outcome = TrainOutcome(TrainHistory(), 0)
-        assert budget == self.sizes["budget"]  # a trial runs on the final run's schedule
-        validations = min(budget, stop_at or budget) // self.sizes["eval_every"]
+        assert budget == self.sizes.budget  # a trial runs on the final run's schedule
+        validations = min(budget, stop_at or budget) // self.sizes.eval_every
         for k in range(1, validations + 1):
             if self.pause_lr is not None and math.isclose(learning_rate, self.pause_lr) and k == 3:
                 Path(self.pause_file).write_text(str(os.getpid()))
                 time.sleep(600)
-            outcome.examples_seen = k * self.sizes["eval_every"]
+            outcome.examples_seen = k * self.sizes.eval_every
             loss = abs(math.log(learning_rate / BEST_LR)) + 1 / k
             if on_validation(outcome.examples_seen, Validation(loss, None)):
                 outcome.reason = "stopped"

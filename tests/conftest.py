@@ -198,3 +198,23 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+# ---- peftlab serve: saved adapters and the model they are checked against ------------------------
+# (serve_helpers imports peftlab and HF PEFT: imported inside the fixtures, only by tests that ask)
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An adapter of each method (lora, ia3, bn, prefix) on the tiny llama, away from identity,
+    each saved in its own folder under one root; made once per test module."""
+    from serve_helpers import save_adapters
+
+    return save_adapters(tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="module")
+def reference(folders: dict[str, Path]) -> Any:
+    """The tiny llama with every adapter in ``folders`` loaded the ordinary way: what a server
+    answers is checked against what this model generates with each adapter alone."""
+    from serve_helpers import loaded_model
+
+    return loaded_model(folders)

@@ -1,14 +1,18 @@
 """Shared by the ``peftlab serve`` tests: a word-level tokenizer over the tiny models' vocabulary,
 adapters of the four methods moved away from identity, the reference outputs of each adapter
-alone, and a small HTTP client on the standard library."""
+alone, engines and loopback servers over saved adapters, and a small HTTP client on the standard
+library. (The fixtures built from these, ``folders`` and ``reference``, are in conftest.py.)"""
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -91,6 +95,44 @@ def loaded_model(folders: dict[str, Path]) -> PeftModel:
     for name, folder in folders.items():
         model.load_adapter(folder, adapter_name=name)
     return model.eval()
+
+
+def engine_for(folders: dict[str, Path], names: tuple[str, ...], **options: Any) -> Any:
+    """An ``Engine`` over the tiny llama with the adapters ``names`` loaded from ``folders``."""
+    from peftlab.serving import Engine
+
+    chosen = {n: folders[n] for n in names}
+    return Engine(loaded_model(chosen), tokenizer(), base_name=BASE, **options)
+
+
+@contextmanager
+def serving(engine: Any, **app_options: Any) -> Iterator[Client]:
+    """``engine`` behind a real HTTP server on loopback for the span of the block, and a client
+    of it (holding the app's ``api_key``, if one is given)."""
+    from peftlab.serving.api import ServerThread, create_app
+
+    with ServerThread(create_app(engine, **app_options)) as running:
+        yield Client(running.url, api_key=app_options.get("api_key"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until_serving(proc: subprocess.Popen[str], client: Client, timeout: float) -> None:
+    """Wait for a ``peftlab serve`` process to answer ``/health``; fail with its output if it dies."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()[0]
+        try:
+            if client.request("GET", "/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.2)
 
 
 def alone(

@@ -214,7 +214,13 @@ def test_lesson_snippet_on_mistral_7b_gives_exact_count(capsys: pytest.CaptureFi
 
     print(f"Trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     assert capsys.readouterr().out == "Trainable parameters: 33,820,672\n"
-    assert 33_820_672 == 2 * 32 * (4096 * 64 + 64 + 64 * 4096 + 4096)
+    # the lesson's formula from the model's own shapes: two adapters per layer, each a
+    # d -> d / 64 down-projection and back, with biases
+    config = model.base_model.config
+    d, layers = config.hidden_size, config.num_hidden_layers
+    assert (d, layers) == (4096, 32)
+    assert len(adapter_units(model, "task_adapter")) == 2 * layers
+    assert model.get_nb_trainable_parameters()[0] == 2 * layers * per_position(d, d // 64) == 33_820_672
     assert model.active_adapters == ["task_adapter"]
 
 

@@ -16,7 +16,7 @@ from peftlab import cli
 from peftlab.data.files import load_data_file, task_from_files
 from peftlab.data.tasks import Example
 from peftlab.training.fitting import PromptFormat, example_lengths, fit_examples
-from peftlab.training.loop import IGNORE_INDEX
+from peftlab.training.lm_head import IGNORE_INDEX
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
@@ -177,12 +177,21 @@ def test_train_on_chat_jsonl_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
     argv = ["train", "--model", str(model), "--data", str(data), "--steps", "3", "--batch-size", "4"]
     argv += ["--num-eval", "4", "--save-every", "0", "--out", str(out)]
     assert cli.main(argv) == 0
-    banner = capsys.readouterr().err + capsys.readouterr().out
+    banner = capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["chat_template"] == "tokenizer"
     assert "exact_match" in metrics["final_eval"] and metrics["final_eval"]["eval_loss"] > 0
     assert task_from_files(data).info["kind"] == "chat"
-    assert banner is not None
+    # the banner says what the run did: the method, the rows each part kept of the 24, the template
+    train, held = metrics["rows"]["train"]["kept"], metrics["rows"]["eval"]["kept"]
+    assert train + held == len(rows) and held > 0
+    assert f"peftlab train: lora on {model}, task 'chat' ({train} train / {held} eval examples)" in banner
+    # LoRA r=8 on q (32 -> 32) and v (32 -> 2 kv heads x 8 = 16) in 2 layers: 2 x 8 x (64 + 48)
+    assert metrics["trainable_params"] == 2 * 8 * ((32 + 32) + (32 + 16)) == 1792
+    assert f"trainable params: 1,792 || all params: {metrics['total_params']:,}" in banner
+    assert "3 steps of 4 examples" in banner
+    assert "chat template: the tokenizer's; loss on assistant turns only" in banner
+    assert f"train: {train} rows" in banner and f"eval: {held} rows" in banner
     # the same file on a model without a template: one line naming the fix, before the weights load
     bare = save_chat_model(tmp_path / "bare", template=None)
     argv = ["train", "--model", str(bare), "--data", str(data), "--steps", "1", "--out", str(tmp_path / "o2")]

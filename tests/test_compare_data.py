@@ -24,7 +24,9 @@ from peftlab.training.classify import (
     encode_texts,
     score_label_words,
 )
-from peftlab.training.loop import TrainConfig, TrainLoop, encode_examples, evaluate_loss, pad_id
+from peftlab.training.encoding import encode_examples, pad_id
+from peftlab.training.evaluation import evaluate_loss
+from peftlab.training.loop import TrainConfig, TrainLoop
 
 
 def _load(path: Path, cls_name: str, **kwargs: Any) -> tuple[Any, Any]:

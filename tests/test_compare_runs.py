@@ -19,8 +19,9 @@ from conftest import WORDS
 from peftlab.cli import main
 from peftlab.compare.store import Store, default_storage
 from peftlab.data.files import task_from_files
+from peftlab.training.encoding import encode_completion
 from peftlab.training.fitting import check_lost, fit_examples, plan_lengths
-from peftlab.training.loop import IGNORE_INDEX, encode_completion
+from peftlab.training.lm_head import IGNORE_INDEX
 from test_compare_data import _load
 
 SHORT = 96
@@ -237,7 +238,8 @@ def test_a_final_run_going_on_from_its_search_trial_equals_retraining_it(
 ) -> None:
     """The chosen search trial is the start of its final run (same schedule, paused at the search
     budget): going on from it in memory gives exactly the figures of training it again."""
-    from peftlab.compare.options import CompareOptions
+    from peftlab.compare.inputs import load_inputs
+    from peftlab.compare.options import CompareOptions, resolve_options
     from peftlab.compare.runner import work
     from peftlab.compare.session import Session
 
@@ -251,7 +253,8 @@ def test_a_final_run_going_on_from_its_search_trial_equals_retraining_it(
             dtype="float32", device="cpu", out=str(tmp_path / f"out-{continued}"),
         )  # fmt: skip
         store = Store(default_storage(Path(opts.out)))
-        work(Session(opts), store, continue_trials=continued)
+        opts = resolve_options(opts)
+        work(opts, Session(load_inputs(opts)), store, continue_trials=continued)
         record = store.get_record("lora", 0)
         assert record is not None and record["continued_search_trial"] is continued
         records.append(record)
@@ -276,11 +279,24 @@ def test_each_local_worker_takes_its_own_gpu(monkeypatch: pytest.MonkeyPatch) ->
     from peftlab.compare.options import CompareOptions
     from peftlab.compare.runner import worker_options
 
+    def host(gpus: int) -> None:
+        """Pretend the machine has ``gpus`` CUDA devices, whatever this one really has."""
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+
     opts = CompareOptions(workers=3)
-    assert worker_options(opts, 2) is opts  # no GPU here: every worker on the CPU, as asked
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for gpus in (0, 1):  # no GPU, or one to share: every worker keeps the options it was given
+        host(gpus)
+        assert all(worker_options(opts, i) is opts for i in range(3)), gpus
+    host(2)
     assert [worker_options(opts, i).device for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert worker_options(CompareOptions(workers=3, device="cuda"), 2).device == "cuda:0"
     for device in ("cpu", "cuda:1"):  # an explicit device is kept
         assert worker_options(CompareOptions(workers=3, device=device), 1).device == device
     assert worker_options(CompareOptions(workers=1), 0).device == "auto"
+    host(4)
+    assert [worker_options(CompareOptions(workers=5), i).device for i in range(5)] == [
+        "cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0",
+    ]  # fmt: skip
+    host(0)  # and back to none: the same options again, whatever ran before
+    assert worker_options(opts, 1) is opts

@@ -16,7 +16,6 @@ from conftest import build_model
 from peftlab import IA3Config, LoraConfig, TaskType, get_peft_model
 from peftlab.cli import main
 from peftlab.count import (
-    ADAMW_STATE_BYTES,
     CountReport,
     CountRow,
     build_meta_model,
@@ -27,6 +26,7 @@ from peftlab.count import (
     preset_names,
 )
 from peftlab.presets import PRESETS, MethodPreset
+from peftlab.training.memory import ADAMW_STATE_BYTES
 
 METHOD_ROWS = tuple(PRESETS.values())
 
@@ -87,7 +87,7 @@ def test_mistral_lora_qv_is_exact(mistral: CountReport) -> None:
     assert lora.trainable == 3_407_872
     assert lora.targets == ["q_proj", "v_proj"] and lora.adapted_modules == 64
     line = "trainable params: 3,407,872 || all params: 7,245,139,968 || trainable%: 0.0470"
-    assert lora.print_line() == line
+    assert lora.trainable_line() == line
     # the same line the library prints for the same model
     config = model_config(load_preset("mistral-7b"))
     model = get_peft_model(build_meta_model(config, model_class(config)[0]), LoraConfig(r=8, lora_alpha=16))

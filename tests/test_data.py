@@ -17,8 +17,8 @@ from peftlab.data.files import (
     load_data_file,
     stratified_split,
     task_from_files,
-    task_from_hf_dataset,
 )
+from peftlab.data.hf_datasets import task_from_hf_dataset
 from peftlab.data.tasks import Example
 
 

@@ -28,3 +28,22 @@ def test_a_command_without_its_extra_is_a_one_line_error(
     assert main(["train", "--config", str(run_file)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'peftlab[train]'" in err[0] and str(run_file) in err[0]
+
+
+def test_each_hint_names_an_extra_that_installs_the_package() -> None:
+    """The extra a missing-package error names (PACKAGES) really holds that package."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    from peftlab.extras import PACKAGES
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: pytest brings tomli
+        import tomli as tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    for module, (package, extra) in PACKAGES.items():
+        names = {canonicalize_name(Requirement(r).name) for r in extras[extra]}
+        assert canonicalize_name(package) in names, (module, extra)

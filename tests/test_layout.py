@@ -1,6 +1,7 @@
-"""The package layout keeps its promises (docs/architecture.md): no import cycles, no private
-name used across modules, the library core never imports an application, and the core imports
-without the applications' optional packages.
+"""The package layout keeps its promises (docs/architecture.md): imports only go down the
+layer table (read from the document itself, so the table and this test cannot drift), no import
+cycles, no private name used across modules, the library core never imports an application,
+and the core imports without the applications' optional packages.
 
 Every import counts: top-level, inside functions and under ``if TYPE_CHECKING``.
 """
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
 PACKAGE = SRC / "peftlab"
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
 # the library: adapters on a model; it may import only itself
 LIBRARY = ("peftlab.core", "peftlab.methods")
 # packages only applications need (each an install extra)
@@ -113,6 +116,61 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+def layer_table() -> list[tuple[str, list[str]]]:
+    """(layer, its package paths) from docs/architecture.md's table, top layer first: a folder
+    ends with ``/``; entries outside the package (``../``) are left out."""
+    lines = ARCHITECTURE.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.replace(" ", "").startswith("|layer|files|"))
+    table = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        name, files = (cell.strip() for cell in line.strip("|").split("|")[:2])
+        paths = [p for p in files.split("`")[1::2] if not p.startswith("../")]
+        table.append((name, paths))
+    return table
+
+
+def layer_of(module: str, table: list[tuple[str, list[str]]]) -> int | None:
+    """The index of ``module``'s row in ``table`` (0 = the top), or None when no row names it."""
+    path = MODULES[module].relative_to(PACKAGE).as_posix()
+    for index, (_, paths) in enumerate(table):
+        if any(path.startswith(p) if p.endswith("/") else path == p for p in paths):
+            return index
+    return None
+
+
+def upward_imports(edges: dict[str, set[str]], table: list[tuple[str, list[str]]]) -> list[str]:
+    """Imports of a module from a layer above its own (its own layer and those below are fine)."""
+    found = []
+    for name, targets in edges.items():
+        for target in targets:
+            here, there = layer_of(name, table), layer_of(target, table)
+            if target in MODULES and here is not None and there is not None and there < here:
+                found.append(f"{name} ({table[here][0]}) imports {target} ({table[there][0]})")
+    return sorted(found)
+
+
+def test_every_module_has_a_layer() -> None:
+    table = layer_table()
+    assert len(table) >= 5, table
+    assert [m for m in MODULES if layer_of(m, table) is None] == []
+
+
+def test_imports_only_go_down_the_layer_table() -> None:
+    assert upward_imports(graph(), layer_table()) == []
+
+
+def test_layer_check_finds_a_planted_upward_import() -> None:
+    """The check above could fail: the training loop importing ``peftlab.count`` (an
+    application, a layer above training) is found."""
+    edges = {name: set(targets) for name, targets in graph().items()}
+    edges["peftlab.training.loop"].add("peftlab.count")
+    assert upward_imports(edges, layer_table()) == [
+        "peftlab.training.loop (training) imports peftlab.count (applications)"
+    ]
 
 
 def test_every_import_resolves_to_a_module() -> None:

@@ -12,8 +12,8 @@ from torch import nn
 
 from peftlab import BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 from peftlab.training import classify, lm_head
+from peftlab.training.encoding import Encoded, collate
 from peftlab.training.lm_head import causal_lm_loss_sum, linear_cross_entropy, supervised_loss_sum
-from peftlab.training.loop import Encoded, collate
 from test_training import tiny_llama
 
 VOCAB = 61

@@ -144,7 +144,17 @@ def test_bias_modes_train_the_right_biases(arch: str, bias: str) -> None:
 
 def test_bias_none_leaves_every_bias_frozen() -> None:
     model = get_peft_model(build_model("gpt2"), LoraConfig(r=4, init_lora_weights=False))
-    assert all(".adapters.default." in n for n, p in model.named_parameters() if p.requires_grad)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    # gpt2's default target is c_attn: lora_A and lora_B in each of its 2 layers, nothing more
+    assert len(trainable) == 2 * 2
+    assert trainable == set(model.adapter_parameters("default"))
+    assert all(".adapters.default." in n for n in trainable)
+    # and every bias is there and frozen: the wrapped layers' own ones too
+    biases = {n: p for n, p in model.named_parameters() if n.endswith(".bias")}
+    wrapped = {f"base_model.{n}.base_layer.bias" for n, _ in wrapped_modules(model.base_model)}
+    assert len(wrapped) == 2 and wrapped <= set(biases)
+    assert len(biases) == 2 * 6 + 1  # per layer: ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp c_proj; ln_f
+    assert not any(p.requires_grad for p in biases.values())
 
 
 @pytest.mark.parametrize("layers", [[1], 1])

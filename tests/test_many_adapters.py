@@ -22,6 +22,7 @@ from peftlab import (
     PrefixTuningConfig,
     Stack,
 )
+from peftlab.core.injection import wrapped_modules
 from suite_helpers import TASKS, assert_close, differs, perturb
 
 ADAPTERS = ("lora", "lora8", "ia3", "bn", "prefix")
@@ -35,6 +36,7 @@ def configs(arch: str) -> dict[str, Any]:
         ),
         "lora8": LoraConfig(r=8, lora_alpha=4, init_lora_weights=False, task_type=task),
         "ia3": IA3Config(init_ia3_weights=False, task_type=task),
+        "ia3b": IA3Config(init_ia3_weights=False, task_type=task),
         "bn": BottleneckConfig(reduction_factor=4, non_linearity="gelu", task_type=task),
         "prefix": PrefixTuningConfig(task_type=task, num_virtual_tokens=3),
     }
@@ -182,12 +184,31 @@ def test_adapter_names_errors() -> None:
 def test_modules_to_save_heads_per_sample() -> None:
     """BERT classification: each adapter has its own trained head copy; rows use their own."""
     model = many("bert", ("lora", "ia3"))
+    classifier = model.base_model.classifier
+    heads = {"lora": classifier.modules_to_save["lora"], "ia3": classifier.modules_to_save["ia3"]}
+    heads["__base__"] = classifier.original_module
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # each adapter's head far from the other's and from the frozen original
+        for name in ("lora", "ia3"):
+            for p in heads[name].parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+    assert differs(heads["lora"].weight, heads["ia3"].weight)
     inputs = padded_inputs("bert", 3)
     names = ["ia3", "lora", "__base__"]
+    reached: list[torch.Tensor] = []  # what the head receives, one row per sample
+    hook = classifier.register_forward_pre_hook(lambda _, args: reached.append(args[0]))
     with torch.no_grad():
         mixed = model(**inputs, adapter_names=names).logits
+    hook.remove()
+    (pooled,) = reached
     for i, name in enumerate(names):
         assert_close(mixed[i : i + 1], alone(model, name, row(inputs, i)))
+        with torch.no_grad():
+            by_head = {other: head(pooled[i : i + 1]) for other, head in heads.items()}
+        # the row's output is its own head's, and any other head would have said something else
+        assert_close(mixed[i : i + 1], by_head[name])
+        for other in set(heads) - {name}:
+            assert differs(by_head[other], by_head[name]), (name, other)
 
 
 # ---- composition blocks ----------------------------------------------------------------------
@@ -214,15 +235,46 @@ def test_stack_equals_list_and_composes_in_order() -> None:
 
 
 def test_stack_of_one_method_by_hand() -> None:
-    """Stack of two LoRA adapters adds their deltas; of two IA3 adapters multiplies scales."""
-    model = many("llama", ("lora", "lora8"))
+    """Stack of two LoRA adapters adds their deltas; of two IA3 adapters multiplies scales: each
+    equals the base model with its weights changed by hand."""
     inputs = padded_inputs("llama", 2)
+    # LoRA: W + s B A of each, s = alpha / r (lora: 8 / 4, lora8: 4 / 8)
+    model = many("llama", ("lora", "lora8"))
+    scaling = {"lora": 8 / 4, "lora8": 4 / 8}
+    by_hand = build_model("llama")
+    for path, wrapper in wrapped_modules(model.base_model):
+        weight = by_hand.get_submodule(path).weight
+        for name in set(wrapper.adapters) & set(scaling):
+            unit = wrapper.adapters[name]
+            with torch.no_grad():
+                weight += scaling[name] * unit.lora_B.weight @ unit.lora_A.weight
     with torch.no_grad():
         model.set_adapter(Stack("lora", "lora8"))
         both = model(**inputs).logits
+        assert_close(both, by_hand(**inputs).logits)
         model.merge_adapter()  # merging adds both deltas into W
         assert_close(model(**inputs).logits, both)
         model.unmerge_adapter()
+        assert differs(both, alone(model, "lora", inputs))
+        assert differs(both, alone(model, "lora8", inputs))
+    # IA3: k and v scale their outputs (rows of W), down_proj its inputs (columns of W), by the
+    # product of the two adapters' vectors
+    model = many("llama", ("ia3", "ia3b"))
+    by_hand = build_model("llama")
+    scaled = 0
+    for path, wrapper in wrapped_modules(model.base_model):
+        first, second = wrapper.adapters["ia3"], wrapper.adapters["ia3b"]
+        product = first.ia3_l * second.ia3_l  # (out, 1) or (1, in): broadcasts over W (out, in)
+        assert differs(product, first.ia3_l) and differs(product, second.ia3_l)
+        with torch.no_grad():
+            by_hand.get_submodule(path).weight.mul_(product)
+        scaled += 1
+    assert scaled == 2 * 3
+    with torch.no_grad():
+        model.set_adapter(Stack("ia3", "ia3b"))
+        both = model(**inputs).logits
+        assert_close(both, by_hand(**inputs).logits)
+        assert differs(both, alone(model, "ia3", inputs))
 
 
 @pytest.mark.parametrize("arch", ["llama", "bart"])

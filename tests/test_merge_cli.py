@@ -13,6 +13,8 @@ from peftlab import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peftlab.cli import main
 from test_checkpoint import fake_prompt_method  # noqa: F401 (fixture)
 
+IA3_LLAMA = ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")  # IA3's default targets
+
 
 def save_tokenizer(folder: Path) -> None:
     """A word-level tokenizer over the tiny models' vocabulary, built offline."""
@@ -145,9 +147,15 @@ def test_merged_equals_peftlab_merge_and_unload(base_dir: Path, tmp_path: Path) 
     from transformers import AutoModelForCausalLM
 
     save_adapter(base_dir, tmp_path / "adapter", IA3Config())
-    main(["merge", str(base_dir), str(tmp_path / "adapter"), str(tmp_path / "out")])
+    assert main(["merge", str(base_dir), str(tmp_path / "adapter"), str(tmp_path / "out")]) == 0
     lib = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
     state = lib.merge_and_unload().state_dict()
     written = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(written) == set(state)
     for key, value in written.items():
         assert torch.equal(value, state[key]), key
+    # the merge did fold something: IA3's k, v and down projections (2 layers) left the base
+    base = load_file(base_dir / "model.safetensors")
+    assert set(base) == set(written)
+    changed = {k for k in base if not torch.equal(base[k], written[k])}
+    assert changed == {f"model.layers.{i}.{m}.weight" for i in range(2) for m in IA3_LLAMA}

@@ -6,11 +6,12 @@ import math
 
 import pytest
 
-from peftlab.data.files import label_scorer, match_label
 from peftlab.data.metrics import (
     classification_metrics,
     exact_match,
     generation_metrics,
+    label_scorer,
+    match_label,
     normalize_answer,
     perplexity,
     rouge_l,

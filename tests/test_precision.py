@@ -22,7 +22,9 @@ import torch
 from peftlab import BottleneckConfig, IA3Config, LoraConfig, TaskType, cli, get_peft_model
 from peftlab.count import count_methods, load_preset
 from peftlab.devices import Precision, native_bf16, parse_device, parse_dtype, resolve_device, resolve_dtype
-from peftlab.training.loop import Encoded, TrainConfig, TrainLoop, evaluate_loss
+from peftlab.training.encoding import Encoded
+from peftlab.training.evaluation import evaluate_loss
+from peftlab.training.loop import TrainConfig, TrainLoop
 from test_training import save_tiny_causal_lm, tiny_llama
 
 VOCAB = 53

@@ -457,5 +457,22 @@ def test_training_lowers_loss_and_changes_only_the_prefix() -> None:
 
 
 def test_eval_mode_task_type_enum() -> None:
-    config = PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM)
+    """The lesson's form, a TaskType member and a projected prefix, on a seq2seq model: in
+    ``.eval()`` the output is deterministic and the prefix's, not the base's."""
+    config = PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=3, prefix_projection=True)
     assert config.task_type is TaskType.SEQ_2_SEQ_LM
+    inputs = sample_inputs("bart")
+    base = _run(_base("bart"), inputs)
+    torch.manual_seed(100)
+    model = get_peft_model(_base("bart"), config)
+    assert model.peft_config["default"].task_type == "SEQ_2_SEQ_LM"
+    # bart's dropout (0.1) is live in training mode, so two calls differ there
+    model.train()
+    assert _max_diff(_run(model, inputs), _run(model, inputs)) > 1e-3
+    model.eval()
+    assert not any(m.training for m in model.modules())
+    first, second = _run(model, inputs), _run(model, inputs)
+    assert _max_diff(first, second) == 0.0
+    assert _max_diff(first, base) > 1e-3
+    with model.disable_adapter():
+        assert _max_diff(_run(model, inputs), base) == 0.0

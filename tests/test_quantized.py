@@ -217,12 +217,25 @@ def test_checkpoint_from_nf4_loads_on_full_precision_and_in_hf_peft(tmp_path: Pa
         assert torch.equal(on_fp32.adapter_parameters("default")[name], value)
         assert torch.equal(on_nf4.adapter_parameters("default")[name], value)
     assert_close(logits(on_nf4, inputs), logits(trained, inputs), atol=0)
+    with torch.no_grad():
+        nf4_base = logits(quantized_llama("nf4"), inputs)
+    assert differs(logits(trained, inputs), nf4_base)  # the adapter acts (B != 0)
+    # on the fp32 base: the adapter acts there too, and HF PEFT loading the same folder onto the
+    # same fp32 base computes what peftlab does (fp32: 1e-5)
+    fp32_out = logits(on_fp32, inputs)
+    assert differs(fp32_out, logits(build_model("llama"), inputs))
     hf = peft.PeftModel.from_pretrained(build_model("llama"), str(tmp_path)).eval()
-    assert_close(logits(hf, inputs), logits(on_fp32, inputs))
-    # and an adapter trained on the fp32 base loads onto NF4
+    assert_close(logits(hf, inputs), fp32_out, atol=1e-5)
+    # and an adapter trained on the fp32 base loads onto NF4, where it computes what HF PEFT's
+    # bitsandbytes LoRA layer does with it over the same NF4 base
     fp32_dir = tmp_path / "fp32"
+    torch.manual_seed(1)
     get_peft_model(build_model("llama"), config).save_pretrained(fp32_dir)
-    PeftModel.from_pretrained(quantized_llama("nf4"), fp32_dir)
+    onto_nf4 = PeftModel.from_pretrained(quantized_llama("nf4"), fp32_dir).eval()
+    out = logits(onto_nf4, inputs)
+    assert differs(out, nf4_base)
+    hf_nf4 = peft.PeftModel.from_pretrained(quantized_llama("nf4"), str(fp32_dir)).eval()
+    assert_close(logits(hf_nf4, inputs), out, atol=ATOL_4BIT)
 
 
 def test_hf_peft_lora_over_the_same_nf4_layers_agrees() -> None:
@@ -291,7 +304,8 @@ def test_train_on_a_quantized_base_saves_a_full_precision_adapter(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from peftlab.training.run import RunConfig, run_training
+    from peftlab.training.run import run_training
+    from peftlab.training.settings import RunConfig
 
     out = tmp_path / "out"
     config = RunConfig(
@@ -312,7 +326,8 @@ def test_train_checkpoints_gradients_over_a_quantized_base_unless_told_not_to(
 ) -> None:
     """As QLoRA (and HF PEFT's k-bit preparation) do: on by default with --quantize, off without it,
     off for prefix tuning (which it would break), and an explicit setting wins."""
-    from peftlab.training.run import RunConfig, run_training, uses_checkpointing
+    from peftlab.training.run import run_training
+    from peftlab.training.settings import RunConfig, uses_checkpointing
 
     runs = iter(range(10))
 
@@ -329,7 +344,7 @@ def test_train_checkpoints_gradients_over_a_quantized_base_unless_told_not_to(
     assert not checkpointing(quantize="nf4", gradient_checkpointing=False)
     assert not checkpointing(quantize="nf4", method="prefix")
     assert not checkpointing()
-    with pytest.raises(ValueError, match="prefix tuning does not work with it"):
+    with pytest.raises(ValueError, match="prefix tuning does not work with gradient checkpointing"):
         RunConfig(task="topic", method="prefix", gradient_checkpointing=True).validate()
 
 
@@ -418,6 +433,7 @@ def test_count_estimates_a_quantized_base() -> None:
 # ---- peftlab compare --methods lora,qlora --------------------------------------------------
 def test_compare_adds_a_lora_on_nf4_row(tiny_llama: Path, tmp_path: Path) -> None:
     import json
+    import math
 
     from peftlab.cli import main
     from peftlab.compare.options import DEFAULT_METHODS
@@ -439,10 +455,32 @@ def test_compare_adds_a_lora_on_nf4_row(tiny_llama: Path, tmp_path: Path) -> Non
     est = {m: rows[m]["estimated_train_memory_bytes"] for m in ("lora", "qlora")}
     assert est["qlora"]["weights"] < est["lora"]["weights"]
     assert est["qlora"]["optimizer"] == est["lora"]["optimizer"]  # the same adapter
-    # its adapter is a plain PEFT LoRA checkpoint that loads on the full-precision base
+    # real figures: the row is LoRA's adapter (LoRA r=8 on q: 32 -> 32 and v: 32 -> 2 kv heads
+    # x 8 = 16, in 2 layers) trained and measured over the NF4 base, which cannot merge
+    qlora = rows["qlora"]
+    assert qlora["label"] == "LoRA on NF4 base"
+    assert qlora["trainable_params"] == rows["lora"]["trainable_params"] == 2 * 8 * ((32 + 32) + (32 + 16))
+    assert qlora["config"] == rows["lora"]["config"]
+    assert not qlora["mergeable"] and qlora["inference_overhead_merged"] is None
+    assert rows["lora"]["mergeable"] and rows["lora"]["inference_overhead_merged"] > 0
+    quality = qlora["quality"]
+    assert 0 <= quality["ci_low"] <= quality["mean"] <= quality["ci_high"] <= 1 and quality["n"] == 1
+    assert qlora["eval_loss"]["mean"] > 0 and math.isfinite(qlora["eval_loss"]["mean"])
+    assert qlora["peak_memory_bytes"] > 0 and qlora["median_step_s"] > 0 and qlora["tokens_per_s"] > 0
+    assert qlora["latency_base_s"] > 0 and qlora["inference_overhead_unmerged"] > 0
+    # its adapter is a plain PEFT LoRA checkpoint that loads on the full-precision base, where
+    # it changes the outputs and computes what HF PEFT does with it (fp32: 1e-5)
+    import peft
     from transformers import AutoModelForCausalLM
 
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out / "adapters" / "qlora")
+    folder = out / "adapters" / "qlora"
+    assert qlora["adapter_path"] == str(folder)
+    inputs = {"input_ids": torch.tensor([[6, 7, 8, 9, 10], [10, 9, 8, 7, 6]])}
+    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), folder).eval()
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(folder))
+    out_ours = logits(ours, inputs)
+    assert differs(out_ours, logits(AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), inputs))
+    assert_close(logits(theirs.eval(), inputs), out_ours, atol=1e-5)
 
 
 # ---- peftlab merge --quantize ----------------------------------------------------------------

@@ -52,11 +52,16 @@ def test_need_to_merge_excludes_bottleneck_and_prefix(kwargs: dict[str, object])
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"model_type": "rnn"}, {"num_examples": 0}, {"num_tasks": 0}, {"memory_budget_gb": -1.0}],
+    ("kwargs", "message"),
+    [
+        ({"model_type": "rnn"}, r"model type 'rnn' is not one of causal"),
+        ({"num_examples": 0}, r"number of examples must be >= 1, got 0"),
+        ({"num_tasks": 0}, r"number of tasks must be >= 1, got 0"),
+        ({"memory_budget_gb": -1.0}, r"memory budget must be > 0 GB, got -1\.0"),
+    ],
 )
-def test_bad_constraints_raise(kwargs: dict[str, object]) -> None:
-    with pytest.raises(ValueError):
+def test_bad_constraints_raise(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         Constraints(**kwargs)  # type: ignore[arg-type]
 
 
@@ -117,6 +122,7 @@ def test_cli_bad_results_file(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert main(["recommend", "--results", str(bad)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert main(["recommend", "--results", str(tmp_path / "missing.json")]) == 2
+    assert f"{tmp_path / 'missing.json'}: no such results file" in capsys.readouterr().err
 
 
 def test_significance_decides_what_is_tied_with_the_best() -> None:

@@ -27,7 +27,8 @@ from peftlab.training.checkpoints import (
     step_folders,
     write_state,
 )
-from peftlab.training.loop import Encoded, TrainConfig, TrainLoop
+from peftlab.training.encoding import Encoded
+from peftlab.training.loop import TrainConfig, TrainLoop
 from test_training import save_tiny_causal_lm
 
 

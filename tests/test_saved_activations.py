@@ -15,8 +15,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForC
 
 from peftlab import LoraConfig, TaskType, get_peft_model
 from peftlab.training import saved_activations
+from peftlab.training.encoding import Encoded
 from peftlab.training.lm_head import supervised_loss_sum
-from peftlab.training.loop import Encoded, TrainConfig, TrainLoop
+from peftlab.training.loop import TrainConfig, TrainLoop
 from peftlab.training.saved_activations import activation_modules, recomputed_activations
 from test_lm_head import METHODS, VOCAB, _batch, _nonzero
 from test_training import tiny_llama

@@ -24,46 +24,38 @@ from conftest import build_model
 from peftlab import LoraConfig, PeftModel, get_peft_model
 from peftlab.cli import main
 from peftlab.serving import Engine
-from peftlab.serving.api import ServerThread, create_app
 from serve_helpers import (
     BASE,
     PROMPTS,
     Client,
     concurrently,
-    loaded_model,
+    engine_for,
+    free_port,
     offline,
-    save_adapters,
+    serving,
     tokenizer,
     wait_for,
+    wait_until_serving,
 )
 
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return save_adapters(tmp_path_factory.mktemp("adapters"))
-
-
-@pytest.fixture(scope="module")
-def reference(folders: dict[str, Path]) -> PeftModel:
-    return loaded_model(folders)
+# ``folders`` (the four adapters saved) and ``reference`` (them loaded) are conftest's fixtures
 
 
 @pytest.fixture(scope="module")
 def server(folders: dict[str, Path]) -> Iterator[tuple[Client, Engine]]:
     """lora, ia3, bn on the server from the start; prefix is loaded at run time by the tests
     (from the folder all four were saved in, the server's one adapter root)."""
-    start = {k: v for k, v in folders.items() if k != "prefix"}
-    engine = Engine(
-        loaded_model(start),
-        tokenizer(),
-        base_name=BASE,
+    start = ("lora", "ia3", "bn")
+    engine = engine_for(
+        folders,
+        start,
         max_batch_size=8,
         max_queue=64,
-        adapter_paths={k: str(v) for k, v in start.items()},
+        adapter_paths={k: str(folders[k]) for k in start},
         adapter_dirs=[str(folders["prefix"].parent)],
     )
-    with ServerThread(create_app(engine)) as running:
-        yield Client(running.url), engine
+    with serving(engine) as client:
+        yield client, engine
 
 
 def expected(reference: PeftModel, adapter: str, prompt: str, max_tokens: int) -> str:
@@ -145,16 +137,15 @@ def test_mixed_adapters_share_decoding_steps_and_equal_solo(
 
 @pytest.fixture(scope="module")
 def static_server(folders: dict[str, Path]) -> Iterator[tuple[Client, Engine]]:
-    engine = Engine(
-        loaded_model({k: v for k, v in folders.items() if k != "prefix"}),
-        tokenizer(),
-        base_name=BASE,
+    engine = engine_for(
+        folders,
+        ("lora", "ia3", "bn"),
         batching="static",
         max_batch_size=8,
         max_wait_ms=3000,  # long enough for every concurrent request to arrive
     )
-    with ServerThread(create_app(engine)) as running:
-        yield Client(running.url), engine
+    with serving(engine) as client:
+        yield client, engine
 
 
 def test_static_batching_runs_mixed_adapters_in_one_generate_call(
@@ -365,11 +356,9 @@ def test_unload_waits_for_requests_queued_before_it(
 # ---- limits and the API key on a small server ---------------------------------------------------
 @pytest.fixture(scope="module")
 def small(folders: dict[str, Path]) -> Iterator[tuple[Client, Engine]]:
-    engine = Engine(
-        loaded_model({"ia3": folders["ia3"]}), tokenizer(), base_name=BASE, max_batch_size=1, max_queue=2
-    )
-    with ServerThread(create_app(engine, api_key="s3cret")) as running:
-        yield Client(running.url, api_key="s3cret"), engine
+    engine = engine_for(folders, ("ia3",), max_batch_size=1, max_queue=2)
+    with serving(engine, api_key="s3cret") as client:
+        yield client, engine
 
 
 def test_api_key_is_checked_on_every_request(small: tuple[Client, Engine]) -> None:
@@ -424,27 +413,14 @@ def test_cli_serves_over_http(tmp_path: Path, folders: dict[str, Path], referenc
     base = tmp_path / "tiny"
     build_model("llama").save_pretrained(base)
     tokenizer().save_pretrained(base)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PEFTLAB_API_KEY": "k", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "peftlab", "serve", "--model", str(base), "--port", str(port)]
     cmd += ["--adapter", f"bn={folders['bn']}", "--threads", "1", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         client = Client(f"http://127.0.0.1:{port}", api_key="k")
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                if client.request("GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_until_serving(proc, client, timeout=60)
         status, body = client.complete("bn", PROMPTS[0], max_tokens=5)
         assert status == 200 and body["choices"][0]["text"] == expected(reference, "bn", PROMPTS[0], 5)
         assert client.complete("tiny", PROMPTS[0], max_tokens=5)[1]["choices"][0]["text"] == expected(

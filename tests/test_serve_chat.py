@@ -14,10 +14,9 @@ import openai
 import pytest
 
 from peftlab import PeftModel
-from peftlab.serving import Engine, ServeError
-from peftlab.serving.api import ServerThread, create_app
+from peftlab.serving import ServeError
 from peftlab.serving.chat import parse_messages, render_chat
-from serve_helpers import BASE, PROMPTS, Client, alone, loaded_model, offline, save_adapters, tokenizer
+from serve_helpers import BASE, METHODS, PROMPTS, Client, alone, engine_for, offline, serving, tokenizer
 
 CHAT = [
     {"role": "system", "content": "w20 w21"},
@@ -27,21 +26,11 @@ CHAT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return save_adapters(tmp_path_factory.mktemp("adapters"))
-
-
-@pytest.fixture(scope="module")
-def reference(folders: dict[str, Path]) -> PeftModel:
-    return loaded_model(folders)
-
-
+# ``folders`` (the four adapters saved) and ``reference`` (them loaded) are conftest's fixtures
 @pytest.fixture(scope="module")
 def server(folders: dict[str, Path]) -> Iterator[Client]:
-    engine = Engine(loaded_model(folders), tokenizer(), base_name=BASE, max_batch_size=8)
-    with ServerThread(create_app(engine)) as running:
-        yield Client(running.url)
+    with serving(engine_for(folders, METHODS, max_batch_size=8)) as client:
+        yield client
 
 
 def chat_ids(messages: list[dict[str, Any]]) -> list[int]:

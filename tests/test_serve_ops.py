@@ -21,38 +21,22 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from peftlab import PeftModel
 from peftlab.serving import Engine, startup_warnings
-from peftlab.serving.api import ServerThread, create_app
 from peftlab.serving.jobs import Job
 from serve_helpers import (
     BASE,
     PROMPTS,
     Client,
     concurrently,
-    loaded_model,
+    engine_for,
+    free_port,
     offline,
-    save_adapters,
+    serving,
     tokenizer,
     wait_for,
+    wait_until_serving,
 )
 
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return save_adapters(tmp_path_factory.mktemp("adapters"))
-
-
-@pytest.fixture(scope="module")
-def reference(folders: dict[str, Path]) -> PeftModel:
-    return loaded_model(folders)
-
-
-def start(engine: Engine, **app_options: Any) -> ServerThread:
-    return ServerThread(create_app(engine, **app_options))  # started by ``with``
-
-
-def engine_for(folders: dict[str, Path], names: tuple[str, ...] = ("lora",), **options: Any) -> Engine:
-    chosen = {n: folders[n] for n in names}
-    return Engine(loaded_model(chosen), tokenizer(), base_name=BASE, **options)
+# ``folders`` (the four adapters saved) and ``reference`` (them loaded) are conftest's fixtures
 
 
 def slowed(monkeypatch: pytest.MonkeyPatch, engine: Engine, seconds: float) -> None:
@@ -87,8 +71,7 @@ def load(client: Client, name: str, path: Path | str) -> tuple[int, str]:
 
 
 def test_run_time_loading_is_off_without_adapter_dirs(folders: dict[str, Path]) -> None:
-    with start(engine_for(folders)) as running:
-        client = Client(running.url)
+    with serving(engine_for(folders, ("lora",))) as client:
         status, message = load(client, "ia3", folders["ia3"])
         assert status == 403 and "--adapter-dir" in message
         status, _, body = client.request("DELETE", "/v1/adapters/lora")
@@ -109,9 +92,8 @@ def test_only_folders_inside_the_roots_load(folders: dict[str, Path], tmp_path: 
     sneaky.mkdir()
     (sneaky / "adapter_config.json").symlink_to(outside / "bn" / "adapter_config.json")
     shutil.copy(folders["bn"] / "adapter_model.safetensors", sneaky)
-    engine = engine_for(folders, adapter_dirs=[str(root)])
-    with start(engine) as running:
-        client = Client(running.url)
+    engine = engine_for(folders, ("lora",), adapter_dirs=[str(root)])
+    with serving(engine) as client:
         for path in (
             outside / "bn",  # absolute, outside
             outside / "missing",  # outside and missing: 403 all the same (nothing is revealed)
@@ -139,8 +121,7 @@ def test_only_folders_inside_the_roots_load(folders: dict[str, Path], tmp_path: 
 
 # ---- bounded requests ------------------------------------------------------------------------
 def test_request_bodies_and_prompt_counts_are_bounded(folders: dict[str, Path]) -> None:
-    with start(engine_for(folders, max_prompts=3), max_body_bytes=2000) as running:
-        client = Client(running.url)
+    with serving(engine_for(folders, ("lora",), max_prompts=3), max_body_bytes=2000) as client:
         big = {"model": "lora", "prompt": " ".join(["w7"] * 700)}
         status, _, body = client.request("POST", "/v1/completions", big)
         assert status == 413 and "limit of 2000 bytes" in body["error"]["message"]
@@ -162,11 +143,12 @@ def test_request_bodies_and_prompt_counts_are_bounded(folders: dict[str, Path]) 
 
 
 def test_an_open_port_without_a_key_is_warned_about(folders: dict[str, Path], tmp_path: Path) -> None:
-    engine = engine_for(folders, adapter_dirs=[str(tmp_path)])
+    engine = engine_for(folders, ("lora",), adapter_dirs=[str(tmp_path)])
     (warning,) = startup_warnings("0.0.0.0", None, engine)
     assert "warning" in warning and "0.0.0.0" in warning and "--api-key" in warning
     assert str(tmp_path.resolve()) in warning  # it says what else an anonymous client can do
-    assert "load or unload adapters" not in startup_warnings("10.1.2.3", None, engine_for(folders))[0]
+    closed = engine_for(folders, ("lora",))  # no adapter folders: nothing to load or unload
+    assert "load or unload adapters" not in startup_warnings("10.1.2.3", None, closed)[0]
     for host, key in (("127.0.0.1", None), ("localhost", None), ("::1", None), ("0.0.0.0", "k")):
         assert startup_warnings(host, key, engine) == []
 
@@ -183,8 +165,7 @@ def samples(client: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
 
 
 def test_metrics_in_prometheus_format(folders: dict[str, Path]) -> None:
-    with start(engine_for(folders, ("lora", "ia3"))) as running:
-        client = Client(running.url)
+    with serving(engine_for(folders, ("lora", "ia3"))) as client:
         results = concurrently(
             [lambda: client.complete("lora", PROMPTS[0], max_tokens=4) for _ in range(2)]
             + [lambda: client.complete(BASE, PROMPTS[1], max_tokens=3)]
@@ -230,8 +211,7 @@ def test_a_client_that_leaves_frees_its_row(
     engine = engine_for(folders, ("lora", "bn"))
     slowed(monkeypatch, engine, 0.02)
     jobs = jobs_of(monkeypatch, engine)
-    with start(engine) as running:
-        client = Client(running.url)
+    with serving(engine) as client:
         with InBackground(lambda: client.complete("bn", PROMPTS[1], max_tokens=40)) as kept:
             sock = raw_request(
                 client, {"model": "lora", "prompt": PROMPTS[0], "max_tokens": 40, "stream": True}
@@ -287,8 +267,7 @@ def test_bad_input_under_load_leaves_everyone_else_served(
         folders, ("lora", "ia3", "bn", "prefix"), max_batch_size=3, max_queue=4, adapter_dirs=[str(tmp_path)]
     )
     slowed(monkeypatch, engine, 0.005)
-    with start(engine) as running:
-        client = Client(running.url)
+    with serving(engine) as client:
         busy: list[str] = []
 
         def good(adapter: str, prompt: str) -> tuple[str, str, str]:
@@ -348,25 +327,14 @@ def long_running_model(folder: Path) -> None:
 
 def test_sigterm_finishes_running_requests_then_exits_0(tmp_path: Path) -> None:
     long_running_model(tmp_path / "model")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "peftlab", "serve", "--model", str(tmp_path / "model"), "--port", str(port)]
     cmd += ["--threads", "1", "--log-level", "warning", "--shutdown-grace", "60"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         client = Client(f"http://127.0.0.1:{port}")
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                if client.request("GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_until_serving(proc, client, timeout=90)
         tokens = 1000
         sock = raw_request(client, {"model": "model", "prompt": "w5 w6", "max_tokens": tokens, "stream": True,
                                     "temperature": 0, "stream_options": {"include_usage": True}})  # fmt: skip

@@ -14,8 +14,10 @@ from transformers import AutoModelForCausalLM
 
 from peftlab import PeftModel, cli
 from peftlab.cli.train import parse_target_modules
-from peftlab.training.loop import evaluate_loss, pad_id
-from peftlab.training.run import RunConfig, merge_settings, read_run_file, run_training
+from peftlab.training.encoding import pad_id
+from peftlab.training.evaluation import evaluate_loss
+from peftlab.training.run import run_training
+from peftlab.training.settings import RunConfig, merge_settings, read_run_file
 from test_training import save_tiny_causal_lm
 
 
@@ -179,7 +181,7 @@ def test_training_learns_and_saves_a_peft_adapter(tiny_model_dir: Path, tmp_path
     assert {"eval_loss", "accuracy"} <= set(final)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["final_eval"] == final
     # LoRA starts as the base model (B = 0): the base's held-out loss is the starting point
-    from peftlab.training.loop import encode_examples
+    from peftlab.training.encoding import encode_examples
     from peftlab.training.run import load_run_task
 
     held_out = encode_examples(tok, load_run_task(config).eval, 256)

@@ -18,17 +18,10 @@ from conftest import build_model
 from peftlab import IA3Config, LoraConfig, get_peft_model
 from peftlab.data.catalog import get_task
 from peftlab.data.tasks import Example
-from peftlab.training.loop import (
-    IGNORE_INDEX,
-    Encoded,
-    TrainConfig,
-    causal_lm_loss,
-    collate,
-    encode_example,
-    evaluate_task,
-    generate,
-    train,
-)
+from peftlab.training.encoding import Encoded, collate, encode_example
+from peftlab.training.evaluation import evaluate_task, generate
+from peftlab.training.lm_head import IGNORE_INDEX, causal_lm_loss
+from peftlab.training.loop import TrainConfig, train
 
 
 @functools.lru_cache(maxsize=1)

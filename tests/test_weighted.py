@@ -177,8 +177,12 @@ def test_lora_linear_combines_a_and_b_separately_as_peft_does(arch: str) -> None
 def test_lora_linear_of_one_adapter_scales_its_delta() -> None:
     model = lora_model("llama")
     model.add_weighted_adapter(["b"], [-0.5], "scaled", combination_type="linear")
-    for module, unit in units(model, "scaled").items():
+    scaled = units(model, "scaled")
+    # b's targets (v_proj and o_proj) in each of the 2 layers, and only those
+    assert len(scaled) == 2 * 2 and set(scaled) == set(units(model, "b"))
+    for module, unit in scaled.items():
         expected = -0.5 * units(model, "b")[module].delta_weight()
+        assert expected.abs().max() > 1e-3  # b's delta is not zero (B != 0)
         assert_close(unit.delta_weight(), expected)
 
 

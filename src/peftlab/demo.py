@@ -18,7 +18,9 @@ from peftlab.data.catalog import get_task
 from peftlab.devices import Precision
 from peftlab.models import DEFAULT_CAUSAL_LM, load_causal_lm, quiet
 from peftlab.presets import PRESETS, MethodPreset
-from peftlab.training.loop import EvalResult, TrainConfig, encode_examples, evaluate_task, pad_id, train
+from peftlab.training.encoding import encode_examples, pad_id
+from peftlab.training.evaluation import EvalResult, evaluate_task
+from peftlab.training.loop import TrainConfig, train
 
 TASK = "structured"
 SHOWN = 3  # generations shown before/after

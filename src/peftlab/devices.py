@@ -219,6 +219,11 @@ class Precision:
         return {"device": str(self.device), "dtype": self.dtype_name}
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model`` runs: the device of its first parameter."""
+    return next(model.parameters()).device
+
+
 def unique_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """Every parameter once (tied weights are one parameter)."""
     seen: set[int] = set()

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftlab.core.config import PeftConfig, TaskType
+from peftlab.core.method import Method
+from peftlab.core.registry import method_for
 from peftlab.methods.bottleneck import BottleneckConfig
 from peftlab.methods.ia3 import IA3Config
 from peftlab.methods.lora import LoraConfig
@@ -38,18 +40,20 @@ MIN_BOTTLENECK = 16
 
 @dataclass(frozen=True)
 class MethodPreset:
-    """One method as the applications run it."""
+    """One method as the applications run it. What the method itself knows (whether it merges,
+    whether it works under activation checkpointing) is asked of the method, never typed here."""
 
     name: str  # what --methods / --method take
     label: str  # what tables show
     make_config: ConfigFactory
     learning_rate: float  # causal LMs
     encoder_learning_rate: float  # encoders with a new classification head
-    traits: tuple[str, ...] = ()  # "mergeable", "composes"
     shown: tuple[str, ...] = ()  # the config fields ``settings()`` prints
     summary: str = ""  # the settings in words, where the fields alone do not say them
     quantize: str | None = None  # the frozen base quantized (nf4 | fp4 | int8); None: as loaded
     in_default: bool = True  # among the methods compare runs without --methods
+    # the lesson's "best for stacking tasks": adapters kept apart and composed, not merged
+    composes: bool = False
 
     def config(self, model_config: Any = None, task_type: TaskType = TaskType.CAUSAL_LM) -> PeftConfig | None:
         return self.make_config(model_config, task_type)
@@ -62,6 +66,29 @@ class MethodPreset:
     def peft_type(self) -> str | None:
         config = self.config()
         return config.peft_type if config is not None else None
+
+    @property
+    def method(self) -> Method | None:
+        """The adapter method the preset runs; None for full fine-tuning."""
+        config = self.config()
+        return method_for(config) if config is not None else None
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether the trained model runs at the base's speed: full fine-tuning, or a method that
+        merges in place (not over a quantized base, whose merge gives a full-precision model)."""
+        method = self.method
+        return method is None or (method.mergeable and self.quantize is None)
+
+    @property
+    def supports_activation_checkpointing(self) -> bool:
+        method = self.method
+        return method is None or method.supports_activation_checkpointing
+
+    @property
+    def traits(self) -> tuple[str, ...]:
+        """What the comparison report and recommend say of it: "mergeable", "composes"."""
+        return (*(("mergeable",) if self.mergeable else ()), *(("composes",) if self.composes else ()))
 
     def settings(self) -> dict[str, Any]:
         """The settings to print (for a causal LM whose size is not known)."""
@@ -128,18 +155,15 @@ def _prefix(model_config: Any, task_type: TaskType) -> PeftConfig:
 PRESETS: dict[str, MethodPreset] = {
     p.name: p
     for p in (
-        MethodPreset(
-            "full", "Full fine-tuning", _full, 5e-5, 1e-4, ("mergeable",), summary="all parameters trainable"
-        ),
+        MethodPreset("full", "Full fine-tuning", _full, 5e-5, 1e-4, summary="all parameters trainable"),
         MethodPreset(
             "lora",
             "LoRA (r=8, q+v)",
             _lora,
             2e-3,
             2e-3,
-            ("mergeable",),
-            ("r", "lora_alpha", "target_modules"),
-            "the query and value projections",
+            shown=("r", "lora_alpha", "target_modules"),
+            summary="the query and value projections",
         ),
         MethodPreset(
             "lora-all",
@@ -147,8 +171,7 @@ PRESETS: dict[str, MethodPreset] = {
             _lora_all,
             1e-3,
             1e-3,
-            ("mergeable",),
-            ("r", "lora_alpha", "target_modules"),
+            shown=("r", "lora_alpha", "target_modules"),
         ),
         MethodPreset(
             "bottleneck",
@@ -156,10 +179,10 @@ PRESETS: dict[str, MethodPreset] = {
             _bottleneck,
             2e-3,
             2e-3,
-            ("composes",),
-            ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity"),
-            f"after attention and after the FFN; reduction factor {BOTTLENECK_REDUCTION}, lowered to keep "
-            f"the bottleneck at least {MIN_BOTTLENECK} wide",
+            shown=("mh_adapter", "output_adapter", "reduction_factor", "non_linearity"),
+            summary=f"after attention and after the FFN; reduction factor {BOTTLENECK_REDUCTION}, lowered "
+            f"to keep the bottleneck at least {MIN_BOTTLENECK} wide",
+            composes=True,
         ),
         MethodPreset(
             "prefix",
@@ -167,9 +190,8 @@ PRESETS: dict[str, MethodPreset] = {
             _prefix,
             1e-3,
             3e-2,
-            (),
-            ("num_virtual_tokens", "prefix_projection"),
-            "plain vectors (no MLP) for classification heads",
+            shown=("num_virtual_tokens", "prefix_projection"),
+            summary="plain vectors (no MLP) for classification heads",
         ),
         MethodPreset(
             "qlora",
@@ -177,9 +199,9 @@ PRESETS: dict[str, MethodPreset] = {
             _lora,
             2e-3,
             2e-3,
-            (),  # not in place: merge_and_unload() gives a full-precision model instead
-            ("r", "lora_alpha", "target_modules"),
-            "LoRA (r=8, q+v) over the base quantized to NF4 by bitsandbytes (QLoRA); needs peftlab[quant]",
+            shown=("r", "lora_alpha", "target_modules"),
+            summary="LoRA (r=8, q+v) over the base quantized to NF4 by bitsandbytes (QLoRA); needs "
+            "peftlab[quant]",
             quantize="nf4",
             in_default=False,
         ),
@@ -189,16 +211,8 @@ PRESETS: dict[str, MethodPreset] = {
             _ia3,
             2e-2,
             2e-2,
-            ("mergeable",),
-            ("target_modules",),
-            "the keys, values and FFN output projection",
+            shown=("target_modules",),
+            summary="the keys, values and FFN output projection",
         ),
     )
 }
-
-
-def get_preset(name: str) -> MethodPreset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(PRESETS)}") from None

@@ -8,19 +8,11 @@ import argparse
 import shlex
 from typing import Any
 
-from peftlab.compare.options import (
-    DEFAULT_METHODS,
-    QUICK,
-    QUICK_TASK,
-    RUN_SIZES,
-    SEARCH_EFFORTS,
-    CompareOptions,
-)
-from peftlab.compare.report import print_table
+from peftlab.compare.options import DEFAULT_METHODS, RUN_SIZES, SEARCH_EFFORTS, CompareOptions
+from peftlab.compare.report import render_table
 from peftlab.compare.runner import run_compare
 from peftlab.data.catalog import task_names
 from peftlab.devices import DEVICE_HELP, DTYPE_HELP
-from peftlab.models import model_kind
 from peftlab.presets import PRESETS
 
 
@@ -64,7 +56,7 @@ def register(sub: Any) -> None:
         default=",".join(DEFAULT_METHODS),
         help=f"comma-separated, from {', '.join(PRESETS)} (default: all)",
     )
-    budgets = "; ".join(f"{kind} {values['budget']}" for kind, values in RUN_SIZES.items())
+    budgets = "; ".join(f"{kind} {sizes.budget}" for kind, sizes in RUN_SIZES.items())
     p.add_argument(
         "--budget", type=int, default=None, help=f"training examples per method, the same for all ({budgets})"
     )
@@ -75,7 +67,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--seq-len", type=int, default=None, help="maximum tokens per example (default: from the data)"
     )
-    p.add_argument("--seeds", type=int, default=None, help="final runs per method (spread over seeds)")
+    p.add_argument("--seeds", type=int, default=1, help="final runs per method (spread over seeds)")
     p.add_argument("--num-eval", type=int, default=None, help="held-out examples to score (default: all)")
     p.add_argument(
         "--metric",
@@ -128,22 +120,22 @@ def register(sub: Any) -> None:
 
 
 def _learning_rates(items: list[str]) -> dict[str, float]:
+    """``METHOD=LR`` items as a mapping (the names and values are checked with the other options)."""
     out: dict[str, float] = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or name not in PRESETS:
+        if not sep:
             raise ValueError(f"--lr {item!r}: expected METHOD=LR with METHOD one of {', '.join(PRESETS)}")
         try:
             out[name] = float(value)
         except ValueError:
             raise ValueError(f"--lr {item!r}: {value!r} is not a number") from None
-        if not out[name] > 0:
-            raise ValueError(f"--lr {item!r}: the learning rate must be > 0")
     return out
 
 
 def options_from_args(args: argparse.Namespace) -> CompareOptions:
-    opts = CompareOptions(
+    """The options as typed: what was not given stays None, for the run to resolve."""
+    return CompareOptions(
         model=args.model,
         gguf_file=args.gguf_file,
         task=args.task,
@@ -152,36 +144,31 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
         eval_data=args.eval_data,
         eval_fraction=args.eval_fraction,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        budget=args.budget,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seeds=args.seeds,
+        num_eval=args.num_eval,
+        metric=args.metric,
         out=args.out,
         quick=args.quick,
+        search=args.search,
+        workers=args.workers,
+        storage=args.storage,
         threads=args.threads,
         command="peftlab " + " ".join(shlex.quote(a) for a in args.argv),
         learning_rates=_learning_rates(args.lr),
-        metric=args.metric,
-        workers=args.workers,
-        storage=args.storage,
         device=args.device,
         dtype=args.dtype,
         chat_template=args.chat_template,
     )
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(opts, key, value)
-        if not (
-            args.data or args.task or args.hf_dataset or model_kind(args.model, args.gguf_file) == "encoder"
-        ):
-            opts.task = QUICK_TASK  # an encoder's default task stays rotten-tomatoes
-    for key in ("budget", "steps", "batch_size", "seq_len", "num_eval", "seeds", "search"):
-        value = getattr(args, key)
-        if value is not None:
-            setattr(opts, key, value)
-    return opts
 
 
 def run(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
     results = run_compare(opts, verbose=args.verbose)
     print()
-    print(print_table(results))
+    print(render_table(results))
     print(f"\nwrote {opts.out}/results.json, report.md and {len(results.get('plots', []))} plots")
     return 0

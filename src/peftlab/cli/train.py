@@ -17,13 +17,13 @@ from peftlab.data.catalog import task_names
 from peftlab.devices import DEVICE_HELP, DTYPE_HELP
 from peftlab.presets import PRESETS
 from peftlab.training.loop import SCHEDULES
-from peftlab.training.run import (
+from peftlab.training.run import run_training
+from peftlab.training.settings import (
     METHOD_OPTION_KEYS,
     RunConfig,
     merge_settings,
     normalize_settings,
     read_run_file,
-    run_training,
 )
 from peftlab.training.tracking import REPORT_TO
 

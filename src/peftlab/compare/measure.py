@@ -1,6 +1,7 @@
 """How ``peftlab compare`` measures: peak memory from the process's resident-set high-water
 mark (reset per run through ``/proc/self/clear_refs``, freed heap returned to the OS first),
-latency as medians of interleaved timings, adapter size from the saved files."""
+latency as medians of interleaved timings, adapter size from the saved files; and one method's
+costs (:func:`measure_method`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,21 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.compare.inputs import ComparisonInputs
+from peftlab.core.peft_model import PeftModel, count_parameters
+from peftlab.core.quantized import BITS_PER_PARAM
+from peftlab.presets import MethodPreset
+from peftlab.training.memory import (
+    MemoryEstimate,
+    activation_assumption,
+    memory_estimates,
+    quantizable_params,
+    quantized_estimate,
+)
 
 
 def _rss_status(field_name: str) -> int | None:
@@ -78,3 +94,78 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": len(values)}
+
+
+# ---- one method's costs ----------------------------------------------------------------------
+def measure_method(
+    inputs: ComparisonInputs,
+    model: nn.Module,
+    peft: PeftModel | None,
+    preset: MethodPreset,
+    *,
+    repeats: int,
+    adapter_dir: Path,
+) -> dict[str, Any]:
+    """Exact counts, the training-memory estimate, the adapter file (saved to ``adapter_dir``)
+    and inference latency relative to the base model, merged too where the method merges."""
+    model.eval()
+    trainable, total = count_parameters(model)
+    out: dict[str, Any] = {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100 * trainable / total,
+        "estimated_train_memory_bytes": _memory_estimate(inputs, preset, trainable, total).to_dict(),
+        "mergeable": preset.mergeable,
+        "config": peft.peft_config["default"].to_dict() if peft is not None else None,
+    }
+    if peft is not None:
+        peft.save_pretrained(adapter_dir)
+        out["adapter_file_bytes"] = dir_size(adapter_dir)
+        out["adapter_path"] = str(adapter_dir)
+    else:
+        out["adapter_file_bytes"] = trainable * 4  # a full checkpoint in fp32
+    with torch.no_grad(), inputs.precision.autocast():
+        out.update(_latencies(inputs, model, peft if preset.mergeable else None, repeats))
+    model.train()
+    return out
+
+
+def _memory_estimate(
+    inputs: ComparisonInputs, preset: MethodPreset, trainable: int, total: int
+) -> MemoryEstimate:
+    """As ``peftlab count`` estimates it at the run's batch, length and precision (a quantized
+    base: its linear layers at the scheme's bits, as ``count --quantize``)."""
+    base = inputs.base
+    acts = activation_assumption(base.config, base, inputs.sizes.batch_size, inputs.plan.max_length)
+    if preset.quantize is not None:
+        bits = BITS_PER_PARAM[(preset.quantize, False)]
+        return quantized_estimate(trainable, total, quantizable_params(base), bits, acts)
+    return memory_estimates(trainable, total, acts)["bf16" if inputs.precision.mixed else "fp32"]
+
+
+def _latencies(
+    inputs: ComparisonInputs, model: nn.Module, mergeable: PeftModel | None, repeats: int
+) -> dict[str, float | None]:
+    """Medians of interleaved forward passes over one test batch, against the base: as trained,
+    and (``mergeable`` given) with the adapter merged. Full fine-tuning (the model is no
+    PeftModel) runs as fast merged as unmerged."""
+    base, batch = inputs.base, inputs.latency_inputs()
+    base_t, unmerged_t = interleaved_medians([lambda: base(**batch), lambda: model(**batch)], repeats)
+    out: dict[str, float | None] = {
+        "latency_base_s": base_t,
+        "latency_unmerged_s": unmerged_t,
+        "inference_overhead_unmerged": unmerged_t / base_t,
+    }
+    if mergeable is not None:
+        mergeable.merge_adapter()
+        try:
+            base_m, merged_t = interleaved_medians([lambda: base(**batch), lambda: model(**batch)], repeats)
+        finally:
+            mergeable.unmerge_adapter()
+        out["latency_merged_s"] = merged_t
+        out["inference_overhead_merged"] = merged_t / base_m
+    elif not isinstance(model, PeftModel):
+        out["inference_overhead_merged"] = out["inference_overhead_unmerged"]
+    else:
+        out["inference_overhead_merged"] = None
+    return out

@@ -1,13 +1,21 @@
-"""What a ``peftlab compare`` run compares, and how big it is."""
+"""What a ``peftlab compare`` run compares, and how big it is: checked and resolved once.
+
+:class:`CompareOptions` is what the user asked for (``None`` where they left a choice to the
+run); :func:`resolve_options` validates it and fills the choices ``--quick`` changes;
+:meth:`RunSizes.resolve` gives the run's sizes for its kind of model and data.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from peftlab.data.tasks import Task
+from peftlab.models import model_kind
 from peftlab.presets import PRESETS
+from peftlab.training.preparation import MEMORY_BUDGET_BYTES
 
 DEFAULT_METHODS = tuple(name for name, p in PRESETS.items() if p.in_default)
 SEARCH_EFFORTS = ("none", "quick", "full")
@@ -18,64 +26,92 @@ SEARCH_GRIDS: dict[str, tuple[float, ...]] = {
     "quick": (1.0, 3.0, 1 / 3),
     "full": (1.0, 3.0, 1 / 3, 9.0, 1 / 9),
 }
+DEFAULT_TASK = "rotten-tomatoes"
+QUICK_TASK = "topic"  # the default task of a quick run on a causal LM (generated, offline)
+DEFAULT_LATENCY_REPEATS = 5
+QUICK_LATENCY_REPEATS = 2
 
-# Run sizes. ``budget``: training examples every method sees at most (the same for all, so
-# methods differ in what they learn from the same data, not in steps at other batch sizes);
-# ``eval_every``: examples between validation losses (early stopping and pruning decide on
-# them); ``patience``: validations without a better loss before a final run stops;
-# ``search_budget``: the longest a search trial trains; ``val_size``: validation rows carved from
-# the training data; ``num_eval``: test rows scored (None: all). A search trial is the first
-# ``search_budget`` examples of its final run (same schedule), and the chosen one goes on, so a
-# method costs about budget + (trials - 1) x search_budget examples. Sized so a default run takes
-# about 25 minutes on 2 CPU cores (MiniLM is ~6x smaller than SmolLM2-135M, so it affords more).
-RUN_SIZES: dict[str, dict[str, int | None]] = {
-    "generation": {
-        "budget": 480,
-        "batch_size": 8,
-        "eval_every": 96,
-        "patience": 2,
-        "search_budget": 288,
-        "val_size": 32,
-        "num_eval": 64,
-    },
-    "causal-classification": {
-        "budget": 720,
-        "batch_size": 8,
-        "eval_every": 80,
-        "patience": 4,
-        "search_budget": 160,
-        "val_size": 96,
-        "num_eval": 400,
-    },
-    "encoder-classification": {
-        "budget": 8000,
-        "batch_size": 16,
-        "eval_every": 400,
-        "patience": 3,
-        "search_budget": 1600,
-        "val_size": 384,
-        "num_eval": None,
-    },
+
+@dataclass(frozen=True)
+class RunSizes:
+    """How much a comparison trains and measures, the same for every method.
+
+    ``budget``: training examples every method sees at most (the same for all, so methods differ
+    in what they learn from the same data, not in steps at other batch sizes); ``eval_every``:
+    examples between validation losses (early stopping and pruning decide on them);
+    ``patience``: validations without a better loss before a final run stops; ``search_budget``:
+    the longest a search trial trains; ``val_size``: validation rows carved from the training
+    data; ``num_eval``: test rows scored (None: all); ``memory_budget``: the activation bytes one
+    batch may take at the length chosen from the data. A search trial is the first
+    ``search_budget`` examples of its final run (same schedule), and the chosen one goes on, so a
+    method costs about budget + (trials - 1) x search_budget examples.
+    """
+
+    budget: int
+    batch_size: int
+    eval_every: int
+    patience: int
+    search_budget: int
+    val_size: int
+    num_eval: int | None
+    memory_budget: int = MEMORY_BUDGET_BYTES
+
+    def settings(self) -> dict[str, Any]:
+        """The sizes a rerun into the same comparison must agree on (the memory budget only
+        matters through the length it chooses, which the data fingerprint covers)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "memory_budget"}
+
+    @classmethod
+    def resolve(cls, opts: CompareOptions, kind: str) -> RunSizes:
+        """The defaults of ``kind`` (:data:`RUN_SIZES`), then ``--quick``'s, then what was given."""
+        sizes = dataclasses.replace(RUN_SIZES[kind], **(QUICK_SIZES if opts.quick else {}))
+        given = {
+            name: int(getattr(opts, name))
+            for name in ("budget", "batch_size", "num_eval", "eval_every", "search_budget", "val_size")
+            if getattr(opts, name) is not None
+        }
+        sizes = dataclasses.replace(sizes, **given)
+        if opts.steps is not None:
+            sizes = dataclasses.replace(sizes, budget=opts.steps * sizes.batch_size)
+        return dataclasses.replace(sizes, search_budget=min(sizes.search_budget, sizes.budget))
+
+
+# Sized so a default run takes about 25 minutes on 2 CPU cores (MiniLM is ~6x smaller than
+# SmolLM2-135M, so it affords more).
+RUN_SIZES: dict[str, RunSizes] = {
+    "generation": RunSizes(
+        budget=480, batch_size=8, eval_every=96, patience=2, search_budget=288, val_size=32, num_eval=64
+    ),
+    "causal-classification": RunSizes(
+        budget=720, batch_size=8, eval_every=80, patience=4, search_budget=160, val_size=96, num_eval=400
+    ),
+    "encoder-classification": RunSizes(
+        budget=8000,
+        batch_size=16,
+        eval_every=400,
+        patience=3,
+        search_budget=1600,
+        val_size=384,
+        num_eval=None,
+    ),
 }
-# what --quick sets (on any kind): a small run of a few minutes, no search
-QUICK: dict[str, Any] = {
+# what --quick sets on any kind: a small run of a few minutes (and no search, see resolve_options)
+QUICK_SIZES: dict[str, int] = {
     "budget": 48,
     "eval_every": 24,
     "search_budget": 24,
     "val_size": 8,
     "num_eval": 16,
-    "latency_repeats": 2,
-    "search": "none",
+    "memory_budget": MEMORY_BUDGET_BYTES // 4,
 }
-QUICK_TASK = "topic"  # the default task of a quick run on a causal LM (generated, offline)
-# sizes the command line can set
-SIZE_FIELDS = ("budget", "batch_size", "seq_len", "num_eval")
 
 
 @dataclass
 class CompareOptions:
-    """What to compare; ``None`` sizes take the defaults of :data:`RUN_SIZES` for the run's kind
-    (``seq_len`` None: chosen from the data, see :mod:`peftlab.training.fitting`)."""
+    """What to compare. ``None`` leaves the choice to the run: sizes take :data:`RUN_SIZES` for
+    the run's kind (``--quick``: :data:`QUICK_SIZES`), ``seq_len`` is chosen from the data (see
+    :mod:`peftlab.training.fitting`), ``task``, ``search`` and ``latency_repeats`` are resolved
+    by :func:`resolve_options`."""
 
     model: str | None = None
     gguf_file: str | None = None
@@ -91,17 +127,16 @@ class CompareOptions:
     seq_len: int | None = None
     seeds: int = 1
     num_eval: int | None = None
-    latency_repeats: int = 5
+    latency_repeats: int | None = None
     metric: str | None = None
     out: str = "peftlab-compare"
     quick: bool = False
-    search: str = "quick"
+    search: str | None = None
     workers: int = 1
     storage: str | None = None
     threads: int | None = None
     command: str = ""
     learning_rates: dict[str, float] = field(default_factory=dict)
-    # set by --quick; None: RUN_SIZES
     eval_every: int | None = None
     search_budget: int | None = None
     val_size: int | None = None
@@ -119,61 +154,56 @@ class CompareOptions:
             )
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"--methods: a method is listed twice in {list(self.methods)}")
-        if self.steps is not None and self.budget is not None and not self.quick:
+        if self.steps is not None and self.budget is not None:
             raise ValueError("give either --budget or --steps, not both")
         for name in (
-            "budget",
-            "steps",
-            "batch_size",
-            "seq_len",
-            "seeds",
-            "num_eval",
-            "latency_repeats",
-            "workers",
-        ):
-            value = getattr(self, name)
-            if value is not None and int(value) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.search not in SEARCH_EFFORTS:
+            "budget", "steps", "batch_size", "seq_len", "seeds", "num_eval", "latency_repeats", "workers",
+            "eval_every", "search_budget", "val_size",
+        ):  # fmt: skip
+            value, flag = getattr(self, name), f"--{name.replace('_', '-')}"
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{flag} must be an integer, got {value!r}")
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if self.search is not None and self.search not in SEARCH_EFFORTS:
             raise ValueError(f"--search {self.search!r}: choose one of {', '.join(SEARCH_EFFORTS)}")
         for name, lr in self.learning_rates.items():
             if name not in PRESETS:
                 raise ValueError(
-                    f"--lr {name}={lr}: {name!r} is not a method; choose from {', '.join(PRESETS)}"
+                    f"--lr {name}={lr}: expected METHOD=LR with METHOD one of {', '.join(PRESETS)}"
                 )
             if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-                raise ValueError(f"--lr {name}={lr}: the learning rate must be a number > 0")
+                raise ValueError(f"--lr {name}={lr}: the learning rate must be > 0")
         if sum(bool(x) for x in (self.task, self.data, self.hf_dataset)) > 1:
             raise ValueError("give either --task or --data or --hf-dataset, not more than one")
         if self.eval_data and not self.data:
             raise ValueError("--eval-data needs --data (the training file)")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
 
     def settings(self) -> dict[str, Any]:
         """What decides the results (a rerun into the same state must agree on all of it).
         Adding methods or seeds, workers and threads do not change a finished run's figures."""
         keys = (
-            "model",
-            "gguf_file",
-            "task",
-            "data",
-            "hf_dataset",
-            "eval_data",
-            "eval_fraction",
-            "budget",
-            "steps",
-            "batch_size",
-            "seq_len",
-            "num_eval",
-            "quick",
-            "search",
-            "learning_rates",
-            "eval_every",
-            "search_budget",
-            "val_size",
-            "dtype",
-            "chat_template",
-        )
+            "model", "gguf_file", "task", "data", "hf_dataset", "eval_data", "eval_fraction", "budget",
+            "steps", "batch_size", "seq_len", "num_eval", "quick", "search", "learning_rates", "eval_every",
+            "search_budget", "val_size", "dtype", "chat_template",
+        )  # fmt: skip
         return {k: getattr(self, k) for k in keys}
+
+
+def resolve_options(opts: CompareOptions) -> CompareOptions:
+    """``opts`` checked, with the choices left open made: the task (rotten-tomatoes; the small
+    generated ``topic`` task for a quick run on a causal LM, whose default would take long), the
+    search effort (quick; none for a quick run) and the latency repeats."""
+    opts.validate()
+    task = opts.task
+    if not (task or opts.data or opts.hf_dataset):
+        quick_causal = opts.quick and model_kind(opts.model, opts.gguf_file) != "encoder"
+        task = QUICK_TASK if quick_causal else DEFAULT_TASK
+    search = opts.search or ("none" if opts.quick else "quick")
+    repeats = opts.latency_repeats or (QUICK_LATENCY_REPEATS if opts.quick else DEFAULT_LATENCY_REPEATS)
+    return dataclasses.replace(opts, task=task, search=search, latency_repeats=repeats)
 
 
 def run_kind(model_kind: str, task: Task) -> str:
@@ -188,15 +218,3 @@ def run_kind(model_kind: str, task: Task) -> str:
             )
         return "encoder-classification"
     return "causal-classification" if task.is_classification else "generation"
-
-
-def resolve_sizes(opts: CompareOptions, kind: str) -> dict[str, Any]:
-    sizes: dict[str, Any] = dict(RUN_SIZES[kind])
-    for name in (*SIZE_FIELDS, "eval_every", "search_budget", "val_size"):
-        value = getattr(opts, name, None)
-        if value is not None:
-            sizes[name] = int(value)
-    if opts.steps is not None:
-        sizes["budget"] = opts.steps * sizes["batch_size"]
-    sizes["search_budget"] = min(sizes["search_budget"], sizes["budget"])
-    return sizes

@@ -50,15 +50,6 @@ def attach_best_for(results: dict[str, Any]) -> None:
         r["best_for"] = ", ".join(tags[r["method"]]) or "-"
 
 
-def _fmt_int(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
 def _fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"
@@ -324,7 +315,8 @@ def render_report(results: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def print_table(results: dict[str, Any]) -> str:
+def render_table(results: dict[str, Any]) -> str:
+    """The comparison table and the metric table as plain text, for the terminal."""
     header, rows = table_rows(results)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]

@@ -88,7 +88,7 @@ def search_learning_rate(
     optuna = optuna_module()
     # the first rung at half the search budget: earlier, a larger learning rate's faster start
     # would decide, not where it is heading
-    validations = max(1, session.sizes["search_budget"] // session.sizes["eval_every"])
+    validations = max(1, session.sizes.search_budget // session.sizes.eval_every)
     pruner = optuna.pruners.SuccessiveHalvingPruner(
         min_resource=max(1, math.ceil(validations / 2)),
         reduction_factor=REDUCTION_FACTOR,
@@ -138,7 +138,7 @@ def _run_trial(
     lr = float(trial.params[PARAM])
     sizes = session.sizes
     model, peft = session.prepare(preset, seed=0)
-    stopper = EarlyStopping(model, sizes["patience"])
+    stopper = EarlyStopping(model, sizes.patience)
     best: list[float] = []
     metrics: list[float | None] = []
     pruned = False
@@ -159,7 +159,7 @@ def _run_trial(
 
     try:
         outcome = session.train(
-            model, lr, seed=0, budget=sizes["budget"], stop_at=sizes["search_budget"],
+            model, lr, seed=0, budget=sizes.budget, stop_at=sizes.search_budget,
             on_validation=on_validation, desc=f"search {preset.name} lr={lr:g}",
         )  # fmt: skip
     except TrainingDiverged:

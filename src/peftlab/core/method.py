@@ -5,7 +5,8 @@ builds one :class:`~peftlab.core.layers.AdapterUnit` per target; the shared inje
 does the wrapping. A model-level method (prefix tuning) creates one module beside the model
 instead (:meth:`Method.create_model_adapter`) that enters the model's calls through a seam of
 its own. Everything method-specific lives on the method: its config class, default targets
-per architecture, whether and why it merges, and how weighted combination works for it.
+per architecture, whether and why it merges, whether it trains under activation checkpointing,
+and how weighted combination works for it. Applications ask these traits, never the method's name.
 A method is registered with :func:`peftlab.core.registry.register_method`.
 """
 
@@ -48,6 +49,11 @@ class Method:
     name: ClassVar[str] = ""  # for messages: "LoRA", "IA3", ...
     mergeable: ClassVar[bool] = False
     unmergeable_reason: ClassVar[str] = ""
+    # False where activation (gradient) checkpointing would compute wrong results; the conflict
+    # says why, in words that follow "<name> does not work with gradient checkpointing" (see
+    # checkpointing_refusal)
+    supports_activation_checkpointing: ClassVar[bool] = True
+    activation_checkpointing_conflict: ClassVar[str] = ""
     # what add_weighted_adapter offers for this method, and its extra options per type
     combination_types: ClassVar[tuple[str, ...]] = ("linear",)
     combination_options: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -55,6 +61,15 @@ class Method:
     @property
     def label(self) -> str:
         return self.name or self.peft_type
+
+    def checkpointing_refusal(self) -> str:
+        """The sentence refusing activation checkpointing for this method ("" where it supports it),
+        e.g. "prefix tuning does not work with gradient checkpointing (the recomputed attention
+        would run without the prefix)"; callers add what the user should do."""
+        if self.supports_activation_checkpointing:
+            return ""
+        conflict = self.activation_checkpointing_conflict
+        return f"{self.label} does not work with gradient checkpointing ({conflict})"
 
     # ---- module-level adapters ----------------------------------------------------------
     def targets(self, model: nn.Module, config: Any) -> dict[str, Any]:

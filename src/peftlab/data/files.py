@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from peftlab.data.metrics import classification_metrics, generation_metrics, parse_json_object
+from peftlab.data.metrics import label_scorer, score_generation
 from peftlab.data.tasks import Example, Task
-from peftlab.extras import require
 
 KINDS = ("generation", "classification", "chat")
 FIELDS = {"generation": ("prompt", "completion"), "classification": ("text", "label"), "chat": ("messages",)}
@@ -317,44 +316,6 @@ def stratified_split(
     return train, evals
 
 
-# ---- scoring --------------------------------------------------------------------------
-
-
-def _score_generation(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    out = generation_metrics(predictions, references)
-    if all(parse_json_object(r) is not None for r in references):
-        parsed = sum(parse_json_object(p) is not None for p in predictions)
-        out["valid_json"] = parsed / len(references)
-    return out
-
-
-def match_label(text: str, labels: Sequence[str]) -> str | None:
-    """The label a generated completion names: the longest label that the text (lower-cased,
-    stripped) equals or starts with, followed by a non-word character; else None."""
-    said = text.strip().lower()
-    best = None
-    for label in labels:
-        low = label.lower()
-        if said == low or (said.startswith(low) and not said[len(low)].isalnum()):
-            best = label if best is None or len(label) > len(best) else best
-    return best
-
-
-def label_scorer(labels: Sequence[str]) -> Callable[[Sequence[str], Sequence[str]], dict[str, float]]:
-    """A scorer over completions (generated or chosen by label scoring): accuracy, macro-F1 and
-    ``valid_label`` (the completion names some label)."""
-    names = tuple(labels)
-
-    def score(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-        refs = [match_label(r, names) or r.strip() for r in references]
-        matched = [match_label(p, names) for p in predictions]
-        out = classification_metrics([m or "" for m in matched], refs, names)
-        out["valid_label"] = sum(m is not None for m in matched) / len(refs)
-        return out
-
-    return score
-
-
 # ---- tasks ----------------------------------------------------------------------------
 
 
@@ -391,7 +352,7 @@ def make_task(
         description=f"{source} ({kind}" + (f"; labels: {', '.join(labels)}" if labels else "") + ")",
         train=tuple(train),
         eval=tuple(evals),
-        scorer=label_scorer(labels) if labels else _score_generation,
+        scorer=label_scorer(labels) if labels else score_generation,
         metric="accuracy" if labels else "exact_match",
         max_new_tokens=max_new_tokens or min(128, max(8, longest // 2 + 8)),
         labels=labels,
@@ -399,7 +360,7 @@ def make_task(
     )
 
 
-def _task_from_records(
+def task_from_records(
     name: str,
     source: str,
     records: Records,
@@ -454,106 +415,9 @@ def task_from_files(
     """
     records = read_records(path)
     held = read_records(eval_path) if eval_path is not None else None
-    return _task_from_records(
+    return task_from_records(
         Path(path).stem,
         f"user data from {path}",
-        records,
-        held,
-        eval_fraction=eval_fraction,
-        seed=seed,
-        max_new_tokens=max_new_tokens,
-    )
-
-
-# ---- Hugging Face datasets ------------------------------------------------------------
-
-TEXT_COLUMNS = ("text", "sentence", "content", "review")
-EVAL_SPLITS = ("validation", "test")
-
-
-def _hf_rows(
-    split: Any, split_name: str, spec: str, kind: str, text_column: str, report: RowReport
-) -> Iterable[tuple[str, dict[str, Any]]]:
-    """Rows of one split under peftlab's field names; ClassLabel ids become their names."""
-    label_names: list[str] | None = None
-    if kind == "classification":
-        feature = getattr(split, "features", {}).get("label")
-        label_names = list(getattr(feature, "names", None) or []) or None
-    for index, row in enumerate(split):
-        report.rows_read += 1
-        where = f"{spec}[{split_name}] row {index}"
-        if kind == "generation":
-            yield where, {"prompt": row.get("prompt"), "completion": row.get("completion")}
-            continue
-        if kind == "chat":
-            yield where, {"messages": row.get("messages")}
-            continue
-        label = row.get("label")
-        if label_names is not None and isinstance(label, int) and not isinstance(label, bool):
-            # datasets marks unlabelled rows (e.g. GLUE test splits) with -1
-            label = label_names[label] if 0 <= label < len(label_names) else None
-        yield where, {"text": row.get(text_column), "label": label}
-
-
-def _hf_kind(columns: Sequence[str], spec: str) -> tuple[str, str]:
-    if "messages" in columns:
-        return "chat", "messages"
-    if "prompt" in columns and "completion" in columns:
-        return "generation", "prompt"
-    text = next((c for c in TEXT_COLUMNS if c in columns), None)
-    if text is not None and "label" in columns:
-        return "classification", text
-    raise ValueError(
-        f"--hf-dataset {spec}: columns {', '.join(columns)} are neither messages (chat), "
-        f"prompt/completion nor label with one of {', '.join(TEXT_COLUMNS)}; rename them (datasets' "
-        "rename_column) and export to JSONL for --data"
-    )
-
-
-def load_hf_dataset(spec: str) -> Any:
-    """``datasets.load_dataset(NAME, CONFIG)`` for ``NAME[:CONFIG]``, with errors that say what to do."""
-    name, _, config = spec.partition(":")
-    if not name:
-        raise ValueError(f"--hf-dataset {spec!r}: expected NAME or NAME:CONFIG")
-    datasets = require("datasets", "--hf-dataset (or export the data to JSONL and pass --data)")
-    try:
-        return datasets.load_dataset(name, config or None)
-    except Exception as err:  # datasets raises many types (network, missing cache, bad config)
-        raise RuntimeError(
-            f"--hf-dataset {spec}: could not load it ({type(err).__name__}: {err}). Loading needs "
-            "network access to the Hugging Face Hub the first time, or a copy in the datasets "
-            "cache (~/.cache/huggingface/datasets) when offline (HF_DATASETS_OFFLINE=1); check the "
-            "name and config, or export the data to JSONL and pass --data"
-        ) from err
-
-
-def task_from_hf_dataset(
-    spec: str, *, eval_fraction: float = 0.2, seed: int = 0, max_new_tokens: int | None = None
-) -> Task:
-    """A task from a Hugging Face dataset: its ``train`` split, evaluated on ``validation`` or
-    ``test`` when it has one (else ``eval_fraction`` of train, split as for files)."""
-    dataset = load_hf_dataset(spec)
-    splits = list(dataset.keys())
-    if "train" not in splits:
-        raise ValueError(f"--hf-dataset {spec}: no 'train' split (splits: {', '.join(splits)})")
-    train_split = dataset["train"]
-    kind, text_column = _hf_kind(list(train_split.column_names), spec)
-    report = RowReport(f"{spec}[train]")
-    records = collect_records(
-        _hf_rows(train_split, "train", spec, kind, text_column, report), report, kind=kind
-    )
-    held = None
-    eval_name = next((s for s in EVAL_SPLITS if s in splits), None)
-    if eval_name is not None:
-        held_report = RowReport(f"{spec}[{eval_name}]")
-        held = collect_records(
-            _hf_rows(dataset[eval_name], eval_name, spec, kind, text_column, held_report),
-            held_report,
-            kind=kind,
-        )
-    return _task_from_records(
-        spec.replace("/", "_").replace(":", "_"),
-        f"Hugging Face dataset {spec}",
         records,
         held,
         eval_fraction=eval_fraction,

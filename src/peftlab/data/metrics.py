@@ -1,12 +1,14 @@
 """Quality metrics for held-out predictions: classification (accuracy, macro-F1) and generation
 (exact match, SQuAD-style token F1, ROUGE-L, BLEU), plus perplexity from a mean token loss.
 
-Macro-F1 comes from scikit-learn, ROUGE-L from Google's ``rouge-score`` and BLEU from
-``sacrebleu`` (corpus BLEU, 0-100, its default 13a tokenisation: the figure the E2E / WebNLG
-tables of the prefix-tuning and LoRA papers report), so the figures mean what they mean
-elsewhere; token F1 follows the SQuAD v1.1 evaluation script's definition. The per-example
-forms (:func:`example_scores`, :func:`bleu_statistics`) let a bootstrap recompute every metric on
-a resample of the examples without re-running the scorers.
+The figures mean what they mean elsewhere: BLEU is ``sacrebleu``'s (corpus BLEU, 0-100, its
+default 13a tokenisation: the figure the E2E / WebNLG tables of the prefix-tuning and LoRA
+papers report); macro-F1 equals scikit-learn's ``f1_score(average="macro", zero_division=0)`` and
+ROUGE-L equals Google's ``rouge-score`` (``RougeScorer(["rougeL"])``), both computed here, since
+each is a few lines of counting, so that ``peftlab train`` needs neither package (the tests
+check both against the packages, figure for figure); token F1 follows the SQuAD v1.1 evaluation
+script's definition. The per-example forms (:func:`example_scores`, :func:`bleu_statistics`) let
+a bootstrap recompute every metric on a resample of the examples without re-running the scorers.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -24,6 +26,8 @@ from peftlab.extras import require
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
+# rouge-score's tokenizer: lower case, [^a-z0-9]+ becomes a space, split, keep ^[a-z0-9]+$ tokens
+_ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
 
 
 def _check_lengths(predictions: Sequence[object], references: Sequence[object]) -> int:
@@ -66,17 +70,42 @@ def mean_token_f1(predictions: Sequence[str], references: Sequence[str]) -> floa
     return sum(token_f1(p, r) for p, r in zip(predictions, references, strict=True)) / n
 
 
+def rouge_tokens(text: str) -> list[str]:
+    """``rouge-score``'s default tokens without stemming: after lower-casing, the runs of ASCII
+    letters and digits (anything else separates tokens and is dropped)."""
+    return _ROUGE_TOKEN.findall(text.lower())
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l_score(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure of one prediction: with L the longest common subsequence of the
+    :func:`rouge_tokens`, P = L / len(prediction), R = L / len(reference), F = 2PR / (P + R);
+    0 when either side has no token. The same arithmetic as ``rouge-score``'s ``_score_lcs``."""
+    pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
+    if not pred or not ref:
+        return 0.0
+    lcs = _lcs_length(ref, pred)
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F-measure (longest common subsequence of tokens), ``rouge-score``'s default
-    tokenizer (lower case, runs of ASCII letters and digits) without stemming."""
+    """Mean ROUGE-L F-measure (:func:`rouge_l_score`), as ``rouge-score`` computes it."""
     n = _check_lengths(predictions, references)
     return sum(_rouge_scores(predictions, references)) / n
 
 
 def _rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    rouge_scorer = require("rouge_score.rouge_scorer", "ROUGE-L")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
+    return [rouge_l_score(p, r) for p, r in zip(predictions, references, strict=True)]
 
 
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -140,13 +169,13 @@ def classification_metrics(
     """``accuracy`` and ``macro_f1`` (unweighted mean of per-class F1 over ``labels``, default the
     classes in ``references``). A prediction outside ``labels`` is simply wrong: it lowers the
     recall of its true class and adds to no class's precision."""
-    f1_score = require("sklearn.metrics", "macro-F1").f1_score
-
     n = _check_lengths(predictions, references)
     classes = sorted(set(references)) if labels is None else list(labels)
     accuracy = sum(p == r for p, r in zip(predictions, references, strict=True)) / n
-    macro = f1_score(list(references), list(predictions), labels=classes, average="macro", zero_division=0)
-    return {"accuracy": accuracy, "macro_f1": float(macro)}
+    index = {label: i for i, label in enumerate(classes)}
+    predicted = np.array([index.get(p, -1) for p in predictions], dtype=np.int64)
+    true = np.array([index.get(r, -1) for r in references], dtype=np.int64)
+    return {"accuracy": accuracy, "macro_f1": macro_f1_indices(predicted, true, len(classes))}
 
 
 def macro_f1_indices(predicted: np.ndarray, references: np.ndarray, num_classes: int) -> float:
@@ -180,3 +209,43 @@ def parse_json_object(text: str) -> dict[str, object] | None:
     except json.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
+
+
+# ---- scoring completions against labels and structured references ---------------------------
+
+
+def score_generation(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """:func:`generation_metrics`, and ``valid_json`` (the share of predictions that parse as a
+    JSON object) where every reference is one."""
+    out = generation_metrics(predictions, references)
+    if all(parse_json_object(r) is not None for r in references):
+        parsed = sum(parse_json_object(p) is not None for p in predictions)
+        out["valid_json"] = parsed / len(references)
+    return out
+
+
+def match_label(text: str, labels: Sequence[str]) -> str | None:
+    """The label a generated completion names: the longest label that the text (lower-cased,
+    stripped) equals or starts with, followed by a non-word character; else None."""
+    said = text.strip().lower()
+    best = None
+    for label in labels:
+        low = label.lower()
+        if said == low or (said.startswith(low) and not said[len(low)].isalnum()):
+            best = label if best is None or len(label) > len(best) else best
+    return best
+
+
+def label_scorer(labels: Sequence[str]) -> Callable[[Sequence[str], Sequence[str]], dict[str, float]]:
+    """A scorer over completions (generated or chosen by label scoring): accuracy, macro-F1 and
+    ``valid_label`` (the completion names some label)."""
+    names = tuple(labels)
+
+    def score(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+        refs = [match_label(r, names) or r.strip() for r in references]
+        matched = [match_label(p, names) for p in predictions]
+        out = classification_metrics([m or "" for m in matched], refs, names)
+        out["valid_label"] = sum(m is not None for m in matched) / len(refs)
+        return out
+
+    return score

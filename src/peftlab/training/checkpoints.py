@@ -19,6 +19,7 @@ most a temporary folder, which the next save removes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -27,8 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from peftlab.core import atomic
+from peftlab.core.peft_model import PeftModel
+from peftlab.training.loop import TrainLoop
+from peftlab.training.settings import RESUMABLE_CHANGES, RunConfig
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
@@ -83,11 +88,6 @@ def decode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # ---- files -------------------------------------------------------------------------------
-
-
-def write_json(path: Path, data: Any) -> None:
-    """JSON into a folder being staged (which is made durable as a whole)."""
-    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_state(folder: Path, name: str, state: Any) -> None:
@@ -161,3 +161,102 @@ def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: 
     for _, old_folder in step_folders(root)[:-keep]:
         shutil.rmtree(old_folder, ignore_errors=True)
     return final
+
+
+# ---- a training run's checkpoint ----------------------------------------------------------
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """What a checkpoint saves: the parameters that train, by their names in the model."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def setting_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings that differ between a checkpoint's run and this one, beyond those a resumed
+    run may change."""
+    keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
+    # a run saved before a setting existed ran with that setting's default
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    saved = {k: saved.get(k, defaults.get(k)) for k in keys}
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def load_run_checkpoint(
+    folder: Path, model: nn.Module, config: RunConfig, world_size: int, fingerprint: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check the checkpoint against this run, copy the trainable parameters in, and return
+    (trainer state, optimizer state)."""
+    saved = read_json(folder / "run_config.json")
+    if not isinstance(saved, dict):
+        raise TrainCheckpointError(f"{folder}/run_config.json is not a mapping; the checkpoint is damaged")
+    diffs = setting_differences(saved, config.to_dict())
+    if diffs:
+        raise ValueError(
+            f"--resume: {folder} belongs to a run with other settings ({'; '.join(diffs)}). Resume with "
+            "the settings it was started with, or train into a new --out"
+        )
+    trainer = read_state(folder, "trainer_state")
+    if trainer["world_size"] != world_size:
+        raise ValueError(
+            f"--resume: {folder} was written by {trainer['world_size']} processes but this run has "
+            f"{world_size}; resume with the same number of processes (the data shards and RNG "
+            "streams are per process)"
+        )
+    if trainer["data_sha256"] != fingerprint:
+        raise ValueError(
+            f"--resume: the training data differs from what {folder} was trained on (the file or the "
+            "tokenizer changed); resume with the same data, or train into a new --out"
+        )
+    copy_trainable(folder, model)
+    return trainer, read_state(folder, "optimizer")
+
+
+def copy_trainable(folder: Path, model: nn.Module) -> None:
+    """Put the checkpoint's trainable parameters into ``model``, after checking names and shapes."""
+    tensors = read_tensors(folder / "trainable.safetensors")
+    params = trainable_parameters(model)
+    if set(tensors) != set(params):
+        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise TrainCheckpointError(
+            f"{folder}: the saved parameters do not match this model's trainable ones "
+            f"(missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            if tensors[name].shape != param.shape:
+                raise TrainCheckpointError(
+                    f"{folder}: {name} has shape {tuple(tensors[name].shape)}, "
+                    f"the model needs {tuple(param.shape)}"
+                )
+            param.copy_(tensors[name])
+
+
+def write_run_checkpoint(
+    folder: Path,
+    *,
+    model: nn.Module,
+    loop: TrainLoop,
+    config: RunConfig,
+    rng: list[dict[str, Any]],
+    evals: list[dict[str, Any]],
+    fingerprint: str,
+) -> None:
+    """Everything :func:`load_run_checkpoint` reads back, into the staged ``folder``."""
+    from safetensors.torch import save_file
+
+    params = {n: p.detach().to("cpu").contiguous().clone() for n, p in trainable_parameters(model).items()}
+    save_file(params, str(folder / "trainable.safetensors"), metadata={"format": "pt"})
+    if isinstance(model, PeftModel):
+        model.save_pretrained(folder / "adapter")
+    state = loop.state_dict()
+    write_state(folder, "optimizer", state.pop("optimizer"))
+    state.update(
+        world_size=loop.world_size,
+        total_steps=loop.config.steps,
+        epoch=loop.batches.epoch,
+        rng=rng,
+        evals=evals,
+        data_sha256=fingerprint,
+    )
+    write_state(folder, "trainer_state", state)
+    atomic.write_json(folder / "run_config.json", config.to_dict())

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.data.tasks import Example
-from peftlab.training.lm_head import hidden_and_head, linear_cross_entropy
-from peftlab.training.loop import IGNORE_INDEX, Encoded, collate
+from peftlab.training.encoding import Encoded, collate
+from peftlab.training.lm_head import IGNORE_INDEX, hidden_and_head, linear_cross_entropy
 
 # where encode_texts puts the class index: the shared loop pairs label position t + 1 with the
 # logits at position t (next-token shift), and ClassifierAsNextToken puts the class logits at 0

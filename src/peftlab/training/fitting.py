@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.data.tasks import Example
-from peftlab.training.loop import IGNORE_INDEX, Encoded, encode_completion, encode_prompt
+from peftlab.training.encoding import Encoded, encode_completion, encode_prompt
+from peftlab.training.lm_head import IGNORE_INDEX
 
 CHAT_TEMPLATE_CHOICES = ("auto", "none")
 
@@ -300,15 +301,40 @@ def plan_lengths(
 
 @dataclass
 class FitReport:
-    """What happened to the rows of one split at one max length."""
+    """What happened to the rows of one split: how many were read, cut to fit the max length,
+    skipped (too long to fit, or ``unreadable``: bad rows of the source file), with the first
+    few of each named by file and line."""
 
     part: str
     rows: int = 0
     kept: int = 0
     truncated: int = 0
     skipped: int = 0
+    unreadable: int = 0  # of the skipped: rows the source could not use (a missing field, bad JSON)
     first_truncated: list[str] = field(default_factory=list)
     first_skipped: list[str] = field(default_factory=list)
+
+    @property
+    def too_long(self) -> int:
+        """Rows skipped because they do not fit the max length."""
+        return self.skipped - self.unreadable
+
+    def add_truncated(self, where: str) -> None:
+        self.truncated += 1
+        if len(self.first_truncated) < REPORTED_ROWS:
+            self.first_truncated.append(where)
+
+    def add_skipped(self, where: str) -> None:
+        self.skipped += 1
+        if len(self.first_skipped) < REPORTED_ROWS:
+            self.first_skipped.append(where)
+
+    def add_unreadable(self, count: int, problems: Sequence[str]) -> None:
+        """Count a source's bad rows (already skipped when it was read) against this split."""
+        self.rows += count
+        self.skipped += count
+        self.unreadable += count
+        self.first_skipped = [*problems, *self.first_skipped][:REPORTED_ROWS]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -360,19 +386,14 @@ def fit_examples(
         room = max_length - len(completion)
         if len(prompt) > room:
             head = _leading_specials(tokenizer, prompt)
+            where = _where(example, index, part)
             if room - head < min(MIN_PROMPT_TOKENS, len(prompt) - head):
-                report.skipped += 1
-                if len(report.first_skipped) < REPORTED_ROWS:
-                    report.first_skipped.append(
-                        f"{_where(example, index, part)}: its completion of {len(completion)} tokens leaves "
-                        f"no room for the prompt within {max_length}"
-                    )
-                continue
-            report.truncated += 1
-            if len(report.first_truncated) < REPORTED_ROWS:
-                report.first_truncated.append(
-                    f"{_where(example, index, part)}: prompt of {len(prompt)} tokens cut to {room}"
+                report.add_skipped(
+                    f"{where}: its completion of {len(completion)} tokens leaves no room for the prompt "
+                    f"within {max_length}"
                 )
+                continue
+            report.add_truncated(f"{where}: prompt of {len(prompt)} tokens cut to {room}")
             tail = len(prompt) - (room - head)
             prompt, labels = prompt[:head] + prompt[tail:], labels[:head] + labels[tail:]
         kept.append(example)
@@ -383,10 +404,10 @@ def fit_examples(
 
 def check_lost(report: FitReport, plan: LengthPlan) -> None:
     """Refuse a run that would lose more than :data:`MAX_LOST_FRACTION` of a split's rows."""
-    if report.rows and report.skipped > MAX_LOST_FRACTION * report.rows:
+    if report.rows and report.too_long > MAX_LOST_FRACTION * report.rows:
         suggestion = plan.p95 if plan.context is None else min(plan.p95, plan.context)
         raise ValueError(
-            f"{report.skipped:,} of {report.rows:,} {report.part} rows do not fit within max length "
+            f"{report.too_long:,} of {report.rows:,} {report.part} rows do not fit within max length "
             f"{plan.max_length} even with their prompts cut (more than {MAX_LOST_FRACTION:.0%}); "
             f"--seq-len {suggestion} would fit {COVERAGE:.0%} of them"
         )

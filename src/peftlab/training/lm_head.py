@@ -178,6 +178,17 @@ def linear_cross_entropy(
     return result
 
 
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 at position t, over labels that are not -100."""
+    shifted = labels[:, 1:]
+    if not bool((shifted != IGNORE_INDEX).any()):
+        raise ValueError("batch has no completion tokens to learn from (all labels are -100)")
+    vocab = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).float(), shifted.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of predicting token t+1 at position t over labels that are not -100
     (0 when there are none): divided by the global batch's token count by the caller."""

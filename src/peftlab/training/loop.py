@@ -30,41 +30,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from peftlab.data.tasks import Example, Task
-from peftlab.devices import Precision
-from peftlab.training.lm_head import IGNORE_INDEX, supervised_loss_sum
-from peftlab.training.lm_head import causal_lm_loss_sum as causal_lm_loss_sum
+from peftlab.devices import Precision, device_of
+from peftlab.training.encoding import BatchStream, Encoded, collate, num_targets
+from peftlab.training.lm_head import supervised_loss_sum
 from peftlab.training.saved_activations import recomputed_activations
 
 SCHEDULES = ("linear", "cosine", "constant")
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """Token ids of prompt + completion; ``labels`` are the ids with the prompt set to -100."""
-
-    input_ids: list[int]
-    labels: list[int]
-    # tokens before the final supervised span (a chat's last assistant turn, whose earlier
-    # assistant turns are supervised too); None: before the first supervised token
-    context_length: int | None = None
-
-    @property
-    def prompt_length(self) -> int:
-        """Tokens before the supervised completion: the prompt (possibly cut to fit), or a chat's
-        conversation up to its last assistant turn, which generation at evaluation continues."""
-        if self.context_length is not None:
-            return self.context_length
-        return next((i for i, label in enumerate(self.labels) if label != IGNORE_INDEX), len(self.labels))
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        return self.input_ids[: self.prompt_length]
 
 
 @dataclass
@@ -133,137 +108,6 @@ class TrainingDiverged(RuntimeError):
         super().__init__(f"{what} became {value} at step {step}; lower the learning rate")
 
 
-# ---- data -----------------------------------------------------------------------------
-
-
-def _eos_id(tokenizer: Any) -> int:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token so completions can end")
-    return int(eos)
-
-
-def pad_id(tokenizer: Any) -> int:
-    """The tokenizer's pad id, falling back to eos (padding is masked out either way)."""
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return int(pad) if pad is not None else _eos_id(tokenizer)
-
-
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt ids exactly as training sees them (the tokenizer's own special tokens included)."""
-    return list(tokenizer(prompt)["input_ids"])
-
-
-def encode_completion(tokenizer: Any, completion: str) -> list[int]:
-    """Completion ids as training sees them: no special tokens of its own, eos appended."""
-    return [*tokenizer(completion, add_special_tokens=False)["input_ids"], _eos_id(tokenizer)]
-
-
-def encode_example(tokenizer: Any, example: Example, max_length: int) -> Encoded:
-    """Prompt and completion tokenised separately, so the boundary is exact, then eos appended.
-    A prompt that leaves no room is an error here; :func:`peftlab.training.fitting.fit_examples`
-    cuts or skips such rows instead."""
-    prompt = encode_prompt(tokenizer, example.prompt)
-    completion = encode_completion(tokenizer, example.completion)
-    if len(prompt) >= max_length:
-        raise ValueError(
-            f"prompt of {len(prompt)} tokens leaves no room for the completion within "
-            f"max_length={max_length}; raise max_length or shorten the prompt"
-        )
-    ids = (prompt + completion)[:max_length]
-    labels = [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]
-    return Encoded(ids, labels)
-
-
-def encode_examples(tokenizer: Any, examples: Sequence[Example], max_length: int = 256) -> list[Encoded]:
-    return [encode_example(tokenizer, ex, max_length) for ex in examples]
-
-
-def collate(
-    batch: Sequence[Encoded], pad_token_id: int, padding_side: str = "right"
-) -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on pads)."""
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    width = max(len(ex.input_ids) for ex in batch)
-    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, ex in enumerate(batch):
-        n = len(ex.input_ids)
-        cols = slice(width - n, width) if padding_side == "left" else slice(0, n)
-        ids[i, cols] = torch.tensor(ex.input_ids)
-        labels[i, cols] = torch.tensor(ex.labels)
-        mask[i, cols] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t+1 at position t, over labels that are not -100."""
-    shifted = labels[:, 1:]
-    if not bool((shifted != IGNORE_INDEX).any()):
-        raise ValueError("batch has no completion tokens to learn from (all labels are -100)")
-    vocab = logits.shape[-1]
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab).float(), shifted.reshape(-1), ignore_index=IGNORE_INDEX
-    )
-
-
-def num_targets(example: Encoded) -> int:
-    """How many tokens of ``example`` the loss scores (labels after the shift that are not -100)."""
-    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
-
-
-class BatchStream:
-    """Batch indices as consecutive chunks of a stream of fresh permutations of ``range(n)``.
-
-    Its state (generator, the rest of the current permutation, samples drawn) is the data
-    position of a run: restoring it continues the exact same order.
-    """
-
-    def __init__(self, n: int, seed: int) -> None:
-        if n < 1:
-            raise ValueError("no training examples")
-        self.n = n
-        self.generator = torch.Generator().manual_seed(seed)
-        self.pending: list[int] = []
-        self.samples_seen = 0
-
-    @property
-    def epoch(self) -> float:
-        """Passes over the data so far (fractional)."""
-        return self.samples_seen / self.n
-
-    def take(self, count: int) -> list[int]:
-        while len(self.pending) < count:
-            self.pending += torch.randperm(self.n, generator=self.generator).tolist()
-        out, self.pending = self.pending[:count], self.pending[count:]
-        self.samples_seen += count
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "n": self.n,
-            "generator": self.generator.get_state(),
-            "pending": list(self.pending),
-            "samples_seen": self.samples_seen,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if int(state["n"]) != self.n:
-            raise ValueError(
-                f"the saved data position is for {state['n']} training examples but this run has {self.n}"
-            )
-        self.generator.set_state(state["generator"])
-        self.pending = [int(i) for i in state["pending"]]
-        self.samples_seen = int(state["samples_seen"])
-
-
-def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR multiplier: 0 -> 1 over the warmup, then 1 -> 0 at the last step."""
-    return lr_schedule("linear", warmup_steps, total_steps)
-
-
 def lr_schedule(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """LR multiplier at step ``s`` (0-based): linear warmup ``(s+1)/(warmup+1)``, then
     ``linear`` 1 -> 0, ``cosine`` 1 -> 0 along a half cosine, or ``constant`` 1."""
@@ -281,10 +125,6 @@ def lr_schedule(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int
         return 1.0
 
     return factor
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @contextlib.contextmanager
@@ -380,7 +220,7 @@ class TrainLoop:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.model = model
         self.forward_module = forward_module if forward_module is not None else model
-        self.precision = precision if precision is not None else Precision(_device_of(model))
+        self.precision = precision if precision is not None else Precision(device_of(model))
         if self.precision.mixed:
             with torch.no_grad():
                 for p in self.params:
@@ -442,7 +282,7 @@ class TrainLoop:
         """Train until ``config.steps`` optimizer steps are done (or an ``on_step`` hook sets
         ``stop_requested``), calling ``on_step(self)`` after each (inside the training RNG, so
         :func:`rng_state` there is the run's)."""
-        device = _device_of(self.model)
+        device = device_of(self.model)
         was_training = self.model.training
         self.forward_module.train()
         self.model.train()
@@ -556,146 +396,3 @@ def train(
     """
     loop = TrainLoop(model, data, config, pad_token_id=pad_token_id, precision=precision)
     return loop.run(progress=progress, desc=desc)
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model: nn.Module,
-    data: Sequence[Encoded],
-    *,
-    pad_token_id: int,
-    batch_size: int = 8,
-    precision: Precision | None = None,
-) -> float:
-    """Mean cross-entropy over every completion token of ``data``, in eval mode (the head
-    applied at supervised positions only), under ``precision``'s autocast when given."""
-    total = sum(num_targets(ex) for ex in data)
-    if total == 0:
-        raise ValueError("no completion tokens to evaluate")
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    summed = 0.0
-    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
-    try:
-        with autocast:
-            for start in range(0, len(data), batch_size):
-                batch = {
-                    k: v.to(device)
-                    for k, v in collate(data[start : start + batch_size], pad_token_id).items()
-                }
-                labels = batch.pop("labels")
-                summed += float(supervised_loss_sum(model, model, batch, labels))
-    finally:
-        model.train(was_training)
-    return summed / total
-
-
-# ---- evaluation -----------------------------------------------------------------------
-
-
-def generate(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
-) -> list[str]:
-    """Greedy completions of ``prompts`` (batched with left padding), decoded up to eos."""
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
-    return generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
-
-
-@torch.no_grad()
-def generate_ids(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
-    stop_ids: Sequence[int] = (),
-    precision: Precision | None = None,
-) -> list[str]:
-    """Greedy completions of already encoded prompts (e.g. cut to fit), decoded up to eos or
-    the first of ``stop_ids`` (a chat template's end-of-turn token), under ``precision``'s
-    autocast when given."""
-    eos = _eos_id(tokenizer)
-    stops = list(dict.fromkeys([eos, *stop_ids]))
-    pad = pad_id(tokenizer)
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    outputs: list[str] = []
-    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = [list(p) for p in prompts[start : start + batch_size]]
-            batch = collate([Encoded(ids, ids) for ids in chunk], pad, padding_side="left")
-            with autocast:
-                generated = model.generate(  # type: ignore[operator]
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    # the model's generation_config may ask for sampling; greedy must not inherit it
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    eos_token_id=stops if len(stops) > 1 else eos,
-                    pad_token_id=pad,
-                )
-            for row in generated[:, batch["input_ids"].shape[1] :].tolist():
-                ends = [row.index(t) for t in stops if t in row]
-                if ends:
-                    row = row[: min(ends)]
-                outputs.append(tokenizer.decode(row, skip_special_tokens=True))
-    finally:
-        model.train(was_training)
-    return outputs
-
-
-@dataclass
-class EvalResult:
-    metrics: dict[str, float]
-    prompts: list[str]
-    predictions: list[str]
-    references: list[str]
-    seconds: float
-
-
-def evaluate_task(
-    model: nn.Module,
-    tokenizer: Any,
-    task: Task,
-    *,
-    max_examples: int | None = None,
-    batch_size: int = 16,
-    prompt_ids: Sequence[Sequence[int]] | None = None,
-    max_new_tokens: int | None = None,
-    stop_ids: Sequence[int] = (),
-    precision: Precision | None = None,
-) -> EvalResult:
-    """Generate for the task's eval split (or its first ``max_examples``) and score it.
-    ``prompt_ids`` (one per eval example, e.g. cut to fit or rendered with a chat template)
-    replace encoding the prompts, ``max_new_tokens`` the task's own generation length;
-    ``stop_ids`` and ``precision`` go to :func:`generate_ids`."""
-    examples = list(task.eval if max_examples is None else task.eval[:max_examples])
-    start = time.perf_counter()
-    prompts = [ex.prompt for ex in examples]
-    ids = [encode_prompt(tokenizer, p) for p in prompts] if prompt_ids is None else list(prompt_ids)
-    if len(ids) != len(examples):
-        raise ValueError(f"{len(ids)} prompt_ids for {len(examples)} eval examples; give one per example")
-    predictions = generate_ids(
-        model,
-        tokenizer,
-        ids,
-        max_new_tokens=max_new_tokens or task.max_new_tokens,
-        batch_size=batch_size,
-        stop_ids=stop_ids,
-        precision=precision,
-    )
-    references = [ex.completion for ex in examples]
-    metrics = task.score(predictions, references)
-    return EvalResult(metrics, prompts, predictions, references, time.perf_counter() - start)

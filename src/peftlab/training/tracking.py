@@ -9,9 +9,14 @@ asked for; only the main process of a distributed run reports.
 - ``tensorboard``: ``torch.utils.tensorboard.SummaryWriter`` writing event files under
   ``OUT/tensorboard`` (``tensorboard --logdir OUT/tensorboard``); the settings go in as text.
 - ``mlflow``: ``mlflow.start_run`` / ``log_params`` / ``log_metrics`` / ``end_run`` against
-  mlflow's tracking URI (``MLFLOW_TRACKING_URI``; mlflow's own default otherwise).
+  mlflow's tracking URI (``MLFLOW_TRACKING_URI``; mlflow's own default otherwise, a local store
+  in the working folder).
 - ``trackio``: ``trackio.init`` (the settings as its ``config``) / ``log`` / ``finish``, in
-  trackio's local store unless configured otherwise.
+  trackio's local store (``TRACKIO_DIR``, by default under ``HF_HOME``) unless configured
+  otherwise.
+
+Both work offline on their local stores; tests/test_tracking.py reads each store back through
+the real library.
 """
 
 from __future__ import annotations

@@ -1,0 +1,159 @@
+"""What every method of one comparison shares, loaded once per worker: the frozen base model
+and its tokenizer, the task, the run's sizes and precision, and the train / validation / test
+splits prepared as every command prepares them (:mod:`peftlab.training.preparation`).
+
+The validation split is carved from the training rows (stratified by label, by a fixed salt),
+so the test split is never looked at before the final runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.compare.options import CompareOptions, RunSizes, run_kind
+from peftlab.core.config import TaskType
+from peftlab.data.tasks import Task
+from peftlab.devices import Precision
+from peftlab.models import load_causal_lm, load_sequence_classifier, load_tokenizer, model_kind
+from peftlab.training.encoding import collate, pad_id
+from peftlab.training.fitting import LengthPlan, PromptFormat
+from peftlab.training.preparation import (
+    PreparedData,
+    RowEncoder,
+    Split,
+    carve_validation,
+    load_task,
+    prepare_data,
+)
+
+VALIDATION_SALT = "peftlab-compare-validation"
+
+
+@dataclass
+class ComparisonInputs:
+    model: str | None  # as given (None: the embedded default)
+    gguf_file: str | None
+    model_kind: str  # "causal" or "encoder" (peftlab.models.model_kind)
+    run_kind: str  # "generation", "causal-classification" or "encoder-classification"
+    task: Task
+    task_type: TaskType
+    metric: str  # the quality column
+    sizes: RunSizes
+    precision: Precision
+    base: nn.Module  # frozen
+    tokenizer: Any
+    fmt: PromptFormat
+    data: PreparedData
+
+    @property
+    def plan(self) -> LengthPlan:
+        return self.data.plan
+
+    @property
+    def train_split(self) -> Split:
+        return self.data.splits["train"]
+
+    @property
+    def val_split(self) -> Split:
+        return self.data.splits["validation"]
+
+    @property
+    def test_split(self) -> Split:
+        return self.data.splits["test"]
+
+    @property
+    def pad(self) -> int:
+        return pad_id(self.tokenizer)
+
+    def latency_inputs(self) -> dict[str, torch.Tensor]:
+        """One batch of test rows (without labels) on the device: what latency is timed on."""
+        batch = collate(self.test_split.encoded[: self.sizes.batch_size], self.pad)
+        return {k: v.to(self.precision.device) for k, v in batch.items() if k != "labels"}
+
+
+def load_inputs(opts: CompareOptions, *, verbose: bool = False) -> ComparisonInputs:
+    """Load the base and the data for ``opts`` (resolved, see
+    :func:`peftlab.compare.options.resolve_options`); nothing heavy loads before every setting
+    has been checked."""
+    # an unavailable device or a dtype it cannot run is refused before anything loads
+    precision = Precision.resolve(opts.device, opts.dtype)
+    kind = model_kind(opts.model, opts.gguf_file)
+    task = load_task(
+        task=opts.task,
+        data=opts.data,
+        eval_data=opts.eval_data,
+        hf_dataset=opts.hf_dataset,
+        eval_fraction=opts.eval_fraction,
+        seed=0,
+    )
+    runs = run_kind(kind, task)
+    sizes = RunSizes.resolve(opts, runs)
+    chat_rows = task.info.get("kind") == "chat"
+    template = opts.chat_template or ("auto" if chat_rows else "none")
+    if chat_rows and kind != "encoder":
+        # chat rows on a model without a chat template: refused before the weights load
+        PromptFormat.resolve(load_tokenizer(opts.model, gguf_file=opts.gguf_file), template, chat_rows=True)
+    base, tokenizer, task_type = _load_base(opts, kind, task, precision, verbose)
+    fmt = PromptFormat.resolve(tokenizer, template, chat_rows=chat_rows)
+    train, val = carve_validation(task.train, sizes.val_size, salt=VALIDATION_SALT)
+    test = list(task.eval[: sizes.num_eval])
+    encoder = RowEncoder(tokenizer, labels=task.labels) if kind == "encoder" else RowEncoder(tokenizer, fmt)
+    data = prepare_data(
+        task,
+        base,
+        encoder,
+        {"train": train, "validation": val, "test": test},
+        held_out="test",
+        requested_length=opts.seq_len,
+        batch_size=sizes.batch_size,
+        param_bytes=precision.dtype.itemsize,
+        budget_bytes=sizes.memory_budget,
+    )
+    return ComparisonInputs(
+        model=opts.model,
+        gguf_file=opts.gguf_file,
+        model_kind=kind,
+        run_kind=runs,
+        task=task,
+        task_type=task_type,
+        metric=opts.metric or task.metric,
+        sizes=sizes,
+        precision=precision,
+        base=base,
+        tokenizer=tokenizer,
+        fmt=fmt,
+        data=data,
+    )
+
+
+def _load_base(
+    opts: CompareOptions, kind: str, task: Task, precision: Precision, verbose: bool
+) -> tuple[nn.Module, Any, TaskType]:
+    """The frozen base model, its tokenizer and the adapters' task type. The encoder's new
+    classification head is initialised from a fixed seed, the same in every worker."""
+    torch.manual_seed(0)
+    if kind == "encoder":
+        base, tokenizer = load_sequence_classifier(
+            opts.model or "minilm",
+            task.labels,
+            dtype=precision.dtype,
+            device=precision.device,
+            verbose=verbose,
+        )
+        task_type = TaskType.SEQ_CLS
+    else:
+        base, tokenizer = load_causal_lm(
+            opts.model,
+            gguf_file=opts.gguf_file,
+            dtype=precision.dtype,
+            device=precision.device,
+            verbose=verbose,
+        )
+        task_type = TaskType.CAUSAL_LM
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base, tokenizer, task_type
