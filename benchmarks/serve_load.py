@@ -2,6 +2,8 @@
 
     python benchmarks/serve_load.py [--rates 0.3,0.6,1.2] [--requests 32] [--max-batch-size 16]
         [--threads 2] [--seed 0] [--json out.json]
+    nice -n 10 python benchmarks/serve_load.py --json sl.json   # the recorded figures (defaults)
+    python benchmarks/serve_load.py --quick                     # smoke run: 1 rate, 4 short requests
 
 SmolLM2-135M with adapters of all four methods (random, away from identity, saved in PEFT
 format to a temporary folder): LoRA r=8 on q/v, LoRA r=16 on all linear layers, IA3, a
@@ -23,6 +25,11 @@ from the first send to the last answer), time to first token and end-to-end late
 (client side: from sending the request to its first streamed text, to its last byte), the
 server's mean rows per model batch; the ratios continuous / static; and whether each request
 got the same text from both servers (greedy: batching must not change a single output).
+
+Targets, at each rate (one ``PASS`` / ``MISS`` line each after the tables; exit status 3 when
+one is missed, see ``targets.py``): p50 time to first token, continuous / static <= 0.50;
+throughput (generated tokens/s), continuous / static >= 1.00; every request answered, and with
+the same text by both servers.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import torch
 
 from peftlab import BottleneckConfig, IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, get_peft_model
 from peftlab.models import load_causal_lm
+from targets import Targets
 
 BASE = "smollm2-135m"
 MODES = ("static", "continuous")
@@ -65,7 +73,9 @@ SENTENCES = [
     "Summarize the plot of a detective story in two sentences.",
 ]
 PROMPT_WORDS = (6, 30, 90)  # short, medium and long prompts (about 10, 40 and 120 tokens)
-MAX_TOKENS = (8, 16, 32, 64)
+MAX_TOKENS = "8,16,32,64"
+TTFT_TARGET = 0.50  # continuous / static, p50
+THROUGHPUT_TARGET = 1.00  # continuous / static, at least
 
 
 def adapter_configs() -> dict[str, PeftConfig]:
@@ -100,7 +110,9 @@ def make_prompt(rng: random.Random, words: int) -> str:
     return " ".join(text)
 
 
-def workload(rate: float, count: int, models: list[str], seed: int) -> list[dict[str, Any]]:
+def workload(
+    rate: float, count: int, models: list[str], seed: int, max_tokens: list[int]
+) -> list[dict[str, Any]]:
     """``count`` requests with Poisson arrivals at ``rate`` per second (the same for every mode)."""
     rng = random.Random(seed)
     at = 0.0
@@ -111,7 +123,7 @@ def workload(rate: float, count: int, models: list[str], seed: int) -> list[dict
                 "at": at,
                 "model": rng.choice(models),
                 "prompt": make_prompt(rng, rng.choice(PROMPT_WORDS)),
-                "max_tokens": rng.choice(MAX_TOKENS),
+                "max_tokens": rng.choice(max_tokens),
             }
         )
         at += rng.expovariate(rate)
@@ -248,16 +260,21 @@ def summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> dict[str, A
     }
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="0.3,0.6,1.2", help="offered loads, requests per second")
     ap.add_argument("--requests", type=int, default=32, help="requests per rate and mode")
+    ap.add_argument("--max-tokens", default=MAX_TOKENS, help="max_tokens drawn for each request")
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="static batching's wait for a batch")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 req/s, 4 requests of 4 or 8 tokens")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    if args.quick:
+        args.rates, args.requests, args.max_tokens = "1", 4, "4,8"
+    max_tokens = [int(n) for n in args.max_tokens.split(",")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     rates = [float(r) for r in args.rates.split(",")]
@@ -269,7 +286,7 @@ def main() -> None:
         servers = {mode: start_server(mode, folders, args) for mode in MODES}
         try:
             for k, rate in enumerate(rates):
-                requests = workload(rate, args.requests, models, args.seed + k)
+                requests = workload(rate, args.requests, models, args.seed + k, max_tokens)
                 order = MODES if k % 2 == 0 else MODES[::-1]
                 for mode in order:
                     load = os.getloadavg()[0]
@@ -281,16 +298,47 @@ def main() -> None:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=120)
-    report(runs, rates, args)
+    ratios = report(runs, rates, args, max_tokens)
+    targets = check_targets(ratios)
+    if args.json:
+        out = {"args": vars(args), "command": " ".join(sys.argv), "runs": runs, "ratios": ratios}
+        Path(args.json).write_text(json.dumps({**out, "targets": targets.verdicts}, indent=2))
+    return targets.exit_code()
 
 
-def report(runs: list[dict[str, Any]], rates: list[float], args: argparse.Namespace) -> None:
+def check_targets(ratios: list[dict[str, Any]]) -> Targets:
+    targets = Targets()
+    for r in ratios:
+        at = f"at {r['rate']:g} req/s"
+        targets.at_most(
+            f"p50 time to first token, continuous / static, {at}", r["ttft_p50_ratio"], TTFT_TARGET
+        )
+        thr = r["throughput_ratio"]
+        targets.check(
+            f"throughput, continuous / static, {at}",
+            thr,
+            thr >= THROUGHPUT_TARGET,
+            f">= {THROUGHPUT_TARGET:.2f}",
+        )
+        same, sent = r["same"][0], r["sent"]
+        targets.check(
+            f"requests answered alike by both servers, {at}",
+            f"{same} / {sent}",
+            same == sent,
+            f"{sent} / {sent}",
+        )
+    return targets
+
+
+def report(
+    runs: list[dict[str, Any]], rates: list[float], args: argparse.Namespace, max_tokens: list[int]
+) -> list[dict[str, Any]]:
     cpu = platform.processor() or platform.machine()
     print(
         f"\nSmolLM2-135M (fp32), {len(adapter_configs())} adapters of 4 methods + base, "
         f"{args.requests} streamed greedy requests per rate and mode, Poisson arrivals, prompts of "
-        f"~10/40/120 tokens, max_tokens 8/16/32/64, max batch {args.max_batch_size}, torch threads "
-        f"{args.threads}, {cpu}"
+        f"~10/40/120 tokens, max_tokens {'/'.join(map(str, max_tokens))}, max batch {args.max_batch_size}, "
+        f"torch threads {args.threads}, {cpu}"
     )
     header = ["rate req/s", "batching", "ok / sent", "wall s", "req/s", "gen tok/s", "TTFT p50 ms"]
     header += ["TTFT p99 ms", "e2e p50 ms", "e2e p99 ms", "mean rows/batch"]
@@ -314,14 +362,18 @@ def report(runs: list[dict[str, Any]], rates: list[float], args: argparse.Namesp
         ]
         same = sum(a == b for a, b in both)
         ratios.append(
-            {"rate": rate, "ttft_p50_ratio": ttft, "throughput_ratio": thr, "same": [same, len(both)]}
+            {
+                "rate": rate,
+                "ttft_p50_ratio": ttft,
+                "throughput_ratio": thr,
+                "same": [same, len(both)],
+                "sent": s["sent"],
+            }
         )
         print(f"| {rate:g} | {ttft:.2f}x | {thr:.2f}x | {same} / {len(both)} |")
-    print(f"\nload average (1 min) at each run's start: {[m['load_avg_1m'] for m in runs]}")
-    if args.json:
-        out = {"args": vars(args), "command": " ".join(sys.argv), "runs": runs, "ratios": ratios}
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    print(f"\nload average (1 min) at each run's start: {[m['load_avg_1m'] for m in runs]}\n")
+    return ratios
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,22 +1,40 @@
 """Train-step and inference overhead of peftlab's LoRA and IA3 on SmolLM2-135M, as ratios.
 
-Variants, each on its own copy of the same base model:
+Variants, each model on its own copy of the same base (``load_causal_lm(None)``, fp32):
 
 - ``floor``: the frozen base, forward + backward with only the input embeddings' output
   requiring grad (so backward runs through every layer) and no adapter: the least a
   PEFT train step can cost.
 - peftlab and HF PEFT, LoRA (r=8, alpha 16, q_proj + v_proj) and IA3 (k_proj, v_proj,
-  down_proj; down_proj scaled at its input): forward + backward + AdamW step.
+  down_proj; down_proj scaled at its input): forward + backward + AdamW step on rows whose
+  every token is supervised, the loss from the model itself (``model(**batch).loss``).
+- peftlab LoRA vs HF PEFT LoRA on what users train on (``--rows``): ``completion`` rows (the
+  first half of each row is prompt, labels -100) and ``label-word`` rows (one supervised token
+  per row, the last: classification by a label word). peftlab's step computes its loss as its
+  training loop does, :func:`peftlab.training.lm_head.supervised_loss_sum` divided by the
+  number of supervised tokens (the output head and the cross-entropy at the supervised
+  positions only); HF PEFT's step is ``model(**batch, labels=labels).loss``, transformers'
+  own loss, which computes the head at every position. Everything else is the same on both
+  sides: the base weights, the rows, the LoRA config, fp32, the threads (one process) and the
+  optimizer. peftlab's loop also recomputes activation outputs in backward
+  (:mod:`peftlab.training.saved_activations`, a memory measure: ``train_memory.py``); that is
+  left out here, so that the head is the one difference, as is gradient clipping (which both
+  peftlab's loop and transformers' Trainer do). Before timing, both sides' losses on each row
+  kind are checked to agree.
 - inference (forward under ``torch.no_grad``): the base, and peftlab LoRA / IA3 unmerged and
   merged (``merge_adapter``).
 
-Everything runs in one process, interleaved: each repeat times every variant once, in an
-order rotated from repeat to repeat, so changes in machine load hit all variants alike.
-A ratio is the median over repeats of the paired per-repeat ratio (numerator and denominator
-timed seconds apart). Figures go to stdout as Markdown, optionally to ``--out`` as JSON.
+Every train step uses AdamW with its fused kernel, as peftlab's loop and transformers' Trainer
+(``adamw_torch_fused``) do. Everything runs in one process, interleaved: each repeat times
+every variant once, in an order rotated from repeat to repeat, so changes in machine load hit
+all variants alike. A ratio is the median over repeats of the paired per-repeat ratio
+(numerator and denominator timed seconds apart). Figures go to stdout as Markdown, then one
+``PASS`` / ``MISS`` line per target (exit status 3 when one is missed, see ``targets.py``),
+optionally to ``--out`` as JSON.
 
-    python benchmarks/train_step.py                 # defaults: batch 4 x seq 64, 5 repeats
-    python benchmarks/train_step.py --quick         # smoke run
+    python benchmarks/train_step.py --repeats 9 --out results.json   # the recorded figures
+    python benchmarks/train_step.py --quick         # smoke run: batch 1 x seq 32, 2 repeats
+    python benchmarks/train_step.py --rows          # only the full-row variants
 """
 
 from __future__ import annotations
@@ -40,11 +58,19 @@ from torch import nn
 
 from peftlab import IA3Config, LoraConfig, TaskType, get_peft_model
 from peftlab.models import load_causal_lm
+from peftlab.training.lm_head import IGNORE_INDEX, supervised_loss_sum
+from targets import Targets
+
+# row kinds beside the fully supervised rows: name -> (label, the supervised positions of a row)
+ROW_KINDS: dict[str, tuple[str, Callable[[int], slice]]] = {
+    "completion": ("completion-only rows", lambda seq: slice(seq // 2, seq)),
+    "label-word": ("label-word rows", lambda seq: slice(seq - 1, seq)),
+}
 
 
 @dataclass(frozen=True)
-class Target:
-    """A ratio to report: numerator / denominator, checked against [low, high] when given."""
+class Ratio:
+    """numerator / denominator, a target when ``high`` is given: within [low, high]."""
 
     label: str
     numerator: str
@@ -52,33 +78,40 @@ class Target:
     low: float | None = None
     high: float | None = None
 
-    def describe(self) -> str:
+    def rule(self) -> str:
         if self.low is not None and self.high is not None:
             mid, tol = (self.low + self.high) / 2, (self.high - self.low) / 2
             return f"{mid:.2f} ± {tol:.2f}"
-        return f"≤ {self.high:.2f}" if self.high is not None else "-"
+        return f"<= {self.high:.2f}" if self.high is not None else "-"
 
-    def verdict(self, value: float) -> str:
-        if self.high is None:
-            return ""
-        ok = value <= self.high and (self.low is None or value >= self.low)
-        return "PASS" if ok else "MISS"
+    def met(self, value: float) -> bool:
+        return self.high is not None and value <= self.high and (self.low is None or value >= self.low)
 
 
-TARGETS = (
-    Target("LoRA train step / floor", "peftlab LoRA step", "floor step", high=1.05),
-    Target("IA3 train step / floor", "peftlab IA3 step", "floor step"),
-    Target("peftlab LoRA step / HF PEFT LoRA step", "peftlab LoRA step", "HF PEFT LoRA step", high=1.00),
-    Target("peftlab IA3 step / HF PEFT IA3 step", "peftlab IA3 step", "HF PEFT IA3 step", high=1.00),
-    Target("LoRA merged / base (inference)", "LoRA merged forward", "base forward", low=0.97, high=1.03),
-    Target("IA3 merged / base (inference)", "IA3 merged forward", "base forward", low=0.97, high=1.03),
-    Target("LoRA unmerged / base (inference)", "LoRA unmerged forward", "base forward", high=1.10),
-    Target("IA3 unmerged / base (inference)", "IA3 unmerged forward", "base forward", high=1.03),
+RATIOS = (
+    Ratio("LoRA train step / floor", "peftlab LoRA step", "floor step", high=1.05),
+    Ratio("IA3 train step / floor", "peftlab IA3 step", "floor step"),
+    Ratio("peftlab LoRA step / HF PEFT LoRA step", "peftlab LoRA step", "HF PEFT LoRA step", high=1.00),
+    Ratio("peftlab IA3 step / HF PEFT IA3 step", "peftlab IA3 step", "HF PEFT IA3 step", high=1.00),
+    *(
+        Ratio(
+            f"peftlab LoRA step / HF PEFT LoRA step, {label}",
+            f"peftlab LoRA step, {label}",
+            f"HF PEFT LoRA step, {label}",
+            high=0.90,
+        )
+        for label, _ in ROW_KINDS.values()
+    ),
+    Ratio("LoRA merged / base (inference)", "LoRA merged forward", "base forward", low=0.97, high=1.03),
+    Ratio("IA3 merged / base (inference)", "IA3 merged forward", "base forward", low=0.97, high=1.03),
+    Ratio("LoRA unmerged / base (inference)", "LoRA unmerged forward", "base forward", high=1.10),
+    Ratio("IA3 unmerged / base (inference)", "IA3 unmerged forward", "base forward", high=1.03),
 )
 
 LORA_TARGETS = ["q_proj", "v_proj"]
 IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]
 IA3_FEEDFORWARD = ["down_proj"]
+LR = 1e-4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,8 +121,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds over all variants (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     # one thread: on cores other processes share, OpenMP's extra threads wait on each other
-    # (2 threads ran a forward 4-5x slower than 1 on our busy 2-core machine)
+    # (on a busy 2-core machine a forward runs 4-5x slower with 2 threads than with 1)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
+    p.add_argument(
+        "--rows",
+        nargs="*",
+        choices=list(ROW_KINDS),
+        default=list(ROW_KINDS),
+        help="row kinds for peftlab LoRA vs HF PEFT LoRA beside the fully supervised rows "
+        "(default: all; none: only the fully supervised rows)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: batch 1 x seq 32, 2 repeats")
     p.add_argument("--no-profile", action="store_true", help="skip the hook-timed wrapper cost")
@@ -97,8 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size, args.seq_len, args.repeats, args.warmup = 1, 32, 2, 1
-    if min(args.batch_size, args.seq_len, args.repeats, args.threads) < 1 or args.warmup < 0:
-        p.error("sizes, repeats and threads must be >= 1, warmup >= 0")
+    if min(args.batch_size, args.repeats, args.threads) < 1 or args.seq_len < 2 or args.warmup < 0:
+        p.error("sizes, repeats and threads must be >= 1, --seq-len >= 2, warmup >= 0")
     return args
 
 
@@ -120,19 +161,33 @@ def _require_input_grad(model: nn.Module) -> Any:
     return model.get_input_embeddings().register_forward_hook(hook)  # type: ignore[operator]
 
 
-def train_step_fn(model: nn.Module, batch: dict[str, torch.Tensor], lr: float) -> Callable[[], None]:
+def train_step_fn(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """One train step: ``loss_fn()``'s backward, then AdamW (fused, as peftlab's loop and
+    transformers' Trainer run it) over ``model``'s trainable parameters, if it has any."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr) if params else None
+    optimizer = torch.optim.AdamW(params, lr=LR, fused=True) if params else None
 
     def step() -> None:
         model.train()
-        loss = model(**batch).loss
-        loss.backward()
+        loss_fn().backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """The model's own loss (``labels`` in the batch): transformers' head at every position."""
+    return lambda: model(**batch).loss
+
+
+def supervised_loss(
+    model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    """peftlab's loop's loss: the head at the supervised positions only, the token mean."""
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return lambda: supervised_loss_sum(model, model, inputs, labels) / count
 
 
 def forward_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
@@ -146,17 +201,26 @@ def forward_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[],
     return forward
 
 
+def row_labels(ids: torch.Tensor, kind: str) -> torch.Tensor:
+    """``ids`` as labels, -100 outside the positions ``kind`` supervises."""
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    keep = ROW_KINDS[kind][1](ids.shape[1])
+    labels[:, keep] = ids[:, keep]
+    return labels
+
+
 @dataclass
 class Bench:
     variants: dict[str, Callable[[], None]]  # name -> one timed call
     trainable: dict[str, int]
     models: dict[str, nn.Module]
     batch: dict[str, torch.Tensor]
+    loss_check: dict[str, dict[str, float]]
 
 
 def build_variants(args: argparse.Namespace) -> Bench:
     peft = _hf_peft()
-    base, _tok = load_causal_lm()
+    base, _tok = load_causal_lm(None)
     for p in base.parameters():
         p.requires_grad_(False)
     torch.manual_seed(args.seed)
@@ -164,6 +228,7 @@ def build_variants(args: argparse.Namespace) -> Bench:
     vocab = int(config.vocab_size)
     ids = torch.randint(0, vocab, (args.batch_size, args.seq_len))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
 
     def fresh() -> nn.Module:
         return copy.deepcopy(base)
@@ -198,21 +263,54 @@ def build_variants(args: argparse.Namespace) -> Bench:
         for name, m in models.items()
         if "merged" not in name
     }
+    ours, theirs = models["peftlab LoRA"], models["HF PEFT LoRA"]
+    # the row kinds' steps train the same two LoRA models as the fully supervised rows, each
+    # step with its own optimizer: what a step computes does not depend on the weights' values
+    row_steps: dict[str, Callable[[], None]] = {}
+    loss_check: dict[str, dict[str, float]] = {}
+    for kind in args.rows:
+        label = ROW_KINDS[kind][0]
+        labels = row_labels(ids, kind)
+        ours_loss = supervised_loss(ours, inputs, labels)
+        theirs_loss = model_loss(theirs, {**inputs, "labels": labels})
+        loss_check[label] = same_loss(ours, ours_loss, theirs, theirs_loss, label)
+        row_steps[f"peftlab LoRA step, {label}"] = train_step_fn(ours, ours_loss)
+        row_steps[f"HF PEFT LoRA step, {label}"] = train_step_fn(theirs, theirs_loss)
     _require_input_grad(base)
-    lr = 1e-4
     variants: dict[str, Callable[[], None]] = {
-        "floor step": train_step_fn(base, batch, lr),
-        "peftlab LoRA step": train_step_fn(models["peftlab LoRA"], batch, lr),
-        "HF PEFT LoRA step": train_step_fn(models["HF PEFT LoRA"], batch, lr),
-        "peftlab IA3 step": train_step_fn(models["peftlab IA3"], batch, lr),
-        "HF PEFT IA3 step": train_step_fn(models["HF PEFT IA3"], batch, lr),
+        "floor step": train_step_fn(base, model_loss(base, batch)),
+        "peftlab LoRA step": train_step_fn(ours, model_loss(ours, batch)),
+        "HF PEFT LoRA step": train_step_fn(theirs, model_loss(theirs, batch)),
+        "peftlab IA3 step": train_step_fn(models["peftlab IA3"], model_loss(models["peftlab IA3"], batch)),
+        "HF PEFT IA3 step": train_step_fn(models["HF PEFT IA3"], model_loss(models["HF PEFT IA3"], batch)),
+        **row_steps,
         "base forward": forward_fn(base, batch),
-        "LoRA unmerged forward": forward_fn(models["peftlab LoRA"], batch),
+        "LoRA unmerged forward": forward_fn(ours, batch),
         "LoRA merged forward": forward_fn(models["LoRA merged"], batch),
         "IA3 unmerged forward": forward_fn(models["peftlab IA3"], batch),
         "IA3 merged forward": forward_fn(models["IA3 merged"], batch),
     }
-    return Bench(variants, trainable, models, batch)
+    return Bench(variants, trainable, models, batch, loss_check)
+
+
+def same_loss(
+    ours: nn.Module,
+    ours_loss: Callable[[], torch.Tensor],
+    theirs: nn.Module,
+    theirs_loss: Callable[[], torch.Tensor],
+    label: str,
+) -> dict[str, float]:
+    """Both sides' losses before any step (LoRA starts at B = 0, so both are the base's): they
+    must agree, or the two steps would not be computing the same thing."""
+    values = {}
+    for side, model, loss in (("peftlab", ours, ours_loss), ("HF PEFT", theirs, theirs_loss)):
+        model.train()
+        with torch.no_grad():
+            values[side] = float(loss())
+    diff = abs(values["peftlab"] - values["HF PEFT"])
+    if not diff <= 1e-4 * max(1.0, abs(values["HF PEFT"])):
+        sys.exit(f"{label}: peftlab's loss {values['peftlab']} != HF PEFT's {values['HF PEFT']}")
+    return {**values, "abs_diff": diff}
 
 
 def measure(variants: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -289,13 +387,13 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 def report(
     args: argparse.Namespace,
     times: dict[str, list[float]],
-    trainable: dict[str, int],
+    bench: Bench,
     overhead: dict[str, dict[str, float]],
     meta: dict[str, Any],
 ) -> dict[str, Any]:
     threads = f"{args.threads} thread" + ("s" if args.threads > 1 else "")
     lines = [
-        f"SmolLM2-135M, fp32, batch {args.batch_size} x seq {args.seq_len}, {threads}, "
+        f"SmolLM2-135M, fp32, batch {args.batch_size} x seq {args.seq_len}, {threads}, fused AdamW, "
         f"{args.repeats} interleaved repeats after {args.warmup} warm-up; torch {torch.__version__}, "
         f"{meta['cpu']}; load average {meta['load_before']} before, {meta['load_after']} after",
         "",
@@ -311,21 +409,30 @@ def report(
         "|---|---:|---:|---:|---|",
     ]
     ratios: list[dict[str, Any]] = []
-    for t in TARGETS:
+    for t in RATIOS:
+        if t.numerator not in times:
+            continue
         paired = [a / b for a, b in zip(times[t.numerator], times[t.denominator], strict=True)]
         q1, q2, q3 = quartiles(paired)
-        verdict = t.verdict(q2)
-        lines.append(f"| {t.label} | {q2:.3f} | {q1:.3f}-{q3:.3f} | {t.describe()} | {verdict} |")
+        verdict = "" if t.high is None else ("PASS" if t.met(q2) else "MISS")
+        lines.append(f"| {t.label} | {q2:.3f} | {q1:.3f}-{q3:.3f} | {t.rule()} | {verdict} |")
         ratios.append(
             {
                 "ratio": t.label,
                 "value": q2,
                 "p25": q1,
                 "p75": q3,
-                "target": t.describe(),
+                "target": t.rule(),
                 "result": verdict or None,
             }
         )
+    if bench.loss_check:
+        lines += ["", "Loss of both sides before the first step (the same rows, LoRA at B = 0):", ""]
+        for label, check in bench.loss_check.items():
+            lines.append(
+                f"- {label}: peftlab {check['peftlab']:.6f}, HF PEFT {check['HF PEFT']:.6f} "
+                f"(|diff| {check['abs_diff']:.1e})"
+            )
     if overhead:
         lines += [
             "",
@@ -341,7 +448,8 @@ def report(
             )
     lines += [
         "",
-        "trainable parameters: " + ", ".join(f"{k} {v:,d}" for k, v in trainable.items()),
+        "trainable parameters: " + ", ".join(f"{k} {v:,d}" for k, v in bench.trainable.items()),
+        "",
     ]
     print("\n".join(lines))
     return {
@@ -349,9 +457,25 @@ def report(
         "environment": meta,
         "seconds": times,
         "ratios": ratios,
+        "loss_check": bench.loss_check,
         "wrapper_overhead": overhead,
-        "trainable_params": trainable,
+        "trainable_params": bench.trainable,
     }
+
+
+def check_targets(times: dict[str, list[float]]) -> Targets:
+    targets = Targets()
+    for t in RATIOS:
+        if t.high is None:
+            continue
+        if t.numerator not in times:
+            targets.skip(t.label, "row kind not run (--rows)")
+            continue
+        value = statistics.median(
+            a / b for a, b in zip(times[t.numerator], times[t.denominator], strict=True)
+        )
+        targets.check(t.label, value, t.met(value), t.rule())
+    return targets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,11 +499,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name, model in profiled.items():
             overhead[name] = wrapper_overhead(bench.models[model], bench.variants[f"{name} forward"])
-    result = report(args, times, bench.trainable, overhead, meta)
+    result = report(args, times, bench, overhead, meta)
+    targets = check_targets(times)
+    result["targets"] = targets.verdicts
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
-    return 0
+    return targets.exit_code()
 
 
 if __name__ == "__main__":

@@ -317,13 +317,32 @@ class TrainLoop:
         return self.history
 
     def _step(self, device: torch.device) -> None:
-        cfg = self.config
+        """One optimizer step over the next global batch: gradients accumulated over its
+        micro-batches, clipped, applied, and the step recorded in the history."""
         indices = self.batches.take(self.global_batch_size)
         n_targets = sum(self._targets[i] for i in indices)
         if n_targets == 0:
             raise ValueError("batch has no completion tokens to learn from (all labels are -100)")
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        loss = self._accumulate(indices, n_targets, device)
+        step = self.step + 1
+        if not math.isfinite(loss):
+            raise TrainingDiverged(step, loss)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self._apply(step)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.step = step
+        self.history.losses.append(loss)
+        self.history.step_times.append(time.perf_counter() - start)
+        self.history.learning_rates.append(lr)
+        self.history.tokens.append(sum(len(self.data[i].input_ids) for i in indices))
+
+    def _accumulate(self, indices: list[int], n_targets: int, device: torch.device) -> float:
+        """Backward through this process's micro-batches of the global batch ``indices``; returns
+        the batch's mean loss per supervised token (over every process)."""
+        cfg = self.config
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         # DDP averages gradients over processes; scaling by world_size makes that the sum over
         # the global batch, which the 1 / n_targets turns into its token mean
@@ -348,19 +367,18 @@ class TrainLoop:
             import torch.distributed as dist
 
             dist.all_reduce(loss_sum)
-        loss = float(loss_sum) / n_targets
-        step = self.step + 1
-        if not math.isfinite(loss):
-            raise TrainingDiverged(step, loss)
+        return float(loss_sum) / n_targets
+
+    def _apply(self, step: int) -> None:
+        """Clip the gradients and take the optimizer and scheduler step (through the gradient
+        scaler in float16, which skips a step whose gradients overflowed)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        norm = None
-        if cfg.max_grad_norm is not None:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        if self.config.max_grad_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
             # with a gradient scaler an overflow is expected now and then: the scaler skips the step
             if not math.isfinite(norm) and self.scaler is None:
                 raise TrainingDiverged(step, norm, "gradient norm")
-        lr = float(self.optimizer.param_groups[0]["lr"])
         if self.scaler is not None:
             before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
@@ -370,13 +388,6 @@ class TrainLoop:
         else:
             self.optimizer.step()
         self.scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.step = step
-        self.history.losses.append(loss)
-        self.history.step_times.append(time.perf_counter() - start)
-        self.history.learning_rates.append(lr)
-        self.history.tokens.append(sum(len(self.data[i].input_ids) for i in indices))
 
 
 def train(
