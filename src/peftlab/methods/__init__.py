@@ -1,5 +1,6 @@
-"""The built-in methods, one file each; registering a method is one line here (a method of your
-own registers itself the same way: ``register_method(MyMethod())``)."""
+"""The built-in methods, a module each (prefix tuning, the one model-level method, a package);
+registering a method is one line here (a method of your own registers itself the same way:
+``register_method(MyMethod())``)."""
 
 from peftlab.core.registry import register_method
 from peftlab.methods.bottleneck import BottleneckMethod
