@@ -39,7 +39,7 @@ from peftlab.compare.measure import current_rss, measure_method, peak_rss, relea
 from peftlab.compare.options import SEARCH_GRIDS, CompareOptions, resolve_options
 from peftlab.compare.results import LOSS_METRICS, ZERO_SHOT, build_results, write_outputs
 from peftlab.compare.search import TrialStart, search_learning_rate
-from peftlab.compare.session import EarlyStopping, Session
+from peftlab.compare.session import EarlyStopping, Session, TestOutput, TrainOutcome
 from peftlab.compare.store import Store, default_storage
 from peftlab.devices import parse_device
 from peftlab.models import quiet
@@ -190,9 +190,25 @@ def _final_run(
         outcome = session.resume(outcome, model, on_validation=stopper, desc=desc)
     peak = peak_rss() if reset_ok else None
     stopper.restore()
-    test = session.evaluate_test(model)
+    record = _run_record(session.evaluate_test(model), outcome, stopper, lr, seed)
+    record.update(peak_rss_bytes=peak, rss_before_bytes=rss_before, continued_search_trial=start is not None)
+    if seed == 0:
+        adapters = Path(opts.out) / "adapters" / preset.name
+        record["measured"] = measure_method(
+            session.inputs, model, peft, preset, repeats=int(opts.latency_repeats or 1), adapter_dir=adapters
+        )
+    del model, peft
+    gc.collect()
+    return record
+
+
+def _run_record(
+    test: TestOutput, outcome: TrainOutcome, stopper: EarlyStopping, lr: float, seed: int
+) -> dict[str, Any]:
+    """What the store keeps of one final run: its test outputs, losses, validations, where and
+    why it stopped, and its timings."""
     history = outcome.history
-    record: dict[str, Any] = {
+    return {
         "seed": seed,
         "learning_rate": lr,
         "test": test.to_dict(),
@@ -205,21 +221,10 @@ def _final_run(
         "still_improving": stopper.still_improving(outcome.reason),
         "median_step_s": statistics.median(history.step_times),
         "tokens_per_s": history.tokens_per_second,
-        "peak_rss_bytes": peak,
         "peak_gpu_memory_bytes": outcome.peak_gpu_bytes,
-        "rss_before_bytes": rss_before,
         "train_wall_s": outcome.wall_s,
-        "continued_search_trial": start is not None,
         "finished_at": time.time(),
     }
-    if seed == 0:
-        adapters = Path(opts.out) / "adapters" / preset.name
-        record["measured"] = measure_method(
-            session.inputs, model, peft, preset, repeats=int(opts.latency_repeats or 1), adapter_dir=adapters
-        )
-    del model, peft
-    gc.collect()
-    return record
 
 
 def _zero_shot(session: Session, store: Store) -> None:

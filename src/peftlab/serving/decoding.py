@@ -137,13 +137,3 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     elif isinstance(gen_eos, (list, tuple)):
         ids.update(int(e) for e in gen_eos)
     return ids
-
-
-def pad_id(tokenizer: Any, eos: set[int]) -> int:
-    """The id put in padded positions (masked out, so any id will do)."""
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is not None:
-        return int(pad)
-    if eos:
-        return min(eos)
-    return 0

@@ -34,10 +34,11 @@ import torch
 from peftlab.core.peft_model import BASE_ADAPTER, PeftModel
 from peftlab.serving.adapters import AdapterRoots, check_adapter_folder, check_adapter_name
 from peftlab.serving.continuous import RunningBatch, StepReport
-from peftlab.serving.decoding import StopRules, eos_ids, pad_id
+from peftlab.serving.decoding import StopRules, eos_ids
 from peftlab.serving.jobs import Job, Row, SamplingParams, ServeError, StreamChunk
 from peftlab.serving.metrics import ServeMetrics
 from peftlab.serving.static import generate_batch
+from peftlab.training.encoding import pad_id
 
 log = logging.getLogger("peftlab.serve")
 

@@ -184,7 +184,7 @@ class RunConfig:
             self.quantize = PRESETS[self.method].quantize
         if self.quantize is not None:
             check_scheme(self.quantize)
-            if self.method == "full":
+            if PRESETS[self.method].method is None:
                 raise ValueError(
                     "--quantize: full fine-tuning updates every weight, and quantized weights cannot "
                     "train; pick an adapter method (--method lora) or drop --quantize"
