@@ -173,7 +173,7 @@ class CompareOptions:
                     f"--lr {name}={lr}: expected METHOD=LR with METHOD one of {', '.join(PRESETS)}"
                 )
             if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-                raise ValueError(f"--lr {name}={lr}: the learning rate must be > 0")
+                raise ValueError(f"--lr {name}={lr}: the learning rate must be > 0 and finite")
         if sum(bool(x) for x in (self.task, self.data, self.hf_dataset)) > 1:
             raise ValueError("give either --task or --data or --hf-dataset, not more than one")
         if self.eval_data and not self.data:
