@@ -16,23 +16,32 @@ from peftlab.compare.options import RunSizes
 from peftlab.compare.session import TrainOutcome, Validation
 from peftlab.training.loop import TrainHistory, TrainingDiverged
 
-BEST_LR = 6e-3  # with the lora preset's 2e-3, the quick grid tries 2e-3, 6e-3 and 6.67e-4
+BEST_LR = (
+    6e-3  # inside the full grid around the lora preset's 2e-3; the quick grid's largest (2e-3, 6e-3, 6.67e-4)
+)
 
 
 class FakeSession:
-    """Validation loss ``|log(lr / BEST_LR)| + 1 / k`` at the k-th validation: the best learning
-    rate wins at every step; rates at or above ``diverge_at`` diverge. ``pause_file``: when it
-    exists, training at ``pause_lr`` stops there (for a kill)."""
+    """Validation loss ``|log(lr / best_lr)| + 1 / k`` at the k-th validation: the best learning
+    rate wins at every step (``best_lr`` outside the grid puts the optimum beyond its edge);
+    rates at or above ``diverge_at`` diverge. ``pause_file``: when it exists, training at
+    ``pause_lr`` stops there (for a kill)."""
 
     model_kind = "causal"
 
     def __init__(
-        self, *, diverge_at: float = math.inf, pause_lr: float | None = None, pause_file: str = ""
+        self,
+        *,
+        best_lr: float = BEST_LR,
+        diverge_at: float = math.inf,
+        pause_lr: float | None = None,
+        pause_file: str = "",
     ) -> None:
         # trials pause at the search budget, a quarter into the schedule of the whole budget
         self.sizes = RunSizes(
             budget=160, batch_size=4, eval_every=4, patience=100, search_budget=40, val_size=8, num_eval=None
         )
+        self.best_lr = best_lr
         self.diverge_at = diverge_at
         self.pause_lr = pause_lr
         self.pause_file = pause_file
@@ -62,7 +71,7 @@ class FakeSession:
                 Path(self.pause_file).write_text(str(os.getpid()))
                 time.sleep(600)
             outcome.examples_seen = k * self.sizes.eval_every
-            loss = abs(math.log(learning_rate / BEST_LR)) + 1 / k
+            loss = abs(math.log(learning_rate / self.best_lr)) + 1 / k
             if on_validation(outcome.examples_seen, Validation(loss, None)):
                 outcome.reason = "stopped"
                 break

@@ -16,6 +16,9 @@ import transformers
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# compare measures forgetting on general prose fetched once with pip; the tests stay offline on a
+# small prose file of their own (tests/test_forgetting.py covers the default sample's loading)
+os.environ.setdefault("PEFTLAB_RETAIN_DATA", str(Path(__file__).parent / "data" / "retain.txt"))
 transformers.logging.set_verbosity_error()
 # The tiny models do microsecond-sized ops: with several threads on a busy machine they spend
 # far longer in thread hand-offs than in arithmetic, so the whole suite runs on one thread

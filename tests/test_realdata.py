@@ -15,7 +15,8 @@ import pytest
 
 from peftlab.data import rotten_tomatoes as realdata
 from peftlab.data.catalog import get_task
-from peftlab.data.rotten_tomatoes import MEMBER, sha256_of
+from peftlab.data.pinned_files import sha256_of
+from peftlab.data.rotten_tomatoes import MEMBER
 
 
 def _corpus(n_fresh: int = 30, n_rotten: int = 20, n_plot: int = 5) -> bytes:

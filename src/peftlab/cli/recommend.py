@@ -1,4 +1,8 @@
-"""``peftlab recommend``: which PEFT method to use, with its settings and the reasons."""
+"""``peftlab recommend``: which PEFT method to use, with its settings and the reasons.
+
+With ``--results`` from ``peftlab compare --sizes`` and ``--examples N``, the measured curve at the
+size nearest N decides instead of the lesson's rule; the output says which decided.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,12 @@ def register(sub: Any) -> None:
         help="the method decision for your constraints, with its reasons",
         description="Apply the lesson's decision procedure (or measured results) to your constraints.",
     )
-    p.add_argument("--examples", type=int, default=None, help="number of training examples")
+    p.add_argument(
+        "--examples",
+        type=int,
+        default=None,
+        help="number of training examples (with curves in --results: the measured size nearest it decides)",
+    )
     p.add_argument("--model-type", choices=MODEL_TYPES, default="causal", help="kind of base model")
     p.add_argument("--memory-gb", type=float, default=None, help="training memory budget in GB")
     p.add_argument(
@@ -26,12 +35,18 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--tasks", type=int, default=1, help="number of tasks to serve from one base model")
     p.add_argument("--zero-overhead", action="store_true", help="inference must cost nothing extra")
-    p.add_argument("--results", default=None, help="results.json from `peftlab compare` (measured)")
+    p.add_argument(
+        "--results",
+        default=None,
+        help="results.json from `peftlab compare` (measured; with --sizes it holds quality curves)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.examples is not None and args.examples < 1:
+        raise ValueError(f"--examples must be a positive number of training examples, got {args.examples}")
     constraints = Constraints(
         num_examples=args.examples,
         model_type=args.model_type,

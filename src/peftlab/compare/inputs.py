@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftlab.compare.forgetting import RetainSample, load_retain_text, retain_sample
 from peftlab.compare.options import CompareOptions, RunSizes, run_kind
+from peftlab.compare.scoring import group_items, headline_metric
 from peftlab.core.config import TaskType
 from peftlab.data.tasks import Task
 from peftlab.devices import Precision
@@ -31,6 +33,8 @@ from peftlab.training.preparation import (
 )
 
 VALIDATION_SALT = "peftlab-compare-validation"
+# what a task read from prompt/completion rows is scored by until the completions say otherwise
+GENERIC_METRIC = "exact_match"
 
 
 @dataclass
@@ -42,12 +46,14 @@ class ComparisonInputs:
     task: Task
     task_type: TaskType
     metric: str  # the quality column
+    metric_rule: str  # why that metric, in words for the report
     sizes: RunSizes
     precision: Precision
     base: nn.Module  # frozen
     tokenizer: Any
     fmt: PromptFormat
     data: PreparedData
+    retain: RetainSample | None  # what forgetting is measured on (None: not measured)
 
     @property
     def plan(self) -> LengthPlan:
@@ -64,6 +70,11 @@ class ComparisonInputs:
     @property
     def test_split(self) -> Split:
         return self.data.splits["test"]
+
+    @property
+    def test_groups(self) -> list[int]:
+        """The test item of each test row: rows with the same prompt are one item (generation)."""
+        return group_items([ex.prompt for ex in self.test_split.examples])
 
     @property
     def pad(self) -> int:
@@ -97,9 +108,11 @@ def load_inputs(opts: CompareOptions, *, verbose: bool = False) -> ComparisonInp
     if chat_rows and kind != "encoder":
         # chat rows on a model without a chat template: refused before the weights load
         PromptFormat.resolve(load_tokenizer(opts.model, gguf_file=opts.gguf_file), template, chat_rows=True)
+    train, val = carve_validation(task.train, sizes.val_size, salt=VALIDATION_SALT)
+    opts.check_sizes_against(len(train), sizes.batch_size)
+    retain_text = load_retain_text(opts.retain_data)
     base, tokenizer, task_type = _load_base(opts, kind, task, precision, verbose)
     fmt = PromptFormat.resolve(tokenizer, template, chat_rows=chat_rows)
-    train, val = carve_validation(task.train, sizes.val_size, salt=VALIDATION_SALT)
     test = list(task.eval[: sizes.num_eval])
     encoder = RowEncoder(tokenizer, labels=task.labels) if kind == "encoder" else RowEncoder(tokenizer, fmt)
     data = prepare_data(
@@ -113,6 +126,13 @@ def load_inputs(opts: CompareOptions, *, verbose: bool = False) -> ComparisonInp
         param_bytes=precision.dtype.itemsize,
         budget_bytes=sizes.memory_budget,
     )
+    metric, rule = _headline(opts, task, data)
+    if opts.sizes and opts.sizes[-1] > len(data.splits["train"].encoded):
+        kept = len(data.splits["train"].encoded)
+        raise ValueError(
+            f"--sizes: {opts.sizes[-1]:,} training examples asked for, but {kept:,} of the training rows fit "
+            f"within max length {data.plan.max_length}; use sizes up to {kept:,} or a larger --seq-len"
+        )
     return ComparisonInputs(
         model=opts.model,
         gguf_file=opts.gguf_file,
@@ -120,14 +140,27 @@ def load_inputs(opts: CompareOptions, *, verbose: bool = False) -> ComparisonInp
         run_kind=runs,
         task=task,
         task_type=task_type,
-        metric=opts.metric or task.metric,
+        metric=metric,
+        metric_rule=rule,
         sizes=sizes,
         precision=precision,
         base=base,
         tokenizer=tokenizer,
         fmt=fmt,
         data=data,
+        retain=retain_sample(retain_text, tokenizer, kind) if retain_text is not None else None,
     )
+
+
+def _headline(opts: CompareOptions, task: Task, data: PreparedData) -> tuple[str, str]:
+    """The quality column and why: ``--metric``; a task's own metric where it names one (the
+    built-in tasks); else the rule for the completions (exact match for labels and structured
+    values, corpus BLEU for free text, see :func:`peftlab.compare.scoring.headline_metric`)."""
+    if opts.metric:
+        return opts.metric, "given by --metric"
+    if task.metric != GENERIC_METRIC:
+        return task.metric, f"the {task.name} task's own metric"
+    return headline_metric([ex.completion for ex in data.splits["test"].examples], task.labels)
 
 
 def _load_base(

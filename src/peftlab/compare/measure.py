@@ -6,12 +6,14 @@ costs (:func:`measure_method`)."""
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -75,15 +77,111 @@ def _time_call(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_medians(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
-    """Median time of each fn, measured round-robin so machine noise hits all alike."""
+def interleaved_times(fns: Sequence[Callable[[], Any]], repeats: int) -> list[list[float]]:
+    """Every time of each fn, measured round-robin so machine noise hits all alike."""
     for fn in fns:
         fn()  # warm-up
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             times[i].append(_time_call(fn))
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def interleaved_medians(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median time of each fn, measured round-robin (:func:`interleaved_times`)."""
+    return [statistics.median(t) for t in interleaved_times(fns, repeats)]
+
+
+def ratio_spread(numerator: Sequence[float], denominator: Sequence[float]) -> dict[str, float]:
+    """The paired per-repeat ratios of two interleaved timings: median, quartiles, range."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator, strict=True))
+    q1, q3 = (float(np.quantile(ratios, q)) for q in (0.25, 0.75))
+    return {"median": statistics.median(ratios), "p25": q1, "p75": q3, "min": ratios[0], "max": ratios[-1]}
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles and range of repeated timings."""
+    ordered = sorted(values)
+    q1, q3 = (float(np.quantile(ordered, q)) for q in (0.25, 0.75))
+    return {"median": statistics.median(ordered), "p25": q1, "p75": q3, "min": ordered[0], "max": ordered[-1]}
+
+
+# ---- competing work on the machine --------------------------------------------------------------
+# more than this share of the machine's CPU time used by other processes while a timing was taken,
+# and the timing is marked as measured under contention
+CONTENDED_SHARE = 0.10
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole machine so far (Linux ``/proc/stat``)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def _own_jiffies() -> int | None:
+    """CPU time of this process so far (user + system, ``/proc/self/stat``)."""
+    try:
+        with open("/proc/self/stat") as f:
+            after_name = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(after_name[11]) + int(after_name[12])
+
+
+def worst(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+    """The more contended of two :meth:`Contention.stop` readings of one run's parts."""
+    if a is None:
+        return b
+    share = max((x for x in (a["other_cpu_share"], b["other_cpu_share"]) if x is not None), default=None)
+    return {
+        **b,
+        "other_cpu_share": share,
+        "max_load_1m": max(a["max_load_1m"], b["max_load_1m"]),
+        "contended": a["contended"] or b["contended"],
+    }
+
+
+class Contention:
+    """How much of the machine other processes used between :meth:`start` and :meth:`stop`, and
+    the highest 1-minute load average seen: what says whether a timing can be trusted."""
+
+    def __init__(self) -> None:
+        self.machine: tuple[int, int] | None = None
+        self.own: int | None = None
+        self.max_load = 0.0
+
+    def start(self) -> Contention:
+        self.machine, self.own = _cpu_jiffies(), _own_jiffies()
+        self.sample()
+        return self
+
+    def sample(self) -> None:
+        """Note the load average now (called during the work, e.g. at each validation)."""
+        if hasattr(os, "getloadavg"):
+            self.max_load = max(self.max_load, os.getloadavg()[0])
+
+    def stop(self) -> dict[str, Any]:
+        self.sample()
+        machine, own = _cpu_jiffies(), _own_jiffies()
+        share = None
+        if None not in (machine, own, self.machine, self.own):
+            assert (
+                machine is not None and self.machine is not None and own is not None and self.own is not None
+            )
+            busy, total = machine[0] - self.machine[0], machine[1] - self.machine[1]
+            share = max(0.0, (busy - (own - self.own)) / total) if total > 0 else 0.0
+        return {
+            "other_cpu_share": share,
+            "max_load_1m": round(self.max_load, 2),
+            "cpu_count": os.cpu_count(),
+            "contended": share is not None and share > CONTENDED_SHARE,
+        }
 
 
 def dir_size(path: Path) -> int:
@@ -145,27 +243,33 @@ def _memory_estimate(
 
 def _latencies(
     inputs: ComparisonInputs, model: nn.Module, mergeable: PeftModel | None, repeats: int
-) -> dict[str, float | None]:
-    """Medians of interleaved forward passes over one test batch, against the base: as trained,
-    and (``mergeable`` given) with the adapter merged. Full fine-tuning (the model is no
+) -> dict[str, Any]:
+    """Interleaved forward passes over one test batch against the base: as trained, and
+    (``mergeable`` given) with the adapter merged; medians, the paired ratios' spread over the
+    repeats, and the other work on the machine meanwhile. Full fine-tuning (the model is no
     PeftModel) runs as fast merged as unmerged."""
     base, batch = inputs.base, inputs.latency_inputs()
-    base_t, unmerged_t = interleaved_medians([lambda: base(**batch), lambda: model(**batch)], repeats)
-    out: dict[str, float | None] = {
-        "latency_base_s": base_t,
-        "latency_unmerged_s": unmerged_t,
-        "inference_overhead_unmerged": unmerged_t / base_t,
+    watch = Contention().start()
+    base_t, unmerged_t = interleaved_times([lambda: base(**batch), lambda: model(**batch)], repeats)
+    out: dict[str, Any] = {
+        "latency_base_s": statistics.median(base_t),
+        "latency_unmerged_s": statistics.median(unmerged_t),
+        "inference_overhead_unmerged": statistics.median(unmerged_t) / statistics.median(base_t),
+        "inference_spread_unmerged": ratio_spread(unmerged_t, base_t),
     }
     if mergeable is not None:
         mergeable.merge_adapter()
         try:
-            base_m, merged_t = interleaved_medians([lambda: base(**batch), lambda: model(**batch)], repeats)
+            base_m, merged_t = interleaved_times([lambda: base(**batch), lambda: model(**batch)], repeats)
         finally:
             mergeable.unmerge_adapter()
-        out["latency_merged_s"] = merged_t
-        out["inference_overhead_merged"] = merged_t / base_m
+        out["latency_merged_s"] = statistics.median(merged_t)
+        out["inference_overhead_merged"] = statistics.median(merged_t) / statistics.median(base_m)
+        out["inference_spread_merged"] = ratio_spread(merged_t, base_m)
     elif not isinstance(model, PeftModel):
         out["inference_overhead_merged"] = out["inference_overhead_unmerged"]
+        out["inference_spread_merged"] = out["inference_spread_unmerged"]
     else:
         out["inference_overhead_merged"] = None
+    out["inference_machine"] = watch.stop()
     return out

@@ -8,6 +8,7 @@ run); :func:`resolve_options` validates it and fills the choices ``--quick`` cha
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ DEFAULT_TASK = "rotten-tomatoes"
 QUICK_TASK = "topic"  # the default task of a quick run on a causal LM (generated, offline)
 DEFAULT_LATENCY_REPEATS = 5
 QUICK_LATENCY_REPEATS = 2
+CURVE_EPOCHS = 4  # the most passes a data-size curve's point makes over its training rows
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,22 @@ class RunSizes:
         """The sizes a rerun into the same comparison must agree on (the memory budget only
         matters through the length it chooses, which the data fingerprint covers)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "memory_budget"}
+
+    def for_train_size(self, rows: int) -> RunSizes:
+        """The sizes of a data-size curve's point with ``rows`` training examples: every method
+        and size on one rule, early stopping deciding within it. The budget is up to
+        :data:`CURVE_EPOCHS` passes over the rows, but no more than the run's own budget unless
+        that would not cover the rows once (small sets train several epochs, the largest at
+        least one); validation interval and search budget keep their share of the budget."""
+        budget = min(CURVE_EPOCHS * rows, max(self.budget, rows))
+        budget = max(self.batch_size, budget // self.batch_size * self.batch_size)
+        share = budget / self.budget
+        return dataclasses.replace(
+            self,
+            budget=budget,
+            eval_every=max(self.batch_size, round(self.eval_every * share)),
+            search_budget=min(budget, max(self.batch_size, round(self.search_budget * share))),
+        )
 
     @classmethod
     def resolve(cls, opts: CompareOptions, kind: str) -> RunSizes:
@@ -145,6 +163,10 @@ class CompareOptions:
     dtype: str = "auto"
     # None: chat rows through the tokenizer's template, prompt/completion rows as plain text
     chat_template: str | None = None
+    # training-set sizes of the data-size curves (None: one comparison on every training row)
+    sizes: tuple[int, ...] | None = None
+    # the text forgetting is measured on (None: general English prose; "none": not measured)
+    retain_data: str | None = None
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in PRESETS]
@@ -180,6 +202,31 @@ class CompareOptions:
             raise ValueError("--eval-data needs --data (the training file)")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        if self.sizes is None:
+            return
+        sizes = list(self.sizes)
+        if not sizes or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in sizes):
+            raise ValueError(f"--sizes {sizes}: give training-set sizes as integers >= 1, e.g. 64,256,1024")
+        if any(b <= a for a, b in itertools.pairwise(sizes)):
+            raise ValueError(f"--sizes {','.join(map(str, sizes))}: sizes must increase, e.g. 64,256,1024")
+
+    def check_sizes_against(self, train_rows: int, batch_size: int) -> None:
+        """Refuse sizes the training split cannot hold, or below one batch (before any model loads)."""
+        if not self.sizes:
+            return
+        if self.sizes[-1] > train_rows:
+            raise ValueError(
+                f"--sizes: {self.sizes[-1]:,} training examples asked for, but the training split holds "
+                f"{train_rows:,} (the validation rows held out); use sizes up to {train_rows:,}"
+            )
+        if self.sizes[0] < batch_size:
+            raise ValueError(
+                f"--sizes: {self.sizes[0]} is below the batch size {batch_size}; give sizes of at least one "
+                "batch (or a smaller --batch-size)"
+            )
 
     def settings(self) -> dict[str, Any]:
         """What decides the results (a rerun into the same state must agree on all of it).
@@ -187,7 +234,7 @@ class CompareOptions:
         keys = (
             "model", "gguf_file", "task", "data", "hf_dataset", "eval_data", "eval_fraction", "budget",
             "steps", "batch_size", "seq_len", "num_eval", "quick", "search", "learning_rates", "eval_every",
-            "search_budget", "val_size", "dtype", "chat_template",
+            "search_budget", "val_size", "dtype", "chat_template", "sizes", "retain_data",
         )  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
@@ -218,3 +265,26 @@ def run_kind(model_kind: str, task: Task) -> str:
             )
         return "encoder-classification"
     return "causal-classification" if task.is_classification else "generation"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One method at one training-set size (None: every training row): what a worker claims,
+    searches, trains and records, under :attr:`name` in the comparison's store."""
+
+    method: str
+    size: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.method if self.size is None else f"{self.method}@{self.size}"
+
+
+def comparison_units(opts: CompareOptions) -> list[Unit]:
+    """Every method at every size, the smallest size first (a curve fills from its cheap end)."""
+    return [Unit(method, size) for size in (opts.sizes or (None,)) for method in opts.methods]
+
+
+def main_size(opts: CompareOptions) -> int | None:
+    """The size the comparison table shows: the largest of ``--sizes`` (None: every row)."""
+    return opts.sizes[-1] if opts.sizes else None

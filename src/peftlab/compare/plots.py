@@ -1,6 +1,7 @@
 """The ``peftlab compare`` plots (matplotlib, the ``compare`` extra): quality (with 95% intervals;
 hollow markers are methods statistically tied with the best) vs trainable parameters, training
-cost, inference overhead, loss curves and the learning-rate search."""
+cost, inference overhead, loss curves, the learning-rate search, quality against training
+examples (``--sizes``) and quality against forgetting."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
     ]
     if any((r.get("search") or {}).get("trials") for r in results["methods"]):
         plots.append(("lr_search.png", _search))
+    if results.get("curves"):
+        plots.append(("data_size_curves.png", _curves))
+    if any(r.get("forgetting") for r in results["methods"]):
+        plots.append(("quality_vs_forgetting.png", _forgetting))
     for name, draw in plots:
         fig = draw(plt, results, colors)
         path = out / name
@@ -122,5 +127,53 @@ def _search(plt: Any, results: dict[str, Any], colors: Any) -> Any:
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("best validation loss")
     ax.set_title("Learning-rate search (x: pruned; star: chosen)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _curves(plt: Any, results: dict[str, Any], colors: Any) -> Any:
+    curves = results["curves"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    palette = plt.get_cmap("tab10")(range(len(curves["methods"])))
+    for (method, points), c in zip(curves["methods"].items(), palette, strict=True):
+        xs = [p["size"] for p in points]
+        means = [p["quality"]["mean"] for p in points]
+        lows = [p["quality"].get("ci_low", m) for p, m in zip(points, means, strict=True)]
+        highs = [p["quality"].get("ci_high", m) for p, m in zip(points, means, strict=True)]
+        ax.plot(xs, means, "o-", color=c, label=method)
+        ax.fill_between(xs, lows, highs, color=c, alpha=0.15)
+    ax.axhline(results["zero_shot"]["quality"], color="grey", linestyle="--", label="zero-shot base")
+    ax.set_xscale("log")
+    ax.set_xticks(curves["sizes"], [f"{n:,}" for n in curves["sizes"]])
+    ax.set_xlabel("training examples (log scale)")
+    ax.set_ylabel(f"{curves['metric']} (held-out, 95% CI band)")
+    ax.set_title("Quality against training examples")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _forgetting(plt: Any, results: dict[str, Any], colors: Any) -> Any:
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r, c in zip(results["methods"], colors, strict=True):
+        f, q = r.get("forgetting"), r["quality"]
+        if not f:
+            continue
+        ax.errorbar(
+            f["value"], q["mean"],
+            xerr=[[f["value"] - f["ci_low"]], [f["ci_high"] - f["value"]]],
+            yerr=[[q["mean"] - q.get("ci_low", q["mean"])], [q.get("ci_high", q["mean"]) - q["mean"]]],
+            fmt="o", color=c, capsize=3, label=r["method"],
+        )  # fmt: skip
+        ax.annotate(
+            r["method"], (f["value"], q["mean"]), textcoords="offset points", xytext=(6, 6), fontsize=9
+        )
+    ax.axvline(0.0, color="grey", linestyle=":")
+    ax.axhline(results["zero_shot"]["quality"], color="grey", linestyle="--", label="zero-shot base")
+    kind = (results.get("retain") or {}).get("kind")
+    ax.set_xlabel(
+        "forgetting: " + ("Δ loss on general text (nats/token)" if kind == "loss" else "embedding drift")
+    )
+    ax.set_ylabel(f"{results['task']['metric']} (held-out)")
+    ax.set_title("Quality against what tuning cost the base (95% CIs)")
     ax.legend(fontsize=8)
     return fig

@@ -11,6 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from peftlab.compare.claims import claim_lines
+from peftlab.compare.curves import curve_lines
+
 
 def attach_best_for(results: dict[str, Any]) -> None:
     """'Best for' from the measurements: which superlatives each method earned in this run."""
@@ -59,6 +62,9 @@ def _fmt_bytes(n: float | None) -> str:
     return f"{n:.0f} B"
 
 
+CONTENDED = "†"  # a timing taken while other work competed for the cores
+
+
 def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = [
         "Method",
@@ -66,15 +72,16 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "Adapter file",
         "Peak memory (RSS)",
         "Est. train memory",
-        "Step time",
+        "Step time (p25-p75)",
         "Inference vs base (unmerged / merged)",
         f"Quality ({results['task']['metric']}, 95% CI)",
         "vs best",
+        "Share of full FT's gain",
+        "Forgetting (95% CI)",
         "Best for",
     ]
     rows = []
     for r in results["methods"]:
-        merged = r.get("inference_overhead_merged")
         rows.append(
             [
                 r["label"],
@@ -82,14 +89,45 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _fmt_bytes(r["adapter_file_bytes"]),
                 _fmt_bytes(r["peak_memory_bytes"]),
                 _fmt_bytes(r["estimated_train_memory_bytes"]["total"]),
-                f"{r['median_step_s'] * 1000:.0f} ms",
-                f"{r['inference_overhead_unmerged']:.2f}x / " + (f"{merged:.2f}x" if merged else "n/a"),
+                step_cell(r),
+                inference_cell(r),
                 quality_cell(r["quality"]),
                 versus_best(r, results.get("best_method")),
+                interval_cell(r.get("share_of_full_gain"), percent=True),
+                interval_cell(r.get("forgetting")),
                 r["best_for"],
             ]
         )
     return header, rows
+
+
+def _contended(machine: dict[str, Any] | None) -> str:
+    return CONTENDED if machine and machine.get("contended") else ""
+
+
+def step_cell(row: dict[str, Any]) -> str:
+    """Median step time, the middle half of the steps, and a mark when it ran under contention."""
+    text = f"{row['median_step_s'] * 1000:.0f} ms"
+    spread = row.get("step_spread")
+    if spread:
+        text += f" ({spread['p25'] * 1000:.0f}-{spread['p75'] * 1000:.0f})"
+    return text + _contended(row.get("train_machine"))
+
+
+def inference_cell(row: dict[str, Any]) -> str:
+    merged = row.get("inference_overhead_merged")
+    text = f"{row['inference_overhead_unmerged']:.2f}x / " + (f"{merged:.2f}x" if merged else "n/a")
+    return text + _contended(row.get("inference_machine"))
+
+
+def interval_cell(value: dict[str, float] | None, *, percent: bool = False) -> str:
+    """``value [low, high]``, or ``-`` where the figure was not measured (or is undefined)."""
+    if not value or value["value"] != value["value"]:
+        return "-"
+    fmt = (lambda x: f"{x:.0%}") if percent else (lambda x: f"{x:+.3f}")
+    if value["ci_low"] != value["ci_low"]:
+        return fmt(value["value"])
+    return f"{fmt(value['value'])} [{fmt(value['ci_low'])}, {fmt(value['ci_high'])}]"
 
 
 def quality_cell(q: dict[str, float]) -> str:
@@ -203,7 +241,10 @@ def search_lines(results: dict[str, Any]) -> list[str]:
             + ("" if t["state"] == "complete" else f" ({t['state']} at {t['examples']:,} examples)")
             for t in trials
         )
-        rows.append([r["label"], str(search.get("effort", "-")), tried or "-", f"{r['learning_rate']:g}"])
+        chosen = f"{r['learning_rate']:g}"
+        if r.get("lr_at_edge"):
+            chosen += f" (the {r['lr_at_edge']} rate tried: the best may lie beyond it)"
+        rows.append([r["label"], str(search.get("effort", "-")), tried or "-", chosen])
     s = results["settings"]
     intro = (
         f"A trial is the first {s['search_budget']:,} training examples of the final run it would be "
@@ -271,8 +312,11 @@ def render_report(results: dict[str, Any]) -> str:
         _markdown_table(header, rows),
         "",
         f"Zero-shot {zs.get('note', 'base model')} (the floor): {task['metric']} = {zs['quality']:.3f}, "
-        f"eval loss {zs['eval_loss']:.3f}.",
+        f"eval loss {zs['eval_loss']:.3f}. Metric: {task.get('metric_rule') or task['metric']}.",
         "",
+        *_measurement_notes(results),
+        *_section("Data-size curves", curve_lines, results, "curves"),
+        *_section("The lesson's claims, checked on this run", claim_lines, results, "claims"),
         "## Held-out metrics (mean ± std over seeds)",
         "",
         _markdown_table(*metric_rows(results)),
@@ -313,6 +357,36 @@ def render_report(results: dict[str, Any]) -> str:
     ]
     parts += ["", *[f"![{Path(p).stem}]({Path(p).name})" for p in plots]]
     return "\n".join(parts) + "\n"
+
+
+def _section(
+    title: str, lines: Callable[[dict[str, Any]], list[str]], results: dict[str, Any], key: str
+) -> list[str]:
+    return [f"## {title}", "", *lines(results), ""] if results.get(key) else []
+
+
+def _measurement_notes(results: dict[str, Any]) -> list[str]:
+    """What forgetting measured and which timings were taken under contention."""
+    notes = []
+    retain = results.get("retain")
+    if retain:
+        measure = (
+            "the change in mean token loss (nats per token, tuned minus base)"
+            if retain["kind"] == "loss"
+            else "1 - the mean cosine similarity of the tuned and the base model's pooled sentence embeddings"
+        )
+        notes.append(
+            f"Forgetting: {measure} on {retain['source']}, with a 95% bootstrap interval over passages; "
+            "the untouched base scores 0 by construction."
+        )
+    else:
+        notes.append("Forgetting: not measured (--retain-data none).")
+    if any(CONTENDED in c for row in table_rows(results)[1] for c in row):
+        notes.append(
+            f"{CONTENDED} timed while other work used more than a tenth of the machine's CPU time: that "
+            "timing cannot be trusted (rerun alone on the machine)."
+        )
+    return [*notes, ""]
 
 
 def render_table(results: dict[str, Any]) -> str:

@@ -32,13 +32,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from peftlab.compare.forgetting import base_scores, tuned_scores
 from peftlab.compare.inputs import ComparisonInputs, load_inputs
-from peftlab.compare.measure import current_rss, measure_method, peak_rss, release_free_memory, reset_peak_rss
-from peftlab.compare.options import SEARCH_GRIDS, CompareOptions, resolve_options
-from peftlab.compare.results import LOSS_METRICS, ZERO_SHOT, build_results, write_outputs
-from peftlab.compare.search import TrialStart, search_learning_rate
+from peftlab.compare.measure import (
+    current_rss,
+    measure_method,
+    peak_rss,
+    release_free_memory,
+    reset_peak_rss,
+    spread,
+)
+from peftlab.compare.options import SEARCH_GRIDS, CompareOptions, Unit, comparison_units, resolve_options
+from peftlab.compare.results import LOSS_METRICS, RETAIN_BASE, ZERO_SHOT, build_results, write_outputs
+from peftlab.compare.search import TrialStart, edge_of, search_learning_rate
 from peftlab.compare.session import EarlyStopping, Session, TestOutput, TrainOutcome
 from peftlab.compare.store import Store, default_storage
 from peftlab.devices import parse_device
@@ -73,7 +82,7 @@ def run_compare(opts: CompareOptions, *, verbose: bool = False) -> dict[str, Any
     workers = _start_workers(opts, verbose)
     try:
         work(opts, session, store, on_unit=progress.refresh, verbose=verbose)
-        while not all(store.is_done(m) for m in opts.methods):
+        while not all(store.is_done(unit.name) for unit in comparison_units(opts)):
             _check_workers(workers)
             progress.refresh()
             time.sleep(POLL_S)
@@ -98,29 +107,38 @@ def work(
     verbose: bool = False,
     continue_trials: bool = True,
 ) -> None:
-    """Take every method no live worker has and that is not done: search, final runs, record.
-    The final run of seed 0 goes on from the chosen search trial when this process ran it
-    (``continue_trials``; the figures are the same as retraining it, only sooner)."""
-    for name in opts.methods:
-        if not store.claim(name):
+    """Take every unit (a method at a size) no live worker has and that is not done: search,
+    final runs, record. The final run of seed 0 goes on from the chosen search trial when this
+    process ran it (``continue_trials``; the figures are the same as retraining it, only sooner)."""
+    for unit in comparison_units(opts):
+        if not store.claim(unit.name):
             continue
-        preset = PRESETS[name]
         with quiet(verbose):
-            kept: list[TrialStart] = []
-            lr, trials = _learning_rate(
-                opts, session, store, preset, on_unit, kept if continue_trials else None
-            )
-            start = kept[0] if kept and kept[0].learning_rate == lr else None
-            kept.clear()
-            search = {"effort": _effort(opts, preset), "trials": trials, "chosen": lr}
-            for seed in range(opts.seeds):
-                if store.get_record(name, seed) is None:
-                    record = _final_run(opts, session, store, preset, lr, seed, start if seed == 0 else None)
-                    store.put_record(name, seed, {**record, "search": search})
-                start = None
-                store.heartbeat(name)
-                on_unit()
-        store.finish(name)
+            _work_on(opts, session.at_size(unit.size), store, unit, on_unit, continue_trials)
+        store.finish(unit.name)
+        on_unit()
+
+
+def _work_on(
+    opts: CompareOptions,
+    session: Session,
+    store: Store,
+    unit: Unit,
+    on_unit: Callable[[], None],
+    continue_trials: bool,
+) -> None:
+    preset = PRESETS[unit.method]
+    kept: list[TrialStart] = []
+    lr, trials, edge = _learning_rate(opts, session, store, unit, on_unit, kept if continue_trials else None)
+    start = kept[0] if kept and kept[0].learning_rate == lr else None
+    kept.clear()
+    search = {"effort": _effort(opts, preset), "trials": trials, "chosen": lr, "at_edge": edge}
+    for seed in range(opts.seeds):
+        if store.get_record(unit.name, seed) is None:
+            record = _final_run(opts, session, store, unit, lr, seed, start if seed == 0 else None)
+            store.put_record(unit.name, seed, {**record, "search": search})
+        start = None
+        store.heartbeat(unit.name)
         on_unit()
 
 
@@ -132,18 +150,21 @@ def _learning_rate(
     opts: CompareOptions,
     session: Session,
     store: Store,
-    preset: MethodPreset,
+    unit: Unit,
     on_unit: Callable[[], None],
     kept: list[TrialStart] | None,
-) -> tuple[float, list[dict[str, Any]]]:
+) -> tuple[float, list[dict[str, Any]], str | None]:
+    """(learning rate, the search's trials, whether the rate is still at the edge of the rates
+    tried: "smallest" / "largest" / None)."""
+    preset = PRESETS[unit.method]
     fixed = opts.learning_rates.get(preset.name)
     if fixed is not None:
-        return fixed, []
+        return fixed, [], None
     if opts.search == "none":
-        return preset.lr_for(session.model_kind), []
+        return preset.lr_for(session.model_kind), [], None
 
     def trial_done() -> None:
-        store.heartbeat(preset.name)
+        store.heartbeat(unit.name)
         on_unit()
 
     def keep_best(start: TrialStart) -> None:  # only the best so far: each holds a model
@@ -151,26 +172,27 @@ def _learning_rate(
             kept[:] = [start]
 
     lr, trials = search_learning_rate(
-        session, store, preset, str(opts.search), on_trial=trial_done, on_start=keep_best
+        session, store, preset, str(opts.search), name=unit.name, on_trial=trial_done, on_start=keep_best
     )
-    return lr, [t.to_dict() for t in trials]
+    return lr, [t.to_dict() for t in trials], edge_of(lr, trials)
 
 
 def _final_run(
     opts: CompareOptions,
     session: Session,
     store: Store,
-    preset: MethodPreset,
+    unit: Unit,
     lr: float,
     seed: int,
     start: TrialStart | None,
 ) -> dict[str, Any]:
     """Train with early stopping on the validation loss (keeping the best state), going on from
     the search trial ``start`` when there is one; score on the test split and, for seed 0,
-    measure the costs."""
+    measure the costs and what tuning cost the base (forgetting)."""
+    preset = PRESETS[unit.method]
 
     def heartbeat() -> None:
-        store.heartbeat(preset.name)
+        store.heartbeat(unit.name)
 
     desc = f"{preset.name} (seed {seed})"
     if start is not None:
@@ -193,10 +215,11 @@ def _final_run(
     record = _run_record(session.evaluate_test(model), outcome, stopper, lr, seed)
     record.update(peak_rss_bytes=peak, rss_before_bytes=rss_before, continued_search_trial=start is not None)
     if seed == 0:
-        adapters = Path(opts.out) / "adapters" / preset.name
+        adapters = Path(opts.out) / "adapters" / unit.name
         record["measured"] = measure_method(
             session.inputs, model, peft, preset, repeats=int(opts.latency_repeats or 1), adapter_dir=adapters
         )
+        record["retain"] = _retain_scores(session.inputs, store, model)
     del model, peft
     gc.collect()
     return record
@@ -221,6 +244,8 @@ def _run_record(
         "still_improving": stopper.still_improving(outcome.reason),
         "median_step_s": statistics.median(history.step_times),
         "tokens_per_s": history.tokens_per_second,
+        "step_spread": spread(history.step_times),
+        "machine": outcome.machine,
         "peak_gpu_memory_bytes": outcome.peak_gpu_bytes,
         "train_wall_s": outcome.wall_s,
         "finished_at": time.time(),
@@ -228,9 +253,22 @@ def _run_record(
 
 
 def _zero_shot(session: Session, store: Store) -> None:
+    """The untouched base's test outputs and, where forgetting is measured, its retain scores."""
+    inputs = session.inputs
     if store.get_record(ZERO_SHOT, 0) is None:
-        test = session.evaluate_test(session.inputs.base)
+        test = session.evaluate_test(inputs.base)
         store.put_record(ZERO_SHOT, 0, {"test": test.to_dict(), "metrics": test.metrics})
+    if inputs.retain is not None and store.get_record(RETAIN_BASE, 0) is None:
+        scores = base_scores(inputs.base, inputs.retain, inputs.pad, inputs.precision)
+        store.put_record(RETAIN_BASE, 0, {"scores": scores, "kind": inputs.retain.kind})
+
+
+def _retain_scores(inputs: ComparisonInputs, store: Store, model: nn.Module) -> list[Any] | None:
+    """The tuned model's per-passage retain scores against the base's (None: not measured)."""
+    base = store.get_record(RETAIN_BASE, 0)
+    if inputs.retain is None or base is None:
+        return None
+    return tuned_scores(model, inputs.retain, base["scores"], inputs.pad, inputs.precision)
 
 
 def _check_metric(inputs: ComparisonInputs, store: Store) -> None:
@@ -293,19 +331,20 @@ class Progress:
 
     def __init__(self, store: Store, opts: CompareOptions) -> None:
         self.store, self.opts = store, opts
+        self.units = comparison_units(opts)
         per_search = len(SEARCH_GRIDS[str(opts.search)]) if opts.search != "none" else 0
-        searches = sum(per_search for m in opts.methods if m not in opts.learning_rates)
+        searches = sum(per_search for u in self.units if u.method not in opts.learning_rates)
         self.bar = tqdm(
-            total=searches + len(opts.methods) * opts.seeds, desc="compare", unit="run", dynamic_ncols=True
+            total=searches + len(self.units) * opts.seeds, desc="compare", unit="run", dynamic_ncols=True
         )
         self.refresh()
 
     def refresh(self) -> None:
         done = 0
-        for name in self.opts.methods:
-            done += sum(1 for s in range(self.opts.seeds) if self.store.get_record(name, s) is not None)
-            if name not in self.opts.learning_rates and self.opts.search != "none":
-                study = self.store.study(f"search:{name}")
+        for unit in self.units:
+            done += sum(1 for s in range(self.opts.seeds) if self.store.get_record(unit.name, s) is not None)
+            if unit.method not in self.opts.learning_rates and self.opts.search != "none":
+                study = self.store.study(f"search:{unit.name}")
                 done += sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
         done = min(done, self.bar.total)
         # on a terminal the clock ticks; in a log file every refresh is a line, so only changes

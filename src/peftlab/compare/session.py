@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from peftlab.compare.inputs import ComparisonInputs
+from peftlab.compare.measure import Contention, worst
 from peftlab.compare.options import RunSizes
+from peftlab.compare.scoring import GENERATION_METRICS, score
 from peftlab.core.peft_model import PeftModel, get_peft_model
 from peftlab.core.quantized import prepare_for_kbit_training
 from peftlab.data.metrics import classification_metrics, perplexity
@@ -32,6 +34,7 @@ from peftlab.devices import peak_memory
 from peftlab.models import load_causal_lm
 from peftlab.presets import MethodPreset
 from peftlab.training.classify import ClassifierAsNextToken, classify, score_label_words
+from peftlab.training.encoding import Encoded
 from peftlab.training.evaluation import evaluate_loss, evaluate_task
 from peftlab.training.loop import TrainConfig, TrainHistory, TrainLoop, rng_state
 
@@ -50,6 +53,7 @@ class TestOutput:
     samples: list[dict[str, str]]
     predictions: list[Any]  # class indices (classification) or generated strings
     references: list[Any]
+    groups: list[int] | None = None  # generation: rows with one prompt are one test item
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,6 +69,8 @@ class TrainOutcome:
     still_improving: bool = False
     peak_gpu_bytes: int | None = None  # torch.cuda.max_memory_allocated over training (CUDA only)
     wall_s: float = 0.0  # training time so far, validations included
+    # other work on the machine while it trained (peftlab.compare.measure.Contention), worst part
+    machine: dict[str, Any] | None = None
     # a paused run goes on from here with Session.resume: its loop and the RNG it paused with
     loop: TrainLoop | None = field(default=None, repr=False)
     rng: dict[str, Any] | None = field(default=None, repr=False)
@@ -114,16 +120,32 @@ class EarlyStopping:
 
 
 class Session:
-    """Everything the methods of one comparison share (see the module docstring)."""
+    """How the methods of one comparison train on its inputs (see the module docstring), on all
+    the training rows or, for a point of a data-size curve, on the first ``train_rows`` of them
+    (each smaller set inside the larger: the split's order is a salted hash order, interleaved
+    by label, so every prefix keeps the label proportions)."""
 
-    def __init__(self, inputs: ComparisonInputs, *, verbose: bool = False) -> None:
+    def __init__(
+        self,
+        inputs: ComparisonInputs,
+        *,
+        verbose: bool = False,
+        train_rows: int | None = None,
+        quantized: dict[str, nn.Module] | None = None,
+    ) -> None:
         self.inputs = inputs
         self.verbose = verbose
-        self._quantized: dict[str, nn.Module] = {}
+        self.train_rows = train_rows
+        self.sizes: RunSizes = inputs.sizes if train_rows is None else inputs.sizes.for_train_size(train_rows)
+        self._quantized: dict[str, nn.Module] = {} if quantized is None else quantized
+
+    def at_size(self, train_rows: int | None) -> Session:
+        """The same comparison trained on the first ``train_rows`` training rows (None: all)."""
+        return Session(self.inputs, verbose=self.verbose, train_rows=train_rows, quantized=self._quantized)
 
     @property
-    def sizes(self) -> RunSizes:
-        return self.inputs.sizes
+    def train_encoded(self) -> list[Encoded]:
+        return self.inputs.train_split.encoded[: self.train_rows]
 
     @property
     def model_kind(self) -> str:
@@ -195,7 +217,7 @@ class Session:
         forward = ClassifierAsNextToken(model) if self.inputs.run_kind == "encoder-classification" else None
         loop = TrainLoop(
             model,
-            self.inputs.train_split.encoded,
+            self.train_encoded,
             config,
             pad_token_id=self.inputs.pad,
             forward_module=forward,
@@ -236,6 +258,7 @@ class Session:
         def on_step(current: TrainLoop) -> None:
             if current.step % every == 0 or current.step == steps:
                 seen = current.step * batch
+                watch.sample()
                 result = self.validate(model)
                 outcome.validations.append({"examples": seen, "loss": result.loss, "metric": result.metric})
                 if on_validation(seen, result):
@@ -250,10 +273,11 @@ class Session:
         loop.stop_requested = False
         if outcome.rng is not None:
             loop.resume_rng, outcome.rng = outcome.rng, None
-        started = time.perf_counter()
+        started, watch = time.perf_counter(), Contention().start()
         with peak_memory(self.inputs.precision.device) as peak:
             loop.run(desc=desc, on_step=on_step, progress=False)
         outcome.wall_s += time.perf_counter() - started
+        outcome.machine = worst(outcome.machine, watch.stop())
         outcome.peak_gpu_bytes = peak["peak_bytes"]
         outcome.examples_seen = loop.step * batch
         if outcome.reason != "paused":
@@ -299,10 +323,15 @@ class Session:
             stop_ids=inputs.fmt.stop_ids(),
         )
         loss = evaluate_loss(model, encoded, pad_token_id=inputs.pad)
-        metrics = {**result.metrics, "eval_loss": loss, "perplexity": perplexity(loss)}
         triples = zip(result.prompts, result.predictions, result.references, strict=True)
         samples = [{"prompt": p, "prediction": q, "reference": r} for p, q, r in list(triples)[:3]]
-        return TestOutput(metrics, samples, list(result.predictions), list(result.references))
+        groups = inputs.test_groups
+        output = TestOutput({}, samples, list(result.predictions), list(result.references), groups)
+        # the task's own figures, with the text metrics over test items (all of an item's
+        # references at once) as the headline and its interval count them
+        grouped = {m: score(output.to_dict(), m, "generation", 0) for m in GENERATION_METRICS}
+        output.metrics = {**result.metrics, **grouped, "eval_loss": loss, "perplexity": perplexity(loss)}
+        return output
 
     def _test_classification(self, model: nn.Module) -> TestOutput:
         inputs = self.inputs

