@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -267,3 +268,34 @@ def test_grouped_task_scorer_sees_the_rows_of_the_resampled_items() -> None:
 def test_groups_must_cover_every_row() -> None:
     with pytest.raises(ValueError, match="5 groups for 6 predictions"):
         num_items({**GROUPED, "groups": GROUPED["groups"][:5]}, "generation")
+
+
+def test_compare_headlines_free_text_by_grouped_bleu(tiny_llama: Path, tmp_path: Path) -> None:
+    """Free-sentence completions, and test rows sharing a prompt (as E2E and WebNLG have them):
+    the headline is corpus BLEU over items, each prediction against all its rows' references."""
+    from conftest import WORDS
+    from peftlab.cli import main
+
+    def sentence(i: int) -> str:
+        return " " + " ".join(WORDS[(i * k) % len(WORDS)] for k in range(1, 7))
+
+    train = [{"prompt": f"q {WORDS[i % 9]} {i} :", "completion": sentence(i)} for i in range(60)]
+    held = [{"prompt": f"q {WORDS[i % 4]} :", "completion": sentence(100 + i)} for i in range(12)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in train) + "\n")
+    (tmp_path / "held.jsonl").write_text("\n".join(json.dumps(r) for r in held) + "\n")
+    out = tmp_path / "out"
+    args = ["compare", "--quick", "--model", str(tiny_llama), "--data", str(tmp_path / "train.jsonl"),
+            "--eval-data", str(tmp_path / "held.jsonl"), "--methods", "lora", "--threads", "1",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"]["metric"] == "bleu" and results["task"]["metric_rule"].startswith("free text")
+    test = results["methods"][0]["runs"][0]["test"]
+    assert len(set(test["groups"])) == 4  # 12 rows, 4 distinct prompts
+    items: dict[int, list[int]] = {}
+    for row, group in enumerate(test["groups"]):
+        items.setdefault(group, []).append(row)
+    hypotheses = [test["predictions"][rows[0]] for rows in items.values()]
+    streams = [[test["references"][rows[k]] for rows in items.values()] for k in range(3)]
+    expected = sacrebleu.corpus_bleu(hypotheses, streams).score
+    assert results["methods"][0]["quality"]["mean"] == pytest.approx(expected, abs=1e-9)
