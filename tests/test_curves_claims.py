@@ -99,7 +99,7 @@ def test_curves_name_the_best_and_its_ties_per_size() -> None:
         {"size": 256, "best": "lora", "tied": ["lora"]},
     ]
     assert [p["quality"]["mean"] for p in curves["methods"]["ia3"]] == [0.70, 0.72]
-    assert curves["order_changes"] == ["tied at 64 examples; LoRA ahead of IA3 at 256"]
+    assert curves["order_changes"] == ["LoRA and IA3 tied at 64 examples; LoRA ahead of IA3 at 256"]
     assert curves["rises"]["lora"]["rises"] and curves["rises"]["ia3"]["rises"]
 
 

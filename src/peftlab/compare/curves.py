@@ -42,6 +42,7 @@ def build_curves(
                     "examples_seen": row["examples_seen"],
                     "learning_rate": row["learning_rate"],
                     "lr_at_edge": row.get("lr_at_edge"),
+                    "stopped_at": row.get("best_examples"),
                 }
             )
         best = max(methods, key=lambda m: rows[m]["quality"]["mean"])
@@ -60,19 +61,29 @@ def build_curves(
 
 
 def rise(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Whether quality rose from the smallest size to the largest, and if not, why in words."""
+    """Whether quality rose from the smallest size to the largest, and if not, what the run
+    knows of why: the intervals, the learning rates the searches chose, where training stopped."""
     first, last = points[0], points[-1]
     gained = last["quality"]["mean"] - first["quality"]["mean"]
     if gained > 0:
         return {"rises": True, "gain": gained, "why_not": None}
-    overlap = last["quality"].get("ci_low", -1) <= first["quality"].get("ci_high", 1)
-    why = (
-        f"{last['quality']['mean']:.3f} at {last['size']:,} examples against "
-        f"{first['quality']['mean']:.3f} at {first['size']:,}"
-        + ("; the intervals overlap, so within what this test split can tell apart" if overlap else "")
-        + ("; its learning rate was at the edge of the search" if last.get("lr_at_edge") else "")
-    )
-    return {"rises": False, "gain": gained, "why_not": why}
+    why = [
+        f"{last['quality']['mean']:.3f} at {last['size']:,} examples against {first['quality']['mean']:.3f} "
+        f"at {first['size']:,}"
+    ]
+    if last["quality"].get("ci_low", -1) <= first["quality"].get("ci_high", 1):
+        why.append("the intervals overlap, so within what this test split can tell apart")
+    if last.get("learning_rate") != first.get("learning_rate"):
+        why.append(
+            f"the searches chose learning rate {last.get('learning_rate'):g} at {last['size']:,} and "
+            f"{first.get('learning_rate'):g} at {first['size']:,} by validation loss, which need not "
+            "follow the test metric"
+        )
+    if last.get("lr_at_edge"):
+        why.append(f"the rate at {last['size']:,} was at the edge of the search")
+    if last.get("stopped_at") is not None:
+        why.append(f"at {last['size']:,} its best validation came at {last['stopped_at']:,} examples")
+    return {"rises": False, "gain": gained, "why_not": "; ".join(why)}
 
 
 def order_changes(sizes: Sequence[int], relations: Relations, labels: Mapping[str, str]) -> list[str]:
@@ -94,7 +105,8 @@ def _sentence(sizes: Sequence[int], sequence: Sequence[str], a: str, b: str) -> 
         for rel, group in itertools.groupby(zip(sizes, sequence, strict=True), key=lambda x: x[1])
     ]
     for index, (relation, at) in enumerate(runs):
-        what = {"a": f"{a} ahead of {b}", "b": f"{b} ahead of {a}", "tied": "tied"}[relation]
+        tied = f"{a} and {b} tied" if index == 0 else "tied"
+        what = {"a": f"{a} ahead of {b}", "b": f"{b} ahead of {a}", "tied": tied}[relation]
         if len(at) == 1:
             where = f"at {at[0]:,}"
         elif index == 0:

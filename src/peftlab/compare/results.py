@@ -92,8 +92,11 @@ def build_results(opts: CompareOptions, inputs: ComparisonInputs, store: Store) 
 
 
 def _settings(opts: CompareOptions, inputs: ComparisonInputs) -> dict[str, Any]:
+    """The run's settings as the table was made: with ``--sizes``, the sizes of its largest size."""
+    main = main_size(opts)
+    table = inputs.sizes if main is None else inputs.sizes.for_train_size(main)
     return {
-        **inputs.sizes.settings(),
+        **table.settings(),
         "run_kind": inputs.run_kind,
         "seeds": list(range(opts.seeds)),
         "quick": opts.quick,
@@ -142,6 +145,7 @@ def _method_row(preset: MethodPreset, runs: list[dict[str, Any]], scoring: Scori
     row["train_machine"] = first.get("machine")
     row["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in runs)
     row["examples_seen"] = statistics.median(r["examples_seen"] for r in runs)
+    row["best_examples"] = first.get("best_examples")
     peaks = [r["peak_rss_bytes"] for r in runs if r["peak_rss_bytes"]]
     row["peak_memory_bytes"] = max(peaks) if peaks else None
     return row
