@@ -80,6 +80,14 @@ class ComparisonInputs:
     def pad(self) -> int:
         return pad_id(self.tokenizer)
 
+    def load_base_again(self, *, verbose: bool = False) -> nn.Module:
+        """The base's weights loaded again from disk (the same as :attr:`base`, head included):
+        what full fine-tuning starts from, so no copy of the base is made in memory."""
+        model, _, _ = load_base(
+            self.model, self.gguf_file, self.model_kind, self.task.labels, self.precision, verbose
+        )
+        return model
+
     def latency_inputs(self) -> dict[str, torch.Tensor]:
         """One batch of test rows (without labels) on the device: what latency is timed on."""
         batch = collate(self.test_split.encoded[: self.sizes.batch_size], self.pad)
@@ -166,25 +174,28 @@ def _headline(opts: CompareOptions, task: Task, data: PreparedData) -> tuple[str
 def _load_base(
     opts: CompareOptions, kind: str, task: Task, precision: Precision, verbose: bool
 ) -> tuple[nn.Module, Any, TaskType]:
+    return load_base(opts.model, opts.gguf_file, kind, task.labels, precision, verbose)
+
+
+def load_base(
+    model: str | None,
+    gguf_file: str | None,
+    kind: str,
+    labels: tuple[str, ...],
+    precision: Precision,
+    verbose: bool,
+) -> tuple[nn.Module, Any, TaskType]:
     """The frozen base model, its tokenizer and the adapters' task type. The encoder's new
-    classification head is initialised from a fixed seed, the same in every worker."""
+    classification head is initialised from a fixed seed, so every load gives the same one."""
     torch.manual_seed(0)
     if kind == "encoder":
         base, tokenizer = load_sequence_classifier(
-            opts.model or "minilm",
-            task.labels,
-            dtype=precision.dtype,
-            device=precision.device,
-            verbose=verbose,
+            model or "minilm", labels, dtype=precision.dtype, device=precision.device, verbose=verbose
         )
         task_type = TaskType.SEQ_CLS
     else:
         base, tokenizer = load_causal_lm(
-            opts.model,
-            gguf_file=opts.gguf_file,
-            dtype=precision.dtype,
-            device=precision.device,
-            verbose=verbose,
+            model, gguf_file=gguf_file, dtype=precision.dtype, device=precision.device, verbose=verbose
         )
         task_type = TaskType.CAUSAL_LM
     for p in base.parameters():

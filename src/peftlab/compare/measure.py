@@ -5,11 +5,12 @@ costs (:func:`measure_method`)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from peftlab.compare.inputs import ComparisonInputs
+from peftlab.core.injection import wrapped_modules
 from peftlab.core.peft_model import PeftModel, count_parameters
 from peftlab.core.quantized import BITS_PER_PARAM
 from peftlab.presets import MethodPreset
@@ -77,13 +79,19 @@ def _time_call(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_times(fns: Sequence[Callable[[], Any]], repeats: int) -> list[list[float]]:
-    """Every time of each fn, measured round-robin so machine noise hits all alike."""
-    for fn in fns:
+def interleaved_times(
+    fns: Sequence[Callable[[], Any]], repeats: int, before: Sequence[Callable[[], Any]] | None = None
+) -> list[list[float]]:
+    """Every time of each fn, measured round-robin so machine noise hits all alike;
+    ``before[i]`` (untimed) runs before each call of ``fns[i]``."""
+    setups = before or [lambda: None] * len(fns)
+    for setup, fn in zip(setups, fns, strict=True):
+        setup()
         fn()  # warm-up
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            setups[i]()
             times[i].append(_time_call(fn))
     return times
 
@@ -246,11 +254,14 @@ def _latencies(
 ) -> dict[str, Any]:
     """Interleaved forward passes over one test batch against the base: as trained, and
     (``mergeable`` given) with the adapter merged; medians, the paired ratios' spread over the
-    repeats, and the other work on the machine meanwhile. Full fine-tuning (the model is no
-    PeftModel) runs as fast merged as unmerged."""
+    repeats, and the other work on the machine meanwhile. An adapter in the shared base is set
+    aside for the base's timings (:meth:`PeftModel.detach`), so the base runs exactly as loaded.
+    Full fine-tuning (the model is no PeftModel) runs as fast merged as unmerged."""
     base, batch = inputs.base, inputs.latency_inputs()
+    peft = model if isinstance(model, PeftModel) else None
+    around = [peft.detach, peft.attach] if peft is not None else None
     watch = Contention().start()
-    base_t, unmerged_t = interleaved_times([lambda: base(**batch), lambda: model(**batch)], repeats)
+    base_t, unmerged_t = interleaved_times([lambda: base(**batch), lambda: model(**batch)], repeats, around)
     out: dict[str, Any] = {
         "latency_base_s": statistics.median(base_t),
         "latency_unmerged_s": statistics.median(unmerged_t),
@@ -258,18 +269,40 @@ def _latencies(
         "inference_spread_unmerged": ratio_spread(unmerged_t, base_t),
     }
     if mergeable is not None:
-        mergeable.merge_adapter()
-        try:
-            base_m, merged_t = interleaved_times([lambda: base(**batch), lambda: model(**batch)], repeats)
-        finally:
+        with weights_kept(mergeable):
+            mergeable.merge_adapter()
+            # the base's timings run its plain modules over the merged weights: the same work
+            base_m, merged_t = interleaved_times(
+                [lambda: base(**batch), lambda: model(**batch)], repeats, around
+            )
             mergeable.unmerge_adapter()
         out["latency_merged_s"] = statistics.median(merged_t)
         out["inference_overhead_merged"] = statistics.median(merged_t) / statistics.median(base_m)
         out["inference_spread_merged"] = ratio_spread(merged_t, base_m)
-    elif not isinstance(model, PeftModel):
+    elif peft is None:
         out["inference_overhead_merged"] = out["inference_overhead_unmerged"]
         out["inference_spread_merged"] = out["inference_spread_unmerged"]
     else:
         out["inference_overhead_merged"] = None
     out["inference_machine"] = watch.stop()
     return out
+
+
+@contextlib.contextmanager
+def weights_kept(peft: PeftModel) -> Iterator[None]:
+    """The adapted modules' base weights copied before and put back after the block, bit for bit:
+    unmerging subtracts what merging added, which is exact only up to rounding, and the base is
+    shared with every other method. A merged model computes with the base's weights replaced, so
+    its forward is the base's (what the merged latency measures)."""
+    kept = [
+        (t, t.detach().clone())
+        for _, module in wrapped_modules(peft.base_model)
+        for t in (getattr(module.base_layer, "weight", None), getattr(module.base_layer, "bias", None))
+        if isinstance(t, torch.Tensor)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, copy in kept:
+                tensor.copy_(copy)

@@ -133,13 +133,16 @@ def _work_on(
     start = kept[0] if kept and kept[0].learning_rate == lr else None
     kept.clear()
     search = {"effort": _effort(opts, preset), "trials": trials, "chosen": lr, "at_edge": edge}
-    for seed in range(opts.seeds):
-        if store.get_record(unit.name, seed) is None:
-            record = _final_run(opts, session, store, unit, lr, seed, start if seed == 0 else None)
-            store.put_record(unit.name, seed, {**record, "search": search})
-        start = None
-        store.heartbeat(unit.name)
-        on_unit()
+    try:
+        for seed in range(opts.seeds):
+            if store.get_record(unit.name, seed) is None:
+                record = _final_run(opts, session, store, unit, lr, seed, start if seed == 0 else None)
+                store.put_record(unit.name, seed, {**record, "search": search})
+            start = None
+            store.heartbeat(unit.name)
+            on_unit()
+    finally:
+        session.release()  # the next unit starts from the base as loaded
 
 
 def _effort(opts: CompareOptions, preset: MethodPreset) -> str:
@@ -197,6 +200,7 @@ def _final_run(
     desc = f"{preset.name} (seed {seed})"
     if start is not None:
         model, peft, stopper, outcome = start.model, start.peft, start.stopper, start.outcome
+        session.activate(peft)
         stopper.heartbeat = heartbeat
     else:
         model, peft = session.prepare(preset, seed)

@@ -12,7 +12,6 @@ held-out loss (and perplexity for causal LMs).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -119,6 +118,77 @@ class EarlyStopping:
         return self.losses[-1] < 0.99 * self.losses[-2]
 
 
+class SharedBase:
+    """The one copy of each base a comparison trains on, and the adapted model now in place on it.
+
+    A method's adapter goes into the loaded base (no copy of it is made); before another run
+    takes the base, the adapter in place is set aside (:meth:`PeftModel.detach`: its modules and
+    parameters kept, so a paused search trial can go on later), and :meth:`release` returns the
+    base to exactly what was loaded. Full fine-tuning trains the base's weights loaded again from
+    disk instead.
+    """
+
+    def __init__(self, inputs: ComparisonInputs, verbose: bool = False) -> None:
+        self.inputs = inputs
+        self.verbose = verbose
+        self.quantized: dict[str, nn.Module] = {}
+        self.attached: PeftModel | None = None
+        # per base touched: its parameters' dtypes as loaded (k-bit preparation changes norms')
+        self.loaded_dtypes: dict[int, tuple[nn.Module, dict[str, torch.dtype]]] = {}
+
+    def base_for(self, preset: MethodPreset) -> nn.Module:
+        base = self.inputs.base if preset.quantize is None else self.quantized_base(preset.quantize)
+        if id(base) not in self.loaded_dtypes:
+            self.loaded_dtypes[id(base)] = (base, {n: p.dtype for n, p in base.named_parameters()})
+        return base
+
+    def activate(self, peft: PeftModel | None) -> None:
+        """Put ``peft``'s adapter in place on its base (None: no adapter in place)."""
+        if peft is self.attached:
+            return
+        self.set_aside()
+        if peft is not None:
+            peft.attach()
+            self.attached = peft
+
+    def set_aside(self) -> None:
+        if self.attached is not None:
+            self.attached.detach()
+            self.attached = None
+
+    def release(self) -> None:
+        """Every base as loaded: no adapter in place, parameters in their loaded dtypes, no hook
+        that k-bit preparation added."""
+        self.set_aside()
+        for base, dtypes in self.loaded_dtypes.values():
+            with torch.no_grad():
+                for name, param in base.named_parameters():
+                    if param.dtype != dtypes[name]:
+                        param.data = param.data.to(dtypes[name])
+            disable = getattr(base, "disable_input_require_grads", None)
+            if callable(disable) and getattr(base, "_require_grads_hook", None) is not None:
+                disable()
+
+    def quantized_base(self, scheme: str) -> nn.Module:
+        """The base loaded again, quantized (``qlora``), once per comparison."""
+        found = self.quantized.get(scheme)
+        if found is None:
+            if self.inputs.model_kind == "encoder":
+                raise ValueError(f"a base quantized to {scheme} is for causal LMs; drop qlora from --methods")
+            found, _ = load_causal_lm(
+                self.inputs.model,
+                gguf_file=self.inputs.gguf_file,
+                dtype=self.inputs.precision.dtype,
+                device=self.inputs.precision.device,
+                verbose=self.verbose,
+                quantization=scheme,
+            )
+            for p in found.parameters():
+                p.requires_grad_(False)
+            self.quantized[scheme] = found
+        return found
+
+
 class Session:
     """How the methods of one comparison train on its inputs (see the module docstring), on all
     the training rows or, for a point of a data-size curve, on the first ``train_rows`` of them
@@ -131,17 +201,17 @@ class Session:
         *,
         verbose: bool = False,
         train_rows: int | None = None,
-        quantized: dict[str, nn.Module] | None = None,
+        bases: SharedBase | None = None,
     ) -> None:
         self.inputs = inputs
         self.verbose = verbose
         self.train_rows = train_rows
         self.sizes: RunSizes = inputs.sizes if train_rows is None else inputs.sizes.for_train_size(train_rows)
-        self._quantized: dict[str, nn.Module] = {} if quantized is None else quantized
+        self.bases = SharedBase(inputs, verbose) if bases is None else bases
 
     def at_size(self, train_rows: int | None) -> Session:
         """The same comparison trained on the first ``train_rows`` training rows (None: all)."""
-        return Session(self.inputs, verbose=self.verbose, train_rows=train_rows, quantized=self._quantized)
+        return Session(self.inputs, verbose=self.verbose, train_rows=train_rows, bases=self.bases)
 
     @property
     def train_encoded(self) -> list[Encoded]:
@@ -153,41 +223,34 @@ class Session:
 
     # ---- models ----------------------------------------------------------------------------
     def prepare(self, preset: MethodPreset, seed: int) -> tuple[nn.Module, PeftModel | None]:
-        """A fresh copy of the base with the preset's adapter (all weights trainable for full
-        fine-tuning), initialised from ``seed``; what trains is fp32 (:class:`Precision`)."""
-        torch.manual_seed(seed)
-        model = copy.deepcopy(
-            self.inputs.base if preset.quantize is None else self.quantized_base(preset.quantize)
-        )
-        config = preset.config(model.config, self.inputs.task_type)
-        if config is None:
+        """A model for one run of ``preset``, initialised from ``seed``: the preset's adapter in
+        the shared base (whatever adapter was in place set aside), or for full fine-tuning every
+        weight of the base loaded again from disk; what trains is fp32 (:class:`Precision`)."""
+        precision = self.inputs.precision
+        self.bases.set_aside()
+        if preset.method is None:
+            model = self.inputs.load_base_again(verbose=self.verbose)
             for p in model.parameters():
                 p.requires_grad_(True)
-            return self.inputs.precision.prepare(model), None
-        peft = get_peft_model(model, config)
-        self.inputs.precision.prepare(peft)
+            return precision.prepare(model), None
+        base = self.bases.base_for(preset)
+        config = preset.config(base.config, self.inputs.task_type)
+        assert config is not None  # only full fine-tuning has none
+        torch.manual_seed(seed)
+        peft = get_peft_model(base, config)
+        self.bases.activate(peft)
+        precision.prepare(peft)
         if preset.quantize is not None:
             prepare_for_kbit_training(peft, gradient_checkpointing=False)
         return peft, peft
 
-    def quantized_base(self, scheme: str) -> nn.Module:
-        """The base loaded again, quantized (``qlora``), once per comparison."""
-        found = self._quantized.get(scheme)
-        if found is None:
-            if self.model_kind == "encoder":
-                raise ValueError(f"a base quantized to {scheme} is for causal LMs; drop qlora from --methods")
-            found, _ = load_causal_lm(
-                self.inputs.model,
-                gguf_file=self.inputs.gguf_file,
-                dtype=self.inputs.precision.dtype,
-                device=self.inputs.precision.device,
-                verbose=self.verbose,
-                quantization=scheme,
-            )
-            for p in found.parameters():
-                p.requires_grad_(False)
-            self._quantized[scheme] = found
-        return found
+    def activate(self, peft: PeftModel | None) -> None:
+        """Put a paused run's adapter back in place (a search trial its final run goes on from)."""
+        self.bases.activate(peft)
+
+    def release(self) -> None:
+        """The shared base as loaded again (see :class:`SharedBase`)."""
+        self.bases.release()
 
     def train(
         self,

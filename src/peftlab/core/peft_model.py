@@ -24,6 +24,7 @@ from peftlab.core.injection import (
     logical_modules,
     saved_modules,
     unwrap,
+    unwrapped,
     wrapped_modules,
 )
 from peftlab.core.layers import AdaptedModule, AdapterState, AdapterUnit, ModulesToSave, Routing
@@ -65,6 +66,8 @@ class PeftModel(nn.Module):
         self._bias_params: dict[str, dict[str, nn.Parameter]] = {}
         # adapters that live beside the model rather than in a wrapped module (prefix tuning)
         self.model_adapters = nn.ModuleDict()
+        # while detached: the adapted modules taken out of the base, by name (see detach())
+        self._detached: list[tuple[str, nn.Module]] | None = None
         was_trainable = [p for p in model.parameters() if p.requires_grad]
         for p in was_trainable:
             p.requires_grad_(False)
@@ -310,10 +313,44 @@ class PeftModel(nn.Module):
             f"trainable%: {100 * trainable / total:.4f}"
         )
 
+    # ---- sharing one base ---------------------------------------------------------------
+    @property
+    def is_attached(self) -> bool:
+        return self._detached is None
+
+    def detach(self) -> nn.Module:
+        """Put the base model's own modules back in place and keep this model's adapted modules
+        aside (their parameters, and any optimizer over them, stay as they are), so that one base
+        can carry several adapted models, one at a time; :meth:`attach` puts them back. Returns
+        the base model, exactly as it was before the adapters went in."""
+        if self._detached is not None:
+            return self.base_model
+        # wrapped modules first: a saved module (a head) may hold wrapped ones
+        taken = [*wrapped_modules(self.base_model), *saved_modules(self.base_model)]
+        for name, module in taken:
+            parent, child = get_parent(self.base_model, name)
+            setattr(parent, child, unwrapped(module))
+        self._detached = taken
+        return self.base_model
+
+    def attach(self) -> None:
+        """Put the adapted modules :meth:`detach` took out back into the base (no-op when attached)."""
+        if self._detached is None:
+            return
+        for name, module in reversed(self._detached):
+            parent, child = get_parent(self.base_model, name)
+            setattr(parent, child, module)
+        self._detached = None
+
+    def _check_attached(self) -> None:
+        if self._detached is not None:
+            raise RuntimeError("this model's adapters are detached from its base; call attach() first")
+
     # ---- running ----------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: Sequence[str | Stack] | None = None, **kwargs: Any) -> Any:
         """The base model's forward with the active adapters; ``adapter_names`` (one adapter
         name, ``"__base__"`` or ``Stack`` per sample) routes each sample through its own."""
+        self._check_attached()
         args, kwargs, routing = self._plan_call(args, kwargs, adapter_names)
         with self._model_adapter_scope(routing):
             return self.base_model(*args, **kwargs)
@@ -321,6 +358,7 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, adapter_names: Sequence[str | Stack] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the active adapters, or per sample with
         ``adapter_names`` (as in :meth:`forward`; kept through every decoding step)."""
+        self._check_attached()
         args, kwargs, routing = self._plan_call(args, kwargs, adapter_names)
         with self._model_adapter_scope(routing):
             return self.base_model.generate(*args, **kwargs)  # type: ignore[operator]
