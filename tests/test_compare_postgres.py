@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from peftlab.cli import main
-from peftlab.compare.store import PREFIX, Store
+from peftlab.compare.store import PREFIX, Store, default_storage
 from test_compare_runs import KILL, _compare, _figures, _short_eval
 
 COMMON = ("--methods", "lora,ia3", "--search", "quick")
@@ -203,7 +203,6 @@ def test_two_machines_share_one_comparison_and_agree_with_one_worker(
     for name, proc in procs.items():
         _finish(proc, logs[name])
     owners = {unit: _claim(url, unit) for unit in ("lora", "ia3")}
-    print("DEBUG", {u: (c["pid"], c["started"]) for u, c in owners.items()})
     assert all(claim["done"] for claim in owners.values())
     assert {claim["pid"] for claim in owners.values()} == {p.pid for p in procs.values()}, owners
     one = _compare(tmp_path / "one", tiny_llama, data, *COMMON)
@@ -233,6 +232,7 @@ def test_a_dead_machines_claim_expires_and_another_worker_takes_its_unit_over(
     left = _claim(url, KILLED_UNIT)
     assert left["host"] == "machine-a" and left["pid"] == proc.pid and not left.get("done")
     monkeypatch.setenv("PEFTLAB_CLAIM_TIMEOUT_S", str(CLAIM_TIMEOUT_S))
+    assert time.time() - float(left["heartbeat"]) < CLAIM_TIMEOUT_S - 1, "too slow to see a fresh claim"
     assert not Store(url).claim(KILLED_UNIT)  # its heartbeat is still fresh: machine-a may be alive
     time.sleep(max(0.0, float(left["heartbeat"]) + CLAIM_TIMEOUT_S + 0.5 - time.time()))
     taken = _compare(tmp_path / "machine-b", tiny_llama, data, *COMMON, *storage)
@@ -241,6 +241,15 @@ def test_a_dead_machines_claim_expires_and_another_worker_takes_its_unit_over(
     assert _claim(url, "lora")["host"] == "machine-a"  # finished before the kill: not redone
     clean = _compare(tmp_path / "clean", tiny_llama, data, *COMMON)
     assert _figures(taken) == _figures(clean)
+    # the dead machine's finished trials were kept and its running one retrained in its place
+    assert _trial_states(url) == _trial_states(default_storage(tmp_path / "clean"))
+
+
+def _trial_states(url: str) -> list[str]:
+    import optuna
+
+    search = optuna.load_study(study_name=f"{PREFIX}:search:{KILLED_UNIT}", storage=url)
+    return [t.state.name for t in search.get_trials(deepcopy=False)]
 
 
 def _kill_mid_unit(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
