@@ -188,6 +188,31 @@ def _report(out: Path, *, measured: bool = True) -> list[str]:
 
 
 # ---- several machines -----------------------------------------------------------------------
+def test_a_worker_that_loses_the_race_to_create_the_tables_opens_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Machines started together each create Optuna's tables in the empty database; PostgreSQL
+    fails all but one ("relation "studies" already exists", a ProgrammingError; seen in CI with
+    two workers), and the others must open it anyway, as the tables are there by then."""
+    import optuna
+    import sqlalchemy.exc
+
+    failures: list[str] = []
+
+    class FirstLoses(optuna.storages.RDBStorage):  # type: ignore[misc]
+        def __init__(self, url: str, **kwargs: Any) -> None:
+            if not failures:
+                failures.append(url)
+                raise sqlalchemy.exc.ProgrammingError(
+                    "CREATE TABLE studies", {}, Exception('relation "studies" already exists')
+                )
+            super().__init__(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", FirstLoses)
+    store = Store(default_storage(tmp_path))
+    assert failures and store.claim("lora")
+
+
 def test_two_machines_share_one_comparison_and_agree_with_one_worker(
     tiny_llama: Path, tmp_path: Path, postgres: Postgres
 ) -> None:

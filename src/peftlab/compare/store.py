@@ -102,7 +102,8 @@ def sqlite_path(url: str) -> Path | None:
 
 def _open_storage(optuna: Any, url: str, kwargs: dict[str, Any], attempts: int = 5) -> Any:
     """Optuna's RDBStorage; two processes creating the same new database at once can collide on
-    its schema tables (an IntegrityError for the loser), so that is tried again."""
+    its schema tables (for the loser an IntegrityError, or on PostgreSQL "relation ... already
+    exists", a ProgrammingError), so that is tried again."""
     import sqlalchemy.exc
 
     for attempt in range(attempts):
@@ -110,7 +111,11 @@ def _open_storage(optuna: Any, url: str, kwargs: dict[str, Any], attempts: int =
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna's experimental-feature notices
                 return optuna.storages.RDBStorage(url, **kwargs)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+        except (
+            sqlalchemy.exc.IntegrityError,
+            sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.ProgrammingError,
+        ):
             if attempt == attempts - 1:
                 raise
             time.sleep(0.5 * (attempt + 1))
