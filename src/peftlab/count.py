@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from peftlab.core import quantized
 from peftlab.core.config import TaskType
 from peftlab.core.peft_model import count_parameters, get_peft_model
 from peftlab.core.registry import method_for
-from peftlab.models import AUTO_CLASSES, quiet
+from peftlab.models import AUTO_CLASSES
 from peftlab.presets import PRESETS, MethodPreset
 from peftlab.training.memory import (
     ACTIVATION_FORMULA,
@@ -33,6 +32,7 @@ from peftlab.training.memory import (
     ActivationAssumption,
     MemoryEstimate,
     activation_assumption,
+    build_meta_model,
     memory_estimates,
     quantizable_params,
     quantized_estimate,
@@ -137,14 +137,6 @@ def model_class(config: Any, task: TaskType | None = None) -> tuple[Any, TaskTyp
         if type(config) in auto._model_mapping:
             return auto, fallback
     raise ValueError(f"transformers has no model class for model_type {config.model_type!r}")
-
-
-def build_meta_model(config: Any, model_cls: Any) -> nn.Module:
-    """The model with every tensor on the meta device: shapes only, nothing allocated."""
-    with quiet(), torch.device("meta"):
-        if hasattr(model_cls, "from_config"):
-            return model_cls.from_config(config)  # type: ignore[no-any-return]
-        return model_cls(config)  # type: ignore[no-any-return]
 
 
 # ---- the report ------------------------------------------------------------------------

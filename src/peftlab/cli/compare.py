@@ -14,6 +14,7 @@ from peftlab.compare.runner import run_compare
 from peftlab.data.catalog import task_names
 from peftlab.devices import DEVICE_HELP, DTYPE_HELP
 from peftlab.presets import PRESETS
+from peftlab.training.memory import MAX_MEMORY_HELP
 
 
 def register(sub: Any) -> None:
@@ -115,6 +116,7 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default="peftlab-compare", help="output folder (default: ./peftlab-compare)")
     p.add_argument("--quick", action="store_true", help="a small run, no search (~1.5 min on 2 CPU cores)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GIB", help=MAX_MEMORY_HELP)
     p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
     p.add_argument(
         "--dtype",
@@ -190,6 +192,7 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
         chat_template=args.chat_template,
         sizes=_sizes(args.sizes),
         retain_data=args.retain_data,
+        max_memory=args.max_memory,
     )
 
 

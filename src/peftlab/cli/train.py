@@ -17,6 +17,7 @@ from peftlab.data.catalog import task_names
 from peftlab.devices import DEVICE_HELP, DTYPE_HELP
 from peftlab.presets import PRESETS
 from peftlab.training.loop import SCHEDULES
+from peftlab.training.memory import MAX_MEMORY_HELP
 from peftlab.training.run import run_training
 from peftlab.training.settings import (
     METHOD_OPTION_KEYS,
@@ -152,6 +153,16 @@ def register(sub: Any) -> None:
         "--gradient-checkpointing",
         action=argparse.BooleanOptionalAction,
         help="recompute activations in the backward pass to save memory",
+    )
+    t.add_argument(
+        "--auto-batch",
+        action=argparse.BooleanOptionalAction,
+        help="fit memory: split each batch into micro-batches with gradient accumulation (the same "
+        "examples per step), then activation checkpointing, from the memory estimate; on an "
+        "out-of-memory error halve the micro-batch and go on from the last checkpoint",
+    )
+    t.add_argument(
+        "--max-memory", type=float, metavar="GIB", help=MAX_MEMORY_HELP + " (implies --auto-batch)"
     )
     t.add_argument(
         "--quantize",

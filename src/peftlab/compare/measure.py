@@ -23,13 +23,7 @@ from peftlab.core.injection import wrapped_modules
 from peftlab.core.peft_model import PeftModel, count_parameters
 from peftlab.core.quantized import BITS_PER_PARAM
 from peftlab.presets import MethodPreset
-from peftlab.training.memory import (
-    MemoryEstimate,
-    activation_assumption,
-    memory_estimates,
-    quantizable_params,
-    quantized_estimate,
-)
+from peftlab.training.memory import MemoryEstimate, MemoryPlan, training_estimate
 
 
 def _rss_status(field_name: str) -> int | None:
@@ -211,16 +205,26 @@ def measure_method(
     *,
     repeats: int,
     adapter_dir: Path,
+    plan: MemoryPlan | None = None,
 ) -> dict[str, Any]:
-    """Exact counts, the training-memory estimate, the adapter file (saved to ``adapter_dir``)
-    and inference latency relative to the base model, merged too where the method merges."""
+    """Exact counts, the training-memory estimate (at the micro-batch and checkpointing of the
+    method's memory plan), the adapter file (saved to ``adapter_dir``) and inference latency
+    relative to the base model, merged too where the method merges."""
     model.eval()
     trainable, total = count_parameters(model)
+    estimate = method_estimate(
+        inputs,
+        preset,
+        trainable,
+        total,
+        micro_batch=None if plan is None else plan.micro_batch,
+        checkpointing=plan is not None and plan.checkpointing,
+    )
     out: dict[str, Any] = {
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
-        "estimated_train_memory_bytes": _memory_estimate(inputs, preset, trainable, total).to_dict(),
+        "estimated_train_memory_bytes": estimate.to_dict(),
         "mergeable": preset.mergeable,
         "config": peft.peft_config["default"].to_dict() if peft is not None else None,
     }
@@ -236,17 +240,31 @@ def measure_method(
     return out
 
 
-def _memory_estimate(
-    inputs: ComparisonInputs, preset: MethodPreset, trainable: int, total: int
+def method_estimate(
+    inputs: ComparisonInputs,
+    preset: MethodPreset,
+    trainable: int,
+    total: int,
+    *,
+    micro_batch: int | None = None,
+    checkpointing: bool = False,
 ) -> MemoryEstimate:
-    """As ``peftlab count`` estimates it at the run's batch, length and precision (a quantized
-    base: its linear layers at the scheme's bits, as ``count --quantize``)."""
-    base = inputs.base
-    acts = activation_assumption(base.config, base, inputs.sizes.batch_size, inputs.plan.max_length)
-    if preset.quantize is not None:
-        bits = BITS_PER_PARAM[(preset.quantize, False)]
-        return quantized_estimate(trainable, total, quantizable_params(base), bits, acts)
-    return memory_estimates(trainable, total, acts)["bf16" if inputs.precision.mixed else "fp32"]
+    """As ``peftlab count`` estimates it at the run's lengths and precision, per forward pass of
+    ``micro_batch`` examples (default the whole batch), with or without activation
+    checkpointing (a quantized base: its linear layers at the scheme's bits, as ``count
+    --quantize``)."""
+    batch = inputs.sizes.batch_size if micro_batch is None else micro_batch
+    bits = None if preset.quantize is None else BITS_PER_PARAM[(preset.quantize, False)]
+    return training_estimate(
+        inputs.base,
+        trainable,
+        total,
+        batch,
+        inputs.plan.max_length,
+        mixed=inputs.precision.mixed,
+        bits=bits,
+        checkpointing=checkpointing,
+    )
 
 
 def _latencies(

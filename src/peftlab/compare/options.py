@@ -16,6 +16,7 @@ from typing import Any
 from peftlab.data.tasks import Task
 from peftlab.models import model_kind
 from peftlab.presets import PRESETS
+from peftlab.training.memory import check_max_memory
 from peftlab.training.preparation import MEMORY_BUDGET_BYTES
 
 DEFAULT_METHODS = tuple(name for name, p in PRESETS.items() if p.in_default)
@@ -167,6 +168,8 @@ class CompareOptions:
     sizes: tuple[int, ...] | None = None
     # the text forgetting is measured on (None: general English prose; "none": not measured)
     retain_data: str | None = None
+    # GiB each method's training may take (None: what the device has); see compare.memory_plan
+    max_memory: float | None = None
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in PRESETS]
@@ -202,6 +205,7 @@ class CompareOptions:
             raise ValueError("--eval-data needs --data (the training file)")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        check_max_memory(self.max_memory)
         self._check_sizes()
 
     def _check_sizes(self) -> None:

@@ -72,6 +72,7 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "Adapter file",
         "Peak memory (RSS)",
         "Est. train memory",
+        "Micro-batch x accum.",
         "Step time (p25-p75)",
         "Inference vs base (unmerged / merged)",
         f"Quality ({results['task']['metric']}, 95% CI)",
@@ -89,6 +90,7 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _fmt_bytes(r["adapter_file_bytes"]),
                 _fmt_bytes(r["peak_memory_bytes"]),
                 _fmt_bytes(r["estimated_train_memory_bytes"]["total"]),
+                plan_cell(r.get("memory_plan")),
                 step_cell(r),
                 inference_cell(r),
                 quality_cell(r["quality"]),
@@ -98,7 +100,22 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 r["best_for"],
             ]
         )
+    for u in results.get("did_not_fit", []):
+        plan = u["memory_plan"]
+        cells = ["-"] * len(header)
+        cells[0], cells[4], cells[5] = u["label"], _fmt_bytes(plan["needed_bytes"]), "does not fit"
+        cells[header.index(next(h for h in header if h.startswith("Quality")))] = u["reason"]
+        rows.append(cells)
     return header, rows
+
+
+def plan_cell(plan: dict[str, Any] | None) -> str:
+    """Micro-batch x accumulation (and checkpointing) the method trained with, and a mark when
+    it got there by running out of memory."""
+    if plan is None:
+        return "-"
+    text = f"{plan['micro_batch']} x {plan['accumulation']}" + (" + ckpt" if plan["checkpointing"] else "")
+    return text + (" (after OOM)" if plan.get("out_of_memory") else "")
 
 
 def _contended(machine: dict[str, Any] | None) -> str:
@@ -336,8 +353,12 @@ def render_report(results: dict[str, Any]) -> str:
         "How each column was measured: trainable params counted on the adapted model; adapter file = "
         "size of the saved adapter_model.safetensors (full fine-tuning: all weights in fp32); peak "
         "memory = process RSS high-water mark during that method's training (includes the base model "
-        "kept for reference); est. train memory = `peftlab count`'s estimate for this batch, sequence "
-        "length and precision; step time = median optimizer step; inference = median forward latency on "
+        "kept for reference); est. train memory = `peftlab count`'s estimate for this micro-batch, "
+        "sequence length and precision; micro-batch x accum. = the memory plan the method trained "
+        "with: each batch in forward passes of that many examples, their gradients accumulated (the "
+        "same examples per optimizer step for every method), + ckpt = activation checkpointing, "
+        "(after OOM) = reached after running out of memory; step time = median optimizer step; "
+        "inference = median forward latency on "
         "one eval batch relative to the untouched base model, timed interleaved; quality on the "
         "held-out test split with a 95% percentile-bootstrap interval over its examples (1,000 "
         "resamples); vs best = a paired test against the best method on the same test examples "

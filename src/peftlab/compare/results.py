@@ -57,6 +57,13 @@ def build_results(opts: CompareOptions, inputs: ComparisonInputs, store: Store) 
     assert zero is not None
     scoring = Scoring(inputs, zero)
     rows = unit_rows(opts, store, scoring, main_size(opts))
+    unfit = unfit_rows(opts, store, main_size(opts))
+    if not rows:
+        reasons = "; ".join(f"{u['method']}: {u['reason']}" for u in unfit)
+        raise RuntimeError(
+            f"no method fit in memory ({reasons}); use a smaller --batch-size or --seq-len, a smaller "
+            "model, or a device with more memory"
+        )
     results: dict[str, Any] = {
         "command": opts.command,
         "model": _model_label(opts.model, inputs.model_kind),
@@ -74,6 +81,7 @@ def build_results(opts: CompareOptions, inputs: ComparisonInputs, store: Store) 
         },
         "versions": _versions(),
         "methods": rows,
+        "did_not_fit": unfit,
     }
     fns = score_rows(rows, scoring)
     results["best_method"] = next(r["method"] for r in rows if r["is_best"])
@@ -118,10 +126,24 @@ def _runs(store: Store, name: str, seeds: int) -> list[dict[str, Any]]:
 
 
 def unit_rows(opts: CompareOptions, store: Store, scoring: Scoring, size: int | None) -> list[dict[str, Any]]:
-    """A row per method at one training-set size, from its records."""
-    return [
-        _method_row(PRESETS[m], _runs(store, Unit(m, size).name, opts.seeds), scoring) for m in opts.methods
-    ]
+    """A row per method that trained at one training-set size, from its records."""
+    rows = []
+    for m in opts.methods:
+        runs = _runs(store, Unit(m, size).name, opts.seeds)
+        if not any("does_not_fit" in r for r in runs):
+            rows.append(_method_row(PRESETS[m], runs, scoring))
+    return rows
+
+
+def unfit_rows(opts: CompareOptions, store: Store, size: int | None) -> list[dict[str, Any]]:
+    """The methods that did not fit in memory at one training-set size: what they need."""
+    out = []
+    for m in opts.methods:
+        unfit = next((r for r in _runs(store, Unit(m, size).name, opts.seeds) if "does_not_fit" in r), None)
+        if unfit is not None:
+            plan, reason = unfit["does_not_fit"], unfit["reason"]
+            out.append({"method": m, "label": PRESETS[m].label, "memory_plan": plan, "reason": reason})
+    return out
 
 
 def _method_row(preset: MethodPreset, runs: list[dict[str, Any]], scoring: Scoring) -> dict[str, Any]:
@@ -146,6 +168,7 @@ def _method_row(preset: MethodPreset, runs: list[dict[str, Any]], scoring: Scori
     row["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in runs)
     row["examples_seen"] = statistics.median(r["examples_seen"] for r in runs)
     row["best_examples"] = first.get("best_examples")
+    row["memory_plan"] = first.get("memory_plan")
     peaks = [r["peak_rss_bytes"] for r in runs if r["peak_rss_bytes"]]
     row["peak_memory_bytes"] = max(peaks) if peaks else None
     return row
@@ -247,16 +270,19 @@ def curves_from_store(opts: CompareOptions, store: Store, scoring: Scoring) -> d
     """``results["curves"]``: every size's rows scored, the pairwise relations at each size."""
     assert opts.sizes
     rows_by_size, relations = {}, {}
+    # the methods that trained at every size (one that did not fit in memory has no curve)
+    every = {size: unit_rows(opts, store, scoring, size) for size in opts.sizes}
+    methods = [m for m in opts.methods if all(any(r["method"] == m for r in every[n]) for n in opts.sizes)]
     for size in opts.sizes:
-        rows = unit_rows(opts, store, scoring, size)
+        rows = [r for r in every[size] if r["method"] in methods]
         fns = score_rows(rows, scoring)
         rows_by_size[size] = rows
         by_name = {r["method"]: r for r in rows}
         relations[size] = {
             (a, b): compare_pair(fns[a], fns[b], scoring.n, _both(scoring, by_name[a], by_name[b]))[0]
-            for a, b in all_pairs(list(opts.methods))
+            for a, b in all_pairs(methods)
         }
-    labels = {m: PRESETS[m].label for m in opts.methods}
+    labels = {m: PRESETS[m].label for m in methods}
     return build_curves(opts.sizes, rows_by_size, relations, scoring.metric, labels)
 
 

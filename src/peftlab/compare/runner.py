@@ -45,6 +45,7 @@ from peftlab.compare.measure import (
     reset_peak_rss,
     spread,
 )
+from peftlab.compare.memory_plan import ComparisonPlans, does_not_fit_record, remember
 from peftlab.compare.options import SEARCH_GRIDS, CompareOptions, Unit, comparison_units, resolve_options
 from peftlab.compare.results import LOSS_METRICS, RETAIN_BASE, ZERO_SHOT, build_results, write_outputs
 from peftlab.compare.search import TrialStart, edge_of, search_learning_rate
@@ -53,6 +54,7 @@ from peftlab.compare.store import Store, default_storage
 from peftlab.devices import parse_device
 from peftlab.models import quiet
 from peftlab.presets import PRESETS, MethodPreset
+from peftlab.training.memory import GIB, cap_device_memory, free_device_memory, is_out_of_memory
 
 POLL_S = 5.0
 
@@ -71,6 +73,7 @@ def run_compare(opts: CompareOptions, *, verbose: bool = False) -> dict[str, Any
     with quiet(verbose):
         inputs = load_inputs(worker_options(opts, 0), verbose=verbose)
     session = Session(inputs, verbose=verbose)
+    plans = _memory_plans(opts, session)
     # the sizes as resolved (not as given): a default that changed between versions changes the
     # figures too, and --steps N is --budget N x batch size
     settings = {**opts.settings(), **inputs.sizes.settings(), "data_sha256": inputs.data.fingerprint()}
@@ -81,7 +84,7 @@ def run_compare(opts: CompareOptions, *, verbose: bool = False) -> dict[str, Any
     progress = Progress(store, opts)
     workers = _start_workers(opts, verbose)
     try:
-        work(opts, session, store, on_unit=progress.refresh, verbose=verbose)
+        work(opts, session, store, on_unit=progress.refresh, verbose=verbose, plans=plans)
         while not all(store.is_done(unit.name) for unit in comparison_units(opts)):
             _check_workers(workers)
             progress.refresh()
@@ -106,17 +109,66 @@ def work(
     on_unit: Callable[[], None] = lambda: None,
     verbose: bool = False,
     continue_trials: bool = True,
+    plans: ComparisonPlans | None = None,
 ) -> None:
     """Take every unit (a method at a size) no live worker has and that is not done: search,
-    final runs, record. The final run of seed 0 goes on from the chosen search trial when this
-    process ran it (``continue_trials``; the figures are the same as retraining it, only sooner)."""
+    final runs, record, each within the method's memory plan. The final run of seed 0 goes on
+    from the chosen search trial when this process ran it (``continue_trials``; the figures are
+    the same as retraining it, only sooner)."""
+    plans = ComparisonPlans(session.bases, opts.max_memory) if plans is None else plans
     for unit in comparison_units(opts):
         if not store.claim(unit.name):
             continue
         with quiet(verbose):
-            _work_on(opts, session.at_size(unit.size), store, unit, on_unit, continue_trials)
+            _work_within_memory(
+                opts, session.at_size(unit.size), store, unit, plans, on_unit, continue_trials
+            )
         store.finish(unit.name)
         on_unit()
+
+
+def _memory_plans(opts: CompareOptions, session: Session) -> ComparisonPlans:
+    """The comparison's planners; ``--max-memory`` checked against the least demanding method
+    (and made a hard limit on CUDA)."""
+    plans = ComparisonPlans(session.bases, opts.max_memory)
+    plans.check_max_memory(opts.methods)
+    if opts.max_memory is not None:
+        cap_device_memory(session.inputs.precision.device, int(opts.max_memory * GIB))
+    return plans
+
+
+def _work_within_memory(
+    opts: CompareOptions,
+    session: Session,
+    store: Store,
+    unit: Unit,
+    plans: ComparisonPlans,
+    on_unit: Callable[[], None],
+    continue_trials: bool,
+) -> None:
+    """One unit under its method's memory plan (:mod:`peftlab.compare.memory_plan`): an
+    out-of-memory error frees what the method held, halves the micro-batch (checkpointing at
+    one example) and starts the trial or run that failed again (what finished is kept); a method
+    that does not fit even so gets a record saying what it needs, and the comparison goes on."""
+    preset = PRESETS[unit.method]
+    plan, planner = plans.plan(store, preset)
+    while plan.fits:
+        session.plan = plan
+        try:
+            _work_on(opts, session, store, unit, on_unit, continue_trials)
+            return
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+        free_device_memory(session.inputs.precision.device)
+        plan = planner.after_out_of_memory(plan)
+        remember(store, preset, plan)
+        then = f"again with micro-batch x accumulation {plan.describe()}" if plan.fits else plan.refusal()
+        tqdm.write(f"compare: {preset.name} ran out of memory; {then}")
+    finished = time.time()
+    for seed in range(opts.seeds):
+        if store.get_record(unit.name, seed) is None:
+            store.put_record(unit.name, seed, does_not_fit_record(plan, seed, finished))
 
 
 def _work_on(
@@ -218,10 +270,17 @@ def _final_run(
     stopper.restore()
     record = _run_record(session.evaluate_test(model), outcome, stopper, lr, seed)
     record.update(peak_rss_bytes=peak, rss_before_bytes=rss_before, continued_search_trial=start is not None)
+    record["memory_plan"] = session.plan.to_dict() if session.plan is not None else None
     if seed == 0:
         adapters = Path(opts.out) / "adapters" / unit.name
         record["measured"] = measure_method(
-            session.inputs, model, peft, preset, repeats=int(opts.latency_repeats or 1), adapter_dir=adapters
+            session.inputs,
+            model,
+            peft,
+            preset,
+            repeats=int(opts.latency_repeats or 1),
+            adapter_dir=adapters,
+            plan=session.plan,
         )
         record["retain"] = _retain_scores(session.inputs, store, model)
     del model, peft
@@ -317,7 +376,8 @@ def run_worker(opts: CompareOptions, index: int, verbose: bool) -> None:
     store = Store(opts.storage)
     with quiet(verbose):
         inputs = load_inputs(worker_options(opts, index), verbose=verbose)
-    work(opts, Session(inputs, verbose=verbose), store, verbose=verbose)
+    session = Session(inputs, verbose=verbose)
+    work(opts, session, store, verbose=verbose, plans=_memory_plans(opts, session))
 
 
 def _check_workers(workers: list[Any]) -> None:

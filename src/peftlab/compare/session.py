@@ -27,7 +27,11 @@ from peftlab.compare.measure import Contention, worst
 from peftlab.compare.options import RunSizes
 from peftlab.compare.scoring import GENERATION_METRICS, score
 from peftlab.core.peft_model import PeftModel, get_peft_model
-from peftlab.core.quantized import prepare_for_kbit_training
+from peftlab.core.quantized import (
+    disable_activation_checkpointing,
+    enable_activation_checkpointing,
+    prepare_for_kbit_training,
+)
 from peftlab.data.metrics import classification_metrics, perplexity
 from peftlab.devices import peak_memory
 from peftlab.models import load_causal_lm
@@ -36,6 +40,7 @@ from peftlab.training.classify import ClassifierAsNextToken, classify, score_lab
 from peftlab.training.encoding import Encoded
 from peftlab.training.evaluation import evaluate_loss, evaluate_task
 from peftlab.training.loop import TrainConfig, TrainHistory, TrainLoop, rng_state
+from peftlab.training.memory import MemoryPlan
 
 
 @dataclass
@@ -158,7 +163,7 @@ class SharedBase:
 
     def release(self) -> None:
         """Every base as loaded: no adapter in place, parameters in their loaded dtypes, no hook
-        that k-bit preparation added."""
+        that k-bit preparation added, no activation checkpointing."""
         self.set_aside()
         for base, dtypes in self.loaded_dtypes.values():
             with torch.no_grad():
@@ -168,6 +173,7 @@ class SharedBase:
             disable = getattr(base, "disable_input_require_grads", None)
             if callable(disable) and getattr(base, "_require_grads_hook", None) is not None:
                 disable()
+            disable_activation_checkpointing(base)  # a memory plan's, for the method before
 
     def quantized_base(self, scheme: str) -> nn.Module:
         """The base loaded again, quantized (``qlora``), once per comparison."""
@@ -208,6 +214,8 @@ class Session:
         self.train_rows = train_rows
         self.sizes: RunSizes = inputs.sizes if train_rows is None else inputs.sizes.for_train_size(train_rows)
         self.bases = SharedBase(inputs, verbose) if bases is None else bases
+        # the memory plan runs train with (None: the whole batch at once, no checkpointing)
+        self.plan: MemoryPlan | None = None
 
     def at_size(self, train_rows: int | None) -> Session:
         """The same comparison trained on the first ``train_rows`` training rows (None: all)."""
@@ -227,13 +235,18 @@ class Session:
         the shared base (whatever adapter was in place set aside), or for full fine-tuning every
         weight of the base loaded again from disk; what trains is fp32 (:class:`Precision`)."""
         precision = self.inputs.precision
+        checkpointing = self.plan is not None and self.plan.checkpointing
         self.bases.set_aside()
         if preset.method is None:
             model = self.inputs.load_base_again(verbose=self.verbose)
             for p in model.parameters():
                 p.requires_grad_(True)
+            if checkpointing:
+                enable_activation_checkpointing(model)
             return precision.prepare(model), None
         base = self.bases.base_for(preset)
+        if checkpointing:
+            enable_activation_checkpointing(base)  # off again in SharedBase.release
         config = preset.config(base.config, self.inputs.task_type)
         assert config is not None  # only full fine-tuning has none
         torch.manual_seed(seed)
@@ -276,6 +289,7 @@ class Session:
             warmup_steps=min(steps // 10, 5),
             max_length=self.inputs.plan.max_length,
             seed=seed,
+            micro_batch_size=self._micro_batch(),
         )
         forward = ClassifierAsNextToken(model) if self.inputs.run_kind == "encoder-classification" else None
         loop = TrainLoop(
@@ -288,6 +302,12 @@ class Session:
         )
         outcome = TrainOutcome(loop.history, 0, loop=loop)
         return self._advance(outcome, model, on_validation, desc, stop_at)
+
+    def _micro_batch(self) -> int | None:
+        plan, batch = self.plan, self.sizes.batch_size
+        if plan is None or plan.micro_batch >= batch:
+            return None
+        return plan.micro_batch
 
     def resume(
         self,

@@ -348,3 +348,18 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+
+
+def disable_activation_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing off again where :func:`enable_activation_checkpointing` turned it
+    on (a shared base goes back to the next method as it was loaded)."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    if on is None:
+        on = getattr(model, "is_gradient_checkpointing", False)
+    if not on:
+        return
+    disable = getattr(model, "activation_checkpointing_disable", None)
+    if callable(disable):
+        disable()
+    else:
+        model.gradient_checkpointing_disable()  # type: ignore[operator]

@@ -44,8 +44,11 @@ SCHEDULES = ("linear", "cosine", "constant")
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings. ``batch_size`` is per forward pass and per process; an optimizer
-    step sees ``batch_size x grad_accum x world_size`` examples."""
+    """Optimisation settings. An optimizer step sees ``batch_size x grad_accum x world_size``
+    examples; each process runs its ``batch_size`` examples ``grad_accum`` times in forward
+    passes of at most ``micro_batch_size`` (None: all ``batch_size`` at once), which only
+    changes the memory a step takes: the gradient is the same up to float rounding (a memory
+    plan, :class:`peftlab.training.memory.MemoryPlan`, sets it)."""
 
     steps: int = 30
     batch_size: int = 8
@@ -57,11 +60,16 @@ class TrainConfig:
     seed: int = 0
     grad_accum: int = 1
     lr_schedule: str = "linear"
+    micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length", "grad_accum"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
+            raise ValueError(
+                f"micro_batch_size must be in [1, batch_size={self.batch_size}], got {self.micro_batch_size}"
+            )
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
         if not self.learning_rate > 0:
@@ -72,6 +80,11 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+
+    @property
+    def forward_size(self) -> int:
+        """Examples per forward pass."""
+        return self.batch_size if self.micro_batch_size is None else self.micro_batch_size
 
 
 @dataclass
@@ -347,14 +360,19 @@ class TrainLoop:
         # DDP averages gradients over processes; scaling by world_size makes that the sum over
         # the global batch, which the 1 / n_targets turns into its token mean
         scale = self.world_size / n_targets
+        size = cfg.forward_size
+        pieces = []
         for micro in range(cfg.grad_accum):
             first = (micro * self.world_size + self.rank) * cfg.batch_size
             chunk = indices[first : first + cfg.batch_size]
+            # a memory plan's micro-batches: the chunk in forward passes of at most `size`
+            pieces += [chunk[at : at + size] for at in range(0, len(chunk), size)]
+        for number, piece in enumerate(pieces):
             batch = {
-                k: v.to(device) for k, v in collate([self.data[i] for i in chunk], self.pad_token_id).items()
+                k: v.to(device) for k, v in collate([self.data[i] for i in piece], self.pad_token_id).items()
             }
             labels = batch.pop("labels")
-            last = micro == cfg.grad_accum - 1
+            last = number == len(pieces) - 1
             # under DDP, only the last micro-batch all-reduces the accumulated gradients
             skip_sync = not last and isinstance(self.forward_module, DistributedDataParallel)
             with self.forward_module.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]

@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 
 from peftlab import allocator
 from peftlab.core import atomic
-from peftlab.core.peft_model import PeftModel, get_peft_model
-from peftlab.core.quantized import enable_activation_checkpointing, prepare_for_kbit_training
+from peftlab.core.peft_model import PeftModel, count_parameters, get_peft_model
+from peftlab.core.quantized import BITS_PER_PARAM, enable_activation_checkpointing, prepare_for_kbit_training
 from peftlab.data.tasks import Task
 from peftlab.devices import Precision, peak_memory, resolve_dtype
 from peftlab.models import load_causal_lm, load_tokenizer, quiet
+from peftlab.presets import PRESETS
 from peftlab.training import distributed
 from peftlab.training.checkpoints import (
     CHECKPOINT_DIR,
@@ -43,6 +44,17 @@ from peftlab.training.encoding import pad_id
 from peftlab.training.evaluation import evaluate_held_out
 from peftlab.training.fitting import PromptFormat
 from peftlab.training.loop import TrainConfig, TrainHistory, TrainingDiverged, TrainLoop, rng_state
+from peftlab.training.memory import (
+    GIB,
+    MemoryPlan,
+    MemoryPlanner,
+    available_bytes,
+    cap_device_memory,
+    free_device_memory,
+    gib,
+    is_out_of_memory,
+    training_estimate,
+)
 from peftlab.training.preparation import PreparedData, RowEncoder, load_task, prepare_data
 from peftlab.training.settings import DEFAULT_EVAL_FRACTION, RunConfig, uses_checkpointing
 from peftlab.training.tracking import Tracker, make_tracker
@@ -90,9 +102,7 @@ def build_model(config: RunConfig, base: nn.Module) -> nn.Module:
             raise ValueError(f"{type(base).__name__} does not support gradient checkpointing; drop the flag")
         # non-reentrant: works with frozen inputs (adapters) and under DDP
         enable_activation_checkpointing(base)
-        model_config = getattr(base, "config", None)
-        if model_config is not None:
-            model_config.use_cache = False
+        _no_cache(base)
     peft_config = config.peft_config(getattr(base, "config", None))
     if peft_config is None:
         base.requires_grad_(True)
@@ -101,6 +111,13 @@ def build_model(config: RunConfig, base: nn.Module) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return get_peft_model(base, peft_config)
+
+
+def _no_cache(model: nn.Module) -> None:
+    """No key/value cache in training forwards (checkpointing recomputes them)."""
+    model_config = getattr(model, "config", None)
+    if model_config is not None:
+        model_config.use_cache = False
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -113,13 +130,43 @@ def run_training(
     """Train as ``config`` says and write the adapter (or full model) and metrics to ``config.out``."""
     info = distributed.setup(config.device)
     try:
+        if config.plans_memory and info.world_size > 1:
+            raise ValueError(
+                "--auto-batch/--max-memory plan one process's memory; under torchrun set --batch-size "
+                "and --grad-accum yourself (an out-of-memory error on one process stops them all)"
+            )
         # a dtype the device cannot run is refused here, before any weights are loaded
         precision = Precision(info.device, resolve_dtype(config.dtype, info.device))
+        if config.max_memory is not None:
+            cap_device_memory(info.device, int(config.max_memory * GIB))
         # the default learning rate is written out, so a checkpoint does not depend on the preset
-        run = TrainingRun(
-            dataclasses.replace(config, lr=config.learning_rate), info, precision=precision, verbose=verbose
-        )
-        return run.execute(resume=resume, command=command)
+        config = dataclasses.replace(config, lr=config.learning_rate)
+        plan: MemoryPlan | None = None
+        while True:
+            run = TrainingRun(config, info, precision=precision, verbose=verbose, plan=plan)
+            try:
+                return run.execute(resume=resume, command=command)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                if run.memory_plan is None or run.planner is None:
+                    raise RuntimeError(
+                        f"ran out of memory training {config.method} at batch {config.batch_size} on "
+                        f"{info.device}; rerun with --auto-batch (micro-batches with gradient accumulation, "
+                        "then activation checkpointing, to fit), or a smaller --batch-size or --max-length"
+                        + ("; --resume goes on from the last checkpoint" if step_folders(run.root) else "")
+                    ) from None
+            # the failed attempt is let go first (its frames held the model)
+            plan = run.planner.after_out_of_memory(run.memory_plan)
+            del run
+            free_device_memory(info.device)
+            if not plan.fits:
+                raise RuntimeError(f"{config.method} {plan.refusal()}; use a smaller --max-length or model")
+            tqdm.write(
+                f"out of memory: going on with micro-batch x accumulation {plan.describe()}"
+                " from the last checkpoint (if any)"
+            )
+            resume = True
     finally:
         distributed.teardown(info)
 
@@ -129,9 +176,19 @@ class TrainingRun:
     from a checkpoint when asked), periodic evaluation and checkpoints, the final files."""
 
     def __init__(
-        self, config: RunConfig, info: distributed.Dist, *, precision: Precision, verbose: bool
+        self,
+        config: RunConfig,
+        info: distributed.Dist,
+        *,
+        precision: Precision,
+        verbose: bool,
+        plan: MemoryPlan | None = None,
     ) -> None:
         self.config = config
+        # the memory plan (--auto-batch): given after an out-of-memory error, else made from the
+        # estimate once the model and the lengths are known
+        self.memory_plan = plan
+        self.planner: MemoryPlanner | None = None
         self.info = info
         self.precision = precision
         self.tracker: Tracker = Tracker()
@@ -158,6 +215,7 @@ class TrainingRun:
         with quiet(self.verbose):
             self._load()
             self._prepare_data()
+            self._plan_memory()
             loop = self._make_loop(checkpoint)
             self._banner(loop, resume, checkpoint)
             if self.info.is_main:
@@ -245,6 +303,7 @@ class TrainingRun:
             seed=config.seed,
             grad_accum=config.grad_accum,
             lr_schedule=config.lr_schedule,
+            micro_batch_size=self._micro_batch(),
         )
         saved: tuple[dict[str, Any], dict[str, Any]] | None = None
         if checkpoint is not None:
@@ -265,6 +324,65 @@ class TrainingRun:
             loop.resume_rng = trainer_state["rng"][info.rank]
             self.evals = list(trainer_state["evals"])
         return loop
+
+    def _plan_memory(self) -> None:
+        """With ``--auto-batch`` / ``--max-memory``: the micro-batch (and checkpointing) whose
+        estimate fits (:class:`MemoryPlanner`), refused before training when nothing does."""
+        config = self.config
+        if not config.plans_memory:
+            return
+        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        trainable, total = count_parameters(self.model)
+        bits = BITS_PER_PARAM[(config.quantize, config.double_quant)] if config.quantize else None
+        length, mixed = self.plan.max_length, self.precision.mixed
+
+        def estimate(micro_batch: int, checkpointing: bool) -> int:
+            return training_estimate(
+                base,
+                trainable,
+                total,
+                micro_batch,
+                length,
+                mixed=mixed,
+                bits=bits,
+                checkpointing=checkpointing,
+            ).total
+
+        if config.max_memory is not None:
+            available: int | None = int(config.max_memory * GIB)
+        else:
+            free = available_bytes(self.info.device)
+            # the weights loaded now are in the estimate too
+            held = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            available = None if free is None else free + held
+        on_now = bool(getattr(base, "is_activation_checkpointing", False))
+        allowed = (
+            config.gradient_checkpointing is not False
+            and PRESETS[config.method].supports_activation_checkpointing
+            and bool(getattr(base, "supports_gradient_checkpointing", False))
+        )
+        self.planner = MemoryPlanner(
+            estimate, config.batch_size, available, allowed, always_checkpoint=on_now
+        )
+        if self.memory_plan is None:
+            self.memory_plan = self.planner.first()
+        plan = self.memory_plan
+        if not plan.fits:
+            raise ValueError(
+                f"{config.method} {plan.refusal()} (one example per forward pass"
+                + (", activation checkpointing" if plan.checkpointing else "")
+                + "); use a smaller --max-length or model"
+                + (", or a larger --max-memory" if config.max_memory is not None else "")
+            )
+        if plan.checkpointing and not on_now:
+            enable_activation_checkpointing(base)
+            _no_cache(base)
+
+    def _micro_batch(self) -> int | None:
+        plan = self.memory_plan
+        if plan is None or plan.micro_batch >= self.config.batch_size:
+            return None
+        return plan.micro_batch
 
     def _forward_module(self) -> nn.Module:
         """What the forward pass calls: the model, or under torch.distributed its DDP wrapper."""
@@ -294,6 +412,13 @@ class TrainingRun:
             f"{self.fmt.describe()}; {self.plan.describe()}; {self.train_split.fit.describe()}; "
             f"{self.eval_split.fit.describe()}"
         )
+        plan = self.memory_plan
+        if plan is not None:
+            available = "unknown" if plan.available_bytes is None else gib(plan.available_bytes)
+            self.say(
+                f"memory plan: micro-batch x accumulation {plan.describe()} per batch of "
+                f"{config.batch_size}; estimate {gib(plan.needed_bytes)} of {available}"
+            )
         if resume and checkpoint is None:
             self.say(f"--resume: no checkpoint in {self.root}; starting from step 0")
         elif checkpoint is not None:
@@ -389,6 +514,7 @@ class TrainingRun:
             "precision": self.precision.to_dict(),
             "chat_template": self.fmt.source if self.fmt.chat else None,
             "peak_gpu_memory_bytes": self.peak_bytes,
+            "memory_plan": self.memory_plan.to_dict() if self.memory_plan is not None else None,
             "allocator": allocator.loaded() or "system",
             "world_size": self.info.world_size,
             "global_batch_size": self.global_batch,

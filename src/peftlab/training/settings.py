@@ -20,6 +20,7 @@ from peftlab.devices import parse_device, parse_dtype
 from peftlab.extras import require
 from peftlab.presets import PRESETS
 from peftlab.training.fitting import check_chat_template
+from peftlab.training.memory import check_max_memory
 from peftlab.training.tracking import check_report_to
 
 DEFAULT_EVAL_FRACTION = 0.1
@@ -37,8 +38,11 @@ METHOD_OPTION_KEYS = (
 )
 # settings a resumed run may change: none of them alters the training trajectory
 RESUMABLE_CHANGES = frozenset(
-    {"out", "save_every", "keep_checkpoints", "eval_every", "num_eval", "device", "report_to"}
-)
+    {
+        "out", "save_every", "keep_checkpoints", "eval_every", "num_eval", "device", "report_to",
+        "auto_batch", "max_memory",
+    }
+)  # fmt: skip
 # settings where giving one (on the command line) replaces the others (from a run file)
 EXCLUSIVE_GROUPS = (("steps", "epochs"), ("task", "data"), ("eval_data", "eval_fraction"))
 
@@ -87,6 +91,9 @@ class RunConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto: mixed precision (peftlab.devices)
     chat_template: str = "auto"  # auto | none | a .jinja file (peftlab.training.fitting)
     report_to: str = "none"  # none | tensorboard | mlflow | trackio (peftlab.training.tracking)
+    # plan micro-batches (and checkpointing) to fit memory, and survive out-of-memory errors
+    auto_batch: bool = False
+    max_memory: float | None = None  # GiB the run may take (implies auto_batch); None: the device's
 
     def __post_init__(self) -> None:
         self.validate()
@@ -147,6 +154,9 @@ class RunConfig:
             raise ValueError(f"lr: must be a number > 0, got {self.lr!r}")
         if not _is_number(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"weight_decay: must be a number >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.auto_batch, bool):
+            raise ValueError(f"auto_batch: must be true or false, got {self.auto_batch!r}")
+        check_max_memory(self.max_memory)
         if self.max_grad_norm is not None and (
             not _is_number(self.max_grad_norm) or not self.max_grad_norm > 0
         ):
@@ -221,6 +231,12 @@ class RunConfig:
             raise ValueError(f"--method {self.method}: {err}") from None
         except ValueError as err:
             raise ValueError(f"--method {self.method} option {err}") from None
+
+    @property
+    def plans_memory(self) -> bool:
+        """Whether the run plans its micro-batches to fit memory (``--auto-batch`` or
+        ``--max-memory``)."""
+        return self.auto_batch or self.max_memory is not None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
