@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py --json gpu.json                     # on a GPU (cuda, bfloat16)
     python benchmarks/gpu_check.py --device cpu --tiny --json cpu.json # smoke run, about a minute
 
-Four parts, each timed on its own and each allowed to fail without losing the others' figures
+Five parts, each timed on its own and each allowed to fail without losing the others' figures
 (the exception is written into its part of the JSON and the exit status becomes 1):
 
 1. ``train_memory``: a few training steps of each method (full, LoRA, IA3, bottleneck, prefix;
@@ -18,11 +18,14 @@ Four parts, each timed on its own and each allowed to fail without losing the ot
 3. ``compare``: ``peftlab compare --quick --methods lora,ia3`` on the device, in this process.
 4. ``serve``: a ``peftlab serve`` process on the device with adapters of all four methods and a
    few streamed requests for each of them and the base (``benchmarks/serve_load.py``'s load).
+5. ``memory_plan``: ``peftlab compare --quick --methods lora,full --max-memory`` at 12 bytes per
+   base parameter (on CUDA a hard cap): full fine-tuning does not fit, LoRA trains.
 
 Targets (one ``PASS`` / ``MISS`` / ``SKIP`` line each; exit status 3 when one is missed, see
 ``targets.py``): for each method, CUDA peak / (count's estimate + baseline) within 1.00 +- 0.15
 (``SKIP`` on the CPU: no CUDA peak there); decode K=8 / K=1 <= 1.25 (``mixed_batch.py``'s
-flatness target); ``peftlab compare --quick`` finished; every serve request answered.
+flatness target); ``peftlab compare --quick`` finished; every serve request answered; under
+``--max-memory`` full fine-tuning is reported as not fitting and LoRA trains.
 
 ``--tiny`` swaps SmolLM2-135M for a randomly initialised two-layer llama with a byte-level
 tokenizer (built into a temporary folder, nothing downloaded) and takes the smallest settings
@@ -319,6 +322,61 @@ def part_compare(run: Run, out: dict[str, Any]) -> None:
         raise RuntimeError(f"peftlab compare exited with status {out['exit_status']}")
 
 
+def memory_limit(run: Run, argv: list[str]) -> tuple[float, bool]:
+    """(``--max-memory`` in GiB, whether full fine-tuning is expected not to fit): between LoRA's
+    estimate at the whole batch and the least full fine-tuning needs (one example at a time with
+    checkpointing) where there is room between them, else 0.9x full fine-tuning's estimate at
+    the whole batch (it then trains in micro-batches). The estimates are the comparison's own
+    (its lengths come from the data)."""
+    from peftlab.cli import build_parser
+    from peftlab.cli.compare import options_from_args
+    from peftlab.compare.inputs import load_inputs
+    from peftlab.compare.memory_plan import ComparisonPlans
+    from peftlab.compare.options import resolve_options
+    from peftlab.compare.session import SharedBase
+
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    inputs = load_inputs(resolve_options(options_from_args(args)))
+    plans = ComparisonPlans(SharedBase(inputs), None)
+    batch = inputs.sizes.batch_size
+    lora = plans.planner(PRESETS["lora"], budget=0).estimate(batch, False)
+    full = plans.planner(PRESETS["full"], budget=0)
+    least = full.smallest().needed_bytes
+    del inputs, plans
+    if lora < least:
+        return (lora + least) / 2 / 1024**3, True
+    return 0.9 * full.estimate(batch, False) / 1024**3, False
+
+
+def part_memory_plan(run: Run, out: dict[str, Any]) -> None:
+    """Part 5: ``compare --quick --methods lora,full --max-memory`` below full fine-tuning's
+    estimate (:func:`memory_limit`; on CUDA a hard cap for PyTorch's allocator, lifted again
+    afterwards): full fine-tuning is reported as not fitting (or trains in micro-batches where
+    the limit must leave it room), LoRA trains."""
+    folder = run.tmp / "memory-plan"
+    argv = ["compare", "--quick", "--device", str(run.precision.device), "--dtype", run.precision.dtype_name,
+            "--methods", "lora,full", "--out", str(folder), "--retain-data", "none"]  # fmt: skip
+    if run.model is not None:
+        argv += ["--model", run.model]
+    limit, full_unfit = memory_limit(run, argv)
+    argv += ["--max-memory", f"{limit:.6g}"]
+    out.update(command="peftlab " + " ".join(argv), max_memory_gib=limit, full_expected_to_fit=not full_unfit)
+    try:
+        out["exit_status"] = peftlab_main(argv)
+    finally:
+        if run.precision.device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, run.precision.device)
+    results = folder / "results.json"
+    if out["exit_status"] != 0 or not results.is_file():
+        raise RuntimeError(f"peftlab compare --max-memory exited with status {out['exit_status']}")
+    data = json.loads(results.read_text())
+    out["trained"] = {
+        row["method"]: {**compare_row(row), "plan": row["memory_plan"]} for row in data["methods"]
+    }
+    out["did_not_fit"] = {u["method"]: u["reason"] for u in data["did_not_fit"]}
+
+
 # ---- 4. peftlab serve under load ---------------------------------------------------------------
 def save_adapters(run: Run, root: Path) -> dict[str, Path]:
     """serve_load.py's adapters (all four methods, moved away from identity so they change the
@@ -399,6 +457,7 @@ PARTS: dict[str, Callable[[Run, dict[str, Any]], None]] = {
     "mixed_decode": part_mixed_decode,
     "compare": part_compare,
     "serve": part_serve,
+    "memory_plan": part_memory_plan,
 }
 
 
@@ -473,6 +532,13 @@ def render_report(parts: dict[str, dict[str, Any]]) -> str:
             f"serve: {serve['ok']} / {serve['sent']} answered, {serve['requests_per_s']} req/s, "
             f"{serve['tokens_per_s']} generated tok/s, TTFT p50 {serve['ttft_ms']['p50']} ms"
         )
+    plan = parts["memory_plan"]
+    if "trained" in plan:
+        trained = ", ".join(f"{m} {r['plan']['shown']}" for m, r in plan["trained"].items())
+        lines.append(
+            f"--max-memory {plan['max_memory_gib']:.3g} GiB: trained {trained}; "
+            + "; ".join(f"{m} {reason}" for m, reason in plan["did_not_fit"].items())
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -506,6 +572,22 @@ def check_targets(parts: dict[str, dict[str, Any]]) -> Targets:
         targets.check(
             "serve requests answered", f"{serve['ok']} / {sent}", serve["ok"] == sent > 0, f"{sent} / {sent}"
         )
+    plan = parts["memory_plan"]
+    name = "compare --max-memory below full FT's estimate: lora trains, full does not fit or accumulates"
+    if "trained" not in plan:
+        targets.skip(name, failed)
+    else:
+        trained, unfit = plan["trained"], plan["did_not_fit"]
+        if plan["full_expected_to_fit"]:
+            ok = (
+                "full" in trained
+                and trained["full"]["plan"]["micro_batch"] < trained["full"]["plan"]["batch_size"]
+            )
+        else:
+            ok = list(unfit) == ["full"]
+        ok = ok and "lora" in trained
+        shown = f"trained {sorted(trained)}, did not fit {sorted(unfit)}"
+        targets.check(name, shown, ok, "lora trains; full as expected")
     return targets
 
 

@@ -73,7 +73,10 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path: Path) -> None:
     done = subprocess.run([*smoke, "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode in (0, MISSED), done.stdout[-2000:] + done.stderr[-3000:]
     parts = json.loads(out.read_text())["parts"]
-    assert set(parts) == {"train_memory", "mixed_decode", "compare", "serve"}
+    assert set(parts) == {"train_memory", "mixed_decode", "compare", "serve", "memory_plan"}
+    plan = parts["memory_plan"]  # the tiny model leaves full fine-tuning room: micro-batches
+    full = plan["trained"]["full"]["plan"]
+    assert "lora" in plan["trained"] and full["micro_batch"] < full["batch_size"], plan
     for name, part in parts.items():
         assert part["error"] is None, (name, part["error"])
         assert part["wall_s"] > 0, name
