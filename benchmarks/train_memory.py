@@ -9,10 +9,12 @@ the reference), ``selected`` is the loop's own path: :func:`peftlab.training.lm_
 :func:`peftlab.training.saved_activations.recomputed_activations` (activation outputs recomputed
 in backward, not kept).
 
-Heap allocators (``--allocators``): ``system`` (glibc's malloc, nothing preloaded) and the ones
-``peftlab`` can preload (``jemalloc``, ``tcmalloc``; see :mod:`peftlab.allocator`); by default
-``system`` and, when installed, ``jemalloc``, which is what the ``peftlab`` command runs under
-then. Each child checks that the allocator it was started with is the one loaded.
+Heap allocators (``--allocators``): ``system`` (glibc's malloc as it comes, nothing preloaded,
+no tunables), ``glibc-tuned`` (glibc's malloc with ``peftlab.allocator.GLIBC_TUNABLES``, or the
+candidate ``--glibc-tunables`` gives) and the ones ``peftlab`` can preload (``jemalloc``,
+``mimalloc``, ``tcmalloc``; see :mod:`peftlab.allocator`); by default ``system`` and the one the
+``peftlab`` command picks here (``PEFTLAB_ALLOCATOR=auto``: jemalloc when installed, else
+``system``). Each child checks that the allocator it was started with is the one in place.
 
 Methods: ``full`` (every weight trainable), ``lora`` (r=8, alpha 16, q_proj + v_proj), ``ia3``
 (k_proj, v_proj, down_proj), ``bottleneck`` (reduction factor 16 after attention and FFN),
@@ -33,9 +35,9 @@ the ``peftlab`` command picks here and "reference" ``lora/plain/system``:
 - LoRA step / full step, as shipped <= 0.70;
 - LoRA step, as shipped / reference <= 1.00 (the loop's path costs no more time);
 - LoRA peak memory / full peak memory, as shipped <= 0.50, and LoRA peak memory, as shipped /
-  reference <= 0.75: these two hold only under jemalloc (glibc keeps freed activation blocks
-  resident), so where jemalloc is not installed they print ``SKIP``
-  (``apt install libjemalloc2``).
+  reference <= 0.75: these two hold only under a preloaded allocator, jemalloc or mimalloc (glibc
+  keeps freed activation blocks resident, tuned or not: RESULTS.md, issue 29), so where the
+  ``peftlab`` command runs under glibc they print ``SKIP`` (``apt install libjemalloc2``).
 
 LoRA / full peak on the plain path is printed as a reference ratio, not judged: peftlab's
 loop does not take that path.
@@ -44,6 +46,11 @@ loop does not take that path.
     nice -n 10 python benchmarks/train_memory.py --methods full lora --rounds 3 --out results.json
     python benchmarks/train_memory.py                  # every method, both losses, 3 rounds, 1 thread
     python benchmarks/train_memory.py --methods full lora --allocators system jemalloc
+    # glibc tuned vs as it comes, 2 threads as `peftlab train` (RESULTS.md, issue 29):
+    python benchmarks/train_memory.py --methods full lora --losses selected \
+        --allocators system glibc-tuned --threads 2 --rounds 2
+    python benchmarks/train_memory.py --methods full lora --losses selected --allocators system glibc-tuned \
+        --glibc-tunables glibc.malloc.mmap_threshold=1048576    # a candidate tuning
     python benchmarks/train_memory.py --quick          # smoke run
     python benchmarks/train_memory.py --activation-checkpointing --methods full lora
 """
@@ -66,21 +73,21 @@ from targets import Targets
 
 METHODS = ("full", "lora", "ia3", "bottleneck", "prefix")
 LOSSES = ("plain", "selected")
-ALLOCATORS = ("system", "jemalloc", "tcmalloc")
+ALLOCATORS = ("system", "glibc-tuned", "jemalloc", "mimalloc", "tcmalloc")
 
 
 @dataclass(frozen=True)
 class Ratio:
     """numerator / denominator of two runs ("method/loss/allocator"; allocator "shipped" stands
     for the one the peftlab command runs under here); a target when ``limit`` is given, met at
-    ``<= limit``; ``needs_jemalloc``: the target holds only under jemalloc."""
+    ``<= limit``; ``needs_preload``: the target holds only under a preloaded allocator."""
 
     label: str
     numerator: str
     denominator: str
     kind: str  # "time" (median of per-round ratios) or "memory" (ratio of median peaks)
     limit: float | None = None
-    needs_jemalloc: bool = False
+    needs_preload: bool = False
 
 
 RATIOS = (
@@ -93,7 +100,7 @@ RATIOS = (
         "full/selected/shipped",
         "memory",
         0.50,
-        needs_jemalloc=True,
+        needs_preload=True,
     ),
     Ratio(
         "LoRA peak memory, as shipped / reference (plain loss, glibc)",
@@ -101,7 +108,7 @@ RATIOS = (
         "lora/plain/system",
         "memory",
         0.75,
-        needs_jemalloc=True,
+        needs_preload=True,
     ),
     Ratio(
         "LoRA step, as shipped / reference (plain loss, glibc)",
@@ -123,7 +130,17 @@ def shipped_allocator() -> str:
     """The allocator the ``peftlab`` command runs under on this machine (``PEFTLAB_ALLOCATOR=auto``)."""
     from peftlab import allocator
 
-    return "jemalloc" if allocator.resolve("auto") is not None else "system"
+    return allocator.chosen("auto")
+
+
+def set_tunables(text: str | None) -> None:
+    """``--glibc-tunables``: what ``glibc-tuned`` means in this run (parent and children)."""
+    from peftlab import allocator
+
+    if text is not None:
+        pairs = (item.split("=", 1) for item in text.split(":") if item)
+        allocator.GLIBC_TUNABLES.clear()
+        allocator.GLIBC_TUNABLES.update({k: v for k, v in pairs})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,7 +152,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=ALLOCATORS,
         default=None,
-        help="heap allocators (default: system, and jemalloc when installed)",
+        help="heap allocators (default: system, and the one the peftlab command picks here)",
+    )
+    p.add_argument(
+        "--glibc-tunables",
+        default=None,
+        metavar="NAME=VALUE:...",
+        help="what glibc-tuned sets instead of peftlab.allocator.GLIBC_TUNABLES (probing candidates)",
     )
     p.add_argument("--prompt-fraction", type=float, default=0.5, help="share of each row that is prompt")
     p.add_argument("--batch-size", type=int, default=4)
@@ -157,6 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss", choices=LOSSES, default="selected", help=argparse.SUPPRESS)
     p.add_argument("--allocator", choices=ALLOCATORS, default="system", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    set_tunables(args.glibc_tunables)
     if args.allocators is None:
         args.allocators = sorted({"system", shipped_allocator()}, key=ALLOCATORS.index)
     if args.quick:
@@ -271,11 +295,18 @@ def _spawn(run: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.activation_checkpointing:
         command.append("--activation-checkpointing")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    if args.glibc_tunables is not None:
+        command += ["--glibc-tunables", args.glibc_tunables]
+    env = allocator.untuned_environ(env)
     env.pop(allocator.REEXEC_ENV, None)
     preloads = [p for p in env.pop("LD_PRELOAD", "").replace(":", " ").split() if allocator.loaded(p) is None]
     if preloads:
         env["LD_PRELOAD"] = " ".join(preloads)
-    if heap != "system":
+    if heap == "glibc-tuned":
+        if not allocator.tunable_glibc():
+            sys.exit("--allocators glibc-tuned: needs Linux with glibc 2.26 or newer")
+        env = allocator.tuned_environ(env)
+    elif heap != "system":
         library = allocator.find(heap)
         if library is None:
             sys.exit(f"--allocators {heap}: not installed ({allocator.INSTALL_HINT[heap]})")
@@ -382,9 +413,12 @@ def report(
                 "SKIP",
                 f"{num} or {den} not run (--methods, --losses, --allocators)",
             )
-        elif r.needs_jemalloc and shipped != "jemalloc":
+        elif r.needs_preload and shipped in ("system", "glibc-tuned"):
             entry["result"] = "SKIP"
-            entry["why"] = "holds only under jemalloc, which is not installed here (apt install libjemalloc2)"
+            entry["why"] = (
+                f"holds only under jemalloc or mimalloc; the peftlab command runs under {shipped} here "
+                "(apt install libjemalloc2)"
+            )
         else:
             entry["result"] = "PASS" if entry["value"] <= r.limit else "MISS"
         ratios.append(entry)
