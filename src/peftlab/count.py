@@ -21,7 +21,7 @@ from peftlab.core import quantized
 from peftlab.core.config import TaskType
 from peftlab.core.peft_model import count_parameters, get_peft_model
 from peftlab.core.registry import method_for
-from peftlab.models import AUTO_CLASSES
+from peftlab.models import AUTO_CLASSES, kind_of_config
 from peftlab.presets import PRESETS, MethodPreset
 from peftlab.training.memory import (
     ACTIVATION_FORMULA,
@@ -180,6 +180,7 @@ class CountRow:
 class CountReport:
     model: str
     model_type: str
+    model_kind: str  # "causal", "seq2seq" or "encoder", as the applications see it (peftlab.models)
     model_class: str
     task_type: TaskType | None
     activations: ActivationAssumption
@@ -192,6 +193,7 @@ class CountReport:
         return {
             "model": self.model,
             "model_type": self.model_type,
+            "model_kind": self.model_kind,
             "model_class": self.model_class,
             "task_type": self.task_type.value if self.task_type else None,
             "seconds": round(self.seconds, 3),
@@ -214,7 +216,8 @@ class CountReport:
         ok = [r for r in self.rows if r.error is None]
         task = f", task {self.task_type.value}" if self.task_type else ""
         lines = [
-            f"peftlab count: {self.model} ({self.model_class}, model_type {self.model_type}{task}); "
+            f"peftlab count: {self.model} ({self.model_class}, model_type {self.model_type}, "
+            f"a {self.model_kind} model{task}); "
             f"built on the meta device, no weights loaded ({self.seconds:.1f} s)",
             "",
             "## Parameters (exact)",
@@ -323,8 +326,11 @@ def count_methods(
     base = build_meta_model(config, cls)
     acts = activation_assumption(config, base, batch_size, seq_len)
     linear_params = quantizable_params(base)
+    kind = kind_of_config(str(config.model_type), bool(getattr(config, "is_encoder_decoder", False)))
     out: list[CountRow] = []
     for row in rows:
+        if not row.applies_to(kind):
+            continue  # e.g. prefix-all, for encoder-decoders only
         # a model without a PEFT task (e.g. masked LM) is counted as a language model
         peft_config = row.config(config, task_type or TaskType.CAUSAL_LM)
         result = CountRow(row.label, peft_config.peft_type if peft_config else None)
@@ -349,6 +355,7 @@ def count_methods(
     return CountReport(
         model=label,
         model_type=str(config.model_type),
+        model_kind=kind,
         model_class=type(base).__name__,
         task_type=task_type,
         activations=acts,

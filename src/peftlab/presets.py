@@ -11,7 +11,10 @@ Where the lesson's figure does not scale down it is adapted, and said so here:
   576 / 64 = 9 dimensions (SmolLM2-135M) is too narrow to learn in;
 - prefix tuning: 20 virtual tokens through the reparametrisation MLP (the lesson, Li & Liang)
   for language models; for an encoder with a new classification head the vectors are trained
-  directly (P-tuning v2's choice: through the MLP, MiniLM stayed at the majority class).
+  directly (P-tuning v2's choice: through the MLP, MiniLM stayed at the majority class). On an
+  encoder-decoder ``prefix`` is HF PEFT's layout (decoder self-attention only) and
+  ``prefix-all`` the prefix-tuning paper's BART setting (encoder self-attention, decoder
+  self-attention and cross-attention, each with prefixes of its own; PEFT cannot load it).
 
 Learning rates: adapters that start at identity and have few parameters need large steps;
 updating every weight needs small ones. Encoders train a new head alongside the adapter, hence
@@ -54,23 +57,38 @@ class MethodPreset:
     in_default: bool = True  # among the methods compare runs without --methods
     # the lesson's "best for stacking tasks": adapters kept apart and composed, not merged
     composes: bool = False
+    # the model kinds it applies to (peftlab.models.model_kind)
+    kinds: tuple[str, ...] = ("causal", "seq2seq", "encoder")
 
     def config(self, model_config: Any = None, task_type: TaskType = TaskType.CAUSAL_LM) -> PeftConfig | None:
         return self.make_config(model_config, task_type)
 
     def lr_for(self, model_kind: str) -> float:
-        """The learning rate for a ``"causal"`` or ``"encoder"`` model."""
+        """The learning rate for a ``"causal"``, ``"seq2seq"`` (the language models' column) or
+        ``"encoder"`` model."""
         return self.encoder_learning_rate if model_kind == "encoder" else self.learning_rate
+
+    def applies_to(self, model_kind: str) -> bool:
+        return model_kind in self.kinds
+
+    @property
+    def default_task_type(self) -> TaskType:
+        """The task type of a language model it applies to (a seq2seq-only preset's: SEQ_2_SEQ_LM)."""
+        return TaskType.SEQ_2_SEQ_LM if "causal" not in self.kinds else TaskType.CAUSAL_LM
+
+    def _any_config(self) -> PeftConfig | None:
+        """The config for a language model it applies to, model size unknown."""
+        return self.config(None, self.default_task_type)
 
     @property
     def peft_type(self) -> str | None:
-        config = self.config()
+        config = self._any_config()
         return config.peft_type if config is not None else None
 
     @property
     def method(self) -> Method | None:
         """The adapter method the preset runs; None for full fine-tuning."""
-        config = self.config()
+        config = self._any_config()
         return method_for(config) if config is not None else None
 
     @property
@@ -91,8 +109,8 @@ class MethodPreset:
         return (*(("mergeable",) if self.mergeable else ()), *(("composes",) if self.composes else ()))
 
     def settings(self) -> dict[str, Any]:
-        """The settings to print (for a causal LM whose size is not known)."""
-        config = self.config()
+        """The settings to print (for a model of its first kind whose size is not known)."""
+        config = self._any_config()
         out: dict[str, Any] = {"peft_type": config.peft_type if config is not None else None}
         values = config.to_dict() if config is not None else {}
         for name in self.shown:
@@ -152,6 +170,16 @@ def _prefix(model_config: Any, task_type: TaskType) -> PeftConfig:
     )
 
 
+def _prefix_all(model_config: Any, task_type: TaskType) -> PeftConfig:
+    return PrefixTuningConfig(
+        task_type=task_type,
+        num_virtual_tokens=20,
+        prefix_projection=True,
+        encoder_prefix=True,
+        cross_prefix=True,
+    )
+
+
 PRESETS: dict[str, MethodPreset] = {
     p.name: p
     for p in (
@@ -192,6 +220,17 @@ PRESETS: dict[str, MethodPreset] = {
             3e-2,
             shown=("num_virtual_tokens", "prefix_projection"),
             summary="plain vectors (no MLP) for classification heads",
+        ),
+        MethodPreset(
+            "prefix-all",
+            "Prefix tuning (enc+dec+cross)",
+            _prefix_all,
+            1e-3,
+            1e-3,
+            shown=("num_virtual_tokens", "prefix_projection", "encoder_prefix", "cross_prefix"),
+            summary="encoder-decoders only: prefixes on encoder self-attention, decoder self-attention "
+            "and cross-attention (the prefix-tuning paper's BART setting)",
+            kinds=("seq2seq",),
         ),
         MethodPreset(
             "qlora",

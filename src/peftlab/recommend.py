@@ -34,9 +34,10 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from peftlab.models import MODEL_KINDS, model_kind
 from peftlab.presets import PRESETS
 
-MODEL_TYPES = ("causal", "seq2seq", "encoder")
+MODEL_TYPES = MODEL_KINDS  # as peftlab.models.model_kind tells them from a model's config
 FEW_EXAMPLES = 200
 MERGEABLE = {name for name, preset in PRESETS.items() if "mergeable" in preset.traits}
 # what compare's "tied_with_best" means (peftlab.compare.stats: McNemar or paired bootstrap)
@@ -178,7 +179,11 @@ def _by_rules(c: Constraints) -> Recommendation:
     elif c.model_type == "seq2seq" and not c.zero_overhead:
         reasons.append("sequence-to-sequence model: prefix tuning was designed for it")
         method = "prefix"
-        candidates.append("lora")
+        candidates += ["prefix-all", "lora"]
+        reasons.append(
+            "prefix-all adds prefixes to the encoder and the cross-attention too (the paper's BART "
+            "setting); `peftlab compare` on your model measures both layouts"
+        )
     else:
         reasons.append("LoRA (r=8 on q and v) is the default that works for most tasks")
         method = "lora"
@@ -514,3 +519,18 @@ def load_results(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a JSON object as written by peftlab compare")
     return data
+
+
+def model_type_of(given: str | None, model: str | None, results: dict[str, Any] | None) -> str:
+    """The kind of base model: ``--model-type``, ``--model``'s (from its config) and the
+    results' must agree; none of them: causal."""
+    sources = {
+        "--model-type": given,
+        "--model": model_kind(model) if model else None,
+        "--results": (results or {}).get("model_kind"),
+    }
+    known = {k: v for k, v in sources.items() if v}
+    if len(set(known.values())) > 1:
+        said = ", ".join(f"{k} says {v}" for k, v in known.items())
+        raise ValueError(f"the model kinds disagree ({said}); give the options for one model")
+    return next(iter(known.values()), "causal")

@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from peftlab.recommend import MODEL_TYPES, Constraints, load_results, recommend
+from peftlab.recommend import MODEL_TYPES, Constraints, load_results, model_type_of, recommend
 
 
 def register(sub: Any) -> None:
@@ -25,7 +25,17 @@ def register(sub: Any) -> None:
         default=None,
         help="number of training examples (with curves in --results: the measured size nearest it decides)",
     )
-    p.add_argument("--model-type", choices=MODEL_TYPES, default="causal", help="kind of base model")
+    p.add_argument(
+        "--model-type",
+        choices=MODEL_TYPES,
+        default=None,
+        help="kind of base model (default: that of --model or of the --results' model, else causal)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a model folder or hub id: its config says its kind (encoder-decoder: seq2seq); no weights load",
+    )
     p.add_argument("--memory-gb", type=float, default=None, help="training memory budget in GB")
     p.add_argument(
         "--lora-memory-gb",
@@ -47,15 +57,15 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.examples is not None and args.examples < 1:
         raise ValueError(f"--examples must be a positive number of training examples, got {args.examples}")
+    results = load_results(args.results) if args.results else None
     constraints = Constraints(
         num_examples=args.examples,
-        model_type=args.model_type,
+        model_type=model_type_of(args.model_type, args.model, results),
         memory_budget_gb=args.memory_gb,
         lora_memory_gb=args.lora_memory_gb,
         num_tasks=args.tasks,
         zero_overhead=args.zero_overhead,
     )
-    results = load_results(args.results) if args.results else None
     rec = recommend(constraints, results)
     if args.memory_gb is not None and args.lora_memory_gb is None and results is None:
         rec.reasons.append(

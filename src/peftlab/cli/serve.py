@@ -43,7 +43,8 @@ def register(sub: Any) -> None:
         "serve",
         help="HTTP server: one base model, many adapters, adapter chosen per request, mixed batches",
         description=(
-            "Serve a causal LM and any number of adapters (LoRA, IA3, bottleneck, prefix) behind an "
+            "Serve a causal LM or an encoder-decoder (T5, BART: the prompt is the encoder's input) and "
+            "any number of adapters (LoRA, IA3, bottleneck, prefix) behind an "
             "OpenAI-compatible API: POST /v1/completions and /v1/chat/completions with model=ADAPTER "
             "(or the base model's name), GET /v1/models, GET /health, GET /metrics (Prometheus). "
             "Requests for different adapters share one batch that changes at every decoding step. "
@@ -85,8 +86,8 @@ def register(sub: Any) -> None:
         "--batching",
         choices=("continuous", "static"),
         default="continuous",
-        help="continuous: rows join and leave the batch at every decoding step (default); static: "
-        "a batch runs to its longest row's end",
+        help="continuous: rows join and leave the batch at every decoding step (default; encoder-decoders "
+        "with relative positions, as T5, only); static: a batch runs to its longest row's end",
     )
     p.add_argument("--max-batch-size", type=_positive, default=16, help="rows decoded together (default 16)")
     p.add_argument(

@@ -6,7 +6,8 @@ model, passage by passage:
 
 - a language model: the mean next-token loss over the passages' tokens, tuned minus base (nats
   per token; > 0: the tuned model predicts general text worse), as HF PEFT's method comparison
-  reports forgetting;
+  reports forgetting (an encoder-decoder reads each passage and is scored on reconstructing it
+  as its decoder's target);
 - an encoder with a new classification head, which has no language-model loss: the drift of its
   sentence representations, 1 - the mean cosine similarity between the tuned and the base
   model's mean-pooled last hidden states (0: unchanged).
@@ -31,7 +32,7 @@ from peftlab.compare.stats import resample_indices
 from peftlab.data.retain import RetainText, general_prose, read_retain_file
 from peftlab.devices import Precision, device_of
 from peftlab.training.encoding import Encoded, collate
-from peftlab.training.lm_head import IGNORE_INDEX
+from peftlab.training.lm_head import IGNORE_INDEX, token_losses
 
 PASSAGES = 64  # passages scored: enough for an interval, a few seconds per method on a CPU
 PASSAGE_TOKENS = 128  # each passage cut to this many tokens
@@ -70,7 +71,9 @@ def retain_sample(text: RetainText, tokenizer: Any, model_kind: str) -> RetainSa
     for passage in text.passages:
         ids = list(tokenizer(passage, truncation=True, max_length=PASSAGE_TOKENS)["input_ids"])
         if len(ids) >= MIN_TOKENS:
-            encoded.append(Encoded(ids, ids))
+            # an encoder-decoder reads the passage and is scored reconstructing it (BART's
+            # denoising objective without the noise)
+            encoded.append(Encoded(ids, ids, seq2seq=model_kind == "seq2seq"))
         if len(encoded) == PASSAGES:
             break
     if len(encoded) < 2:
@@ -86,6 +89,12 @@ def passage_losses(model: nn.Module, sample: RetainSample, pad: int, precision: 
     """(passages, 2): each passage's summed next-token loss and the number of tokens scored."""
     out = np.zeros((len(sample.encoded), 2))
     for start, batch, labels in _batches(model, sample, pad):
+        if sample.encoded[0].seq2seq:
+            with precision.autocast():
+                losses = token_losses(model, batch, labels)
+            out[start : start + len(labels), 0] = losses.sum(dim=1).cpu().numpy()
+            out[start : start + len(labels), 1] = (labels != IGNORE_INDEX).sum(dim=1).cpu().numpy()
+            continue
         with precision.autocast():
             logits = model(**batch).logits.float()
         shifted = labels[:, 1:]

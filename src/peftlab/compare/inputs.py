@@ -8,6 +8,7 @@ so the test split is never looked at before the final runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from peftlab.compare.scoring import group_items, headline_metric
 from peftlab.core.config import TaskType
 from peftlab.data.tasks import Task
 from peftlab.devices import Precision
-from peftlab.models import load_causal_lm, load_sequence_classifier, load_tokenizer, model_kind
+from peftlab.models import load_language_model, load_sequence_classifier, load_tokenizer, model_kind
 from peftlab.training.encoding import collate, pad_id
 from peftlab.training.fitting import LengthPlan, PromptFormat
 from peftlab.training.preparation import (
@@ -41,7 +42,7 @@ GENERIC_METRIC = "exact_match"
 class ComparisonInputs:
     model: str | None  # as given (None: the embedded default)
     gguf_file: str | None
-    model_kind: str  # "causal" or "encoder" (peftlab.models.model_kind)
+    model_kind: str  # "causal", "seq2seq" or "encoder" (peftlab.models.model_kind)
     run_kind: str  # "generation", "causal-classification" or "encoder-classification"
     task: Task
     task_type: TaskType
@@ -93,6 +94,28 @@ class ComparisonInputs:
         batch = collate(self.test_split.encoded[: self.sizes.batch_size], self.pad)
         return {k: v.to(self.precision.device) for k, v in batch.items() if k != "labels"}
 
+    def inference(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], Any]:
+        """The call latency times on ``batch``: a forward pass, or for an encoder-decoder the
+        encoder's pass and greedy decoding of the run's generation length, every model made to
+        generate that many tokens (so each does the same work)."""
+        if self.model_kind != "seq2seq":
+            return lambda: model(**batch)
+        steps = self.plan.max_new_tokens
+
+        def decode() -> Any:
+            return model.generate(  # type: ignore[operator]
+                **batch,
+                max_new_tokens=steps,
+                min_new_tokens=steps,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=self.pad,
+            )
+
+        return decode
+
 
 def load_inputs(opts: CompareOptions, *, verbose: bool = False) -> ComparisonInputs:
     """Load the base and the data for ``opts`` (resolved, see
@@ -115,12 +138,17 @@ def load_inputs(opts: CompareOptions, *, verbose: bool = False) -> ComparisonInp
     template = opts.chat_template or ("auto" if chat_rows else "none")
     if chat_rows and kind != "encoder":
         # chat rows on a model without a chat template: refused before the weights load
-        PromptFormat.resolve(load_tokenizer(opts.model, gguf_file=opts.gguf_file), template, chat_rows=True)
+        PromptFormat.resolve(
+            load_tokenizer(opts.model, gguf_file=opts.gguf_file),
+            template,
+            chat_rows=True,
+            seq2seq=kind == "seq2seq",
+        )
     train, val = carve_validation(task.train, sizes.val_size, salt=VALIDATION_SALT)
     opts.check_sizes_against(len(train), sizes.batch_size)
     retain_text = load_retain_text(opts.retain_data)
     base, tokenizer, task_type = _load_base(opts, kind, task, precision, verbose)
-    fmt = PromptFormat.resolve(tokenizer, template, chat_rows=chat_rows)
+    fmt = PromptFormat.resolve(tokenizer, template, chat_rows=chat_rows, seq2seq=kind == "seq2seq")
     test = list(task.eval[: sizes.num_eval])
     encoder = RowEncoder(tokenizer, labels=task.labels) if kind == "encoder" else RowEncoder(tokenizer, fmt)
     data = prepare_data(
@@ -194,10 +222,15 @@ def load_base(
         )
         task_type = TaskType.SEQ_CLS
     else:
-        base, tokenizer = load_causal_lm(
-            model, gguf_file=gguf_file, dtype=precision.dtype, device=precision.device, verbose=verbose
+        base, tokenizer = load_language_model(
+            model,
+            kind=kind,
+            gguf_file=gguf_file,
+            dtype=precision.dtype,
+            device=precision.device,
+            verbose=verbose,
         )
-        task_type = TaskType.CAUSAL_LM
+        task_type = TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else TaskType.CAUSAL_LM
     for p in base.parameters():
         p.requires_grad_(False)
     return base, tokenizer, task_type

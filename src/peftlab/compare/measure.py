@@ -270,7 +270,8 @@ def method_estimate(
 def _latencies(
     inputs: ComparisonInputs, model: nn.Module, mergeable: PeftModel | None, repeats: int
 ) -> dict[str, Any]:
-    """Interleaved forward passes over one test batch against the base: as trained, and
+    """Interleaved forward passes (an encoder-decoder's: generation, see
+    :meth:`ComparisonInputs.inference`) over one test batch against the base: as trained, and
     (``mergeable`` given) with the adapter merged; medians, the paired ratios' spread over the
     repeats, and the other work on the machine meanwhile. An adapter in the shared base is set
     aside for the base's timings (:meth:`PeftModel.detach`), so the base runs exactly as loaded.
@@ -279,7 +280,8 @@ def _latencies(
     peft = model if isinstance(model, PeftModel) else None
     around = [peft.detach, peft.attach] if peft is not None else None
     watch = Contention().start()
-    base_t, unmerged_t = interleaved_times([lambda: base(**batch), lambda: model(**batch)], repeats, around)
+    run_base, run_model = inputs.inference(base, batch), inputs.inference(model, batch)
+    base_t, unmerged_t = interleaved_times([run_base, run_model], repeats, around)
     out: dict[str, Any] = {
         "latency_base_s": statistics.median(base_t),
         "latency_unmerged_s": statistics.median(unmerged_t),
@@ -290,9 +292,7 @@ def _latencies(
         with weights_kept(mergeable):
             mergeable.merge_adapter()
             # the base's timings run its plain modules over the merged weights: the same work
-            base_m, merged_t = interleaved_times(
-                [lambda: base(**batch), lambda: model(**batch)], repeats, around
-            )
+            base_m, merged_t = interleaved_times([run_base, run_model], repeats, around)
             mergeable.unmerge_adapter()
         out["latency_merged_s"] = statistics.median(merged_t)
         out["inference_overhead_merged"] = statistics.median(merged_t) / statistics.median(base_m)

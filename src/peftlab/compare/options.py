@@ -19,7 +19,14 @@ from peftlab.presets import PRESETS
 from peftlab.training.memory import check_max_memory
 from peftlab.training.preparation import MEMORY_BUDGET_BYTES
 
-DEFAULT_METHODS = tuple(name for name, p in PRESETS.items() if p.in_default)
+
+def default_methods(kind: str) -> tuple[str, ...]:
+    """The methods compare runs without ``--methods`` on a model of ``kind``
+    (:func:`peftlab.models.model_kind`): ``prefix-all`` only on encoder-decoders."""
+    return tuple(name for name, p in PRESETS.items() if p.in_default and p.applies_to(kind))
+
+
+DEFAULT_METHODS = default_methods("causal")
 SEARCH_EFFORTS = ("none", "quick", "full")
 # the learning rates a search tries, as multiples of the preset's, in the order tried (the
 # preset first, so the pruner has a sensible reference early)
@@ -246,20 +253,31 @@ class CompareOptions:
 def resolve_options(opts: CompareOptions) -> CompareOptions:
     """``opts`` checked, with the choices left open made: the task (rotten-tomatoes; the small
     generated ``topic`` task for a quick run on a causal LM, whose default would take long), the
+    default methods those that apply to the model's kind (``prefix-all`` on encoder-decoders), the
     search effort (quick; none for a quick run) and the latency repeats."""
     opts.validate()
     task = opts.task
+    kind = model_kind(opts.model, opts.gguf_file)
     if not (task or opts.data or opts.hf_dataset):
-        quick_causal = opts.quick and model_kind(opts.model, opts.gguf_file) != "encoder"
+        quick_causal = opts.quick and kind != "encoder"
         task = QUICK_TASK if quick_causal else DEFAULT_TASK
+    methods = default_methods(kind) if opts.methods == DEFAULT_METHODS else opts.methods
+    misplaced = [m for m in methods if not PRESETS[m].applies_to(kind)]
+    if misplaced:
+        raise ValueError(
+            f"--methods: {', '.join(misplaced)} applies to "
+            f"{' and '.join(PRESETS[misplaced[0]].kinds)} models only, and the model is a {kind} model; "
+            "drop it from --methods"
+        )
     search = opts.search or ("none" if opts.quick else "quick")
     repeats = opts.latency_repeats or (QUICK_LATENCY_REPEATS if opts.quick else DEFAULT_LATENCY_REPEATS)
-    return dataclasses.replace(opts, task=task, search=search, latency_repeats=repeats)
+    return dataclasses.replace(opts, task=task, methods=methods, search=search, latency_repeats=repeats)
 
 
 def run_kind(model_kind: str, task: Task) -> str:
-    """``generation`` (the built-in generated tasks and prompt/completion data on a causal LM),
-    ``causal-classification`` or ``encoder-classification``."""
+    """``generation`` (the built-in generated tasks and prompt/completion data on a causal LM or
+    an encoder-decoder), ``causal-classification`` (label words scored by a language model,
+    causal or encoder-decoder) or ``encoder-classification``."""
     if model_kind == "encoder":
         if not task.is_classification:
             raise ValueError(

@@ -313,6 +313,15 @@ def _precision(settings: dict[str, Any]) -> str:
     return f"{where}, mixed precision ({dtype} autocast and frozen weights, trained weights in float32)"
 
 
+def _latency_call(results: dict[str, Any]) -> str:
+    if results.get("model_kind") == "seq2seq":
+        return (
+            "latency of greedy generation (the encoder's pass, then every decoding step to the "
+            "run's generation length)"
+        )
+    return "forward latency"
+
+
 def render_report(results: dict[str, Any]) -> str:
     header, rows = table_rows(results)
     task = results["task"]
@@ -358,7 +367,7 @@ def render_report(results: dict[str, Any]) -> str:
         "with: each batch in forward passes of that many examples, their gradients accumulated (the "
         "same examples per optimizer step for every method), + ckpt = activation checkpointing, "
         "(after OOM) = reached after running out of memory; step time = median optimizer step; "
-        "inference = median forward latency on "
+        f"inference = median {_latency_call(results)} on "
         "one eval batch relative to the untouched base model, timed interleaved; quality on the "
         "held-out test split with a 95% percentile-bootstrap interval over its examples (1,000 "
         "resamples); vs best = a paired test against the best method on the same test examples "

@@ -4,10 +4,11 @@ Every method starts from the same frozen base (:mod:`peftlab.compare.inputs`) an
 same training split for the same budget of examples, validating every ``eval_every`` examples
 (early stopping and the search's pruner decide on those losses). How quality is measured
 depends on the model and the data (see :mod:`peftlab.training.classify`): an encoder
-(``--model minilm``) gets a classification head and is scored on its argmax; a causal LM on
-classification data is scored by label-word likelihood; on prompt/completion data it generates
-greedily and is scored by exact match, token F1, ROUGE-L and BLEU. Every mode also reports the
-held-out loss (and perplexity for causal LMs).
+(``--model minilm``) gets a classification head and is scored on its argmax; a causal LM or an
+encoder-decoder (T5, BART: the prompt to the encoder, the completion as the decoder's targets)
+on classification data is scored by label-word likelihood; on prompt/completion data it
+generates greedily and is scored by exact match, token F1, ROUGE-L and BLEU. Every mode also
+reports the held-out loss (and perplexity for language models).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from peftlab.core.quantized import (
 )
 from peftlab.data.metrics import classification_metrics, perplexity
 from peftlab.devices import peak_memory
-from peftlab.models import load_causal_lm
+from peftlab.models import load_language_model
 from peftlab.presets import MethodPreset
 from peftlab.training.classify import ClassifierAsNextToken, classify, score_label_words
 from peftlab.training.encoding import Encoded
@@ -181,8 +182,9 @@ class SharedBase:
         if found is None:
             if self.inputs.model_kind == "encoder":
                 raise ValueError(f"a base quantized to {scheme} is for causal LMs; drop qlora from --methods")
-            found, _ = load_causal_lm(
+            found, _ = load_language_model(
                 self.inputs.model,
+                kind=self.inputs.model_kind,
                 gguf_file=self.inputs.gguf_file,
                 dtype=self.inputs.precision.dtype,
                 device=self.inputs.precision.device,

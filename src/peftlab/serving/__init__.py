@@ -19,7 +19,7 @@ import torch
 from peftlab.core.peft_model import PeftModel
 from peftlab.devices import resolve_device
 from peftlab.extras import require
-from peftlab.models import ALIASES, DEFAULT_CAUSAL_LM, load_causal_lm
+from peftlab.models import ALIASES, DEFAULT_CAUSAL_LM, load_language_model, model_kind
 from peftlab.serving.adapters import check_adapter_folder, check_adapter_name
 from peftlab.serving.engine import BATCHING, Engine, EngineStats, SamplingParams, ServeError
 
@@ -60,11 +60,18 @@ def load_engine(
     double_quant: bool = False,
     **engine_options: Any,
 ) -> Engine:
-    """Load a causal LM (``None``: the embedded SmolLM2-135M) and the named adapter folders,
-    and wrap them in an :class:`Engine` (options: ``batching``, ``max_batch_size``,
-    ``adapter_dirs``, ...). ``quantization`` (``"nf4"``, ``"fp4"``, ``"int8"`` or a
-    ``BitsAndBytesConfig``) serves every adapter over one quantized base, as
-    :func:`peftlab.models.load_base_model` loads it."""
+    """Load a causal LM (``None``: the embedded SmolLM2-135M) or an encoder-decoder (T5, BART; the
+    kind from :func:`peftlab.models.model_kind`) and the named adapter folders, and wrap them in
+    an :class:`Engine` (options: ``batching``, ``max_batch_size``, ``adapter_dirs``, ...).
+    An encoder-only model is refused before anything is loaded. ``quantization`` (``"nf4"``,
+    ``"fp4"``, ``"int8"`` or a ``BitsAndBytesConfig``) serves every adapter over one quantized
+    base, as :func:`peftlab.models.load_base_model` loads it."""
+    kind = model_kind(model, gguf_file)
+    if kind not in ("causal", "seq2seq"):
+        raise ValueError(
+            f"{model} is an {kind}-only model, which does not generate text; peftlab serve needs a causal "
+            "LM or an encoder-decoder (T5, BART) as --model"
+        )
     base_name = served_model_name or base_model_name(model, gguf_file)
     adapters = dict(adapters or {})
     folders = {}
@@ -78,7 +85,7 @@ def load_engine(
     quant: dict[str, Any] = {}
     if quantization is not None:  # quantized straight onto the device
         quant = {"quantization": quantization, "double_quant": double_quant, "device": target}
-    base, tokenizer = load_causal_lm(model, gguf_file=gguf_file, dtype=dtype, **quant)
+    base, tokenizer = load_language_model(model, kind=kind, gguf_file=gguf_file, dtype=dtype, **quant)
     peft_model = PeftModel(base)
     for name, folder in folders.items():
         peft_model.load_adapter(folder, adapter_name=name)

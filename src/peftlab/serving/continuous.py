@@ -54,7 +54,8 @@ def cache_argument(model: Any) -> str:
     params = inspect.signature(model.forward).parameters
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise ValueError(
-            "continuous batching runs decoder-only causal LMs; use batching='static' (--batching static)"
+            f"{type(model).__name__} is an encoder-decoder: its rows run in "
+            "peftlab.serving.encoder_decoder.EncoderDecoderBatch (or with batching='static')"
         )
     if "position_ids" not in params:
         raise ValueError(
@@ -99,15 +100,18 @@ class RunningBatch:
         self.observer = observer
         self.rules = rules
         self.pad = pad
-        base = model.base_model
-        self.cache_kwarg = cache_argument(base)
-        self.keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.rows: list[Row] = []
         self.cache: Any = None  # a DynamicCache with one row per running row
         self.mask: torch.Tensor | None = None  # (rows, cache width), 1 where a real token is
         self.lengths: list[int] = []  # real tokens of each row in the cache
         self.last: list[int] = []  # each row's newest token, its next input
+        self._prepare(model.base_model)
+
+    def _prepare(self, base: Any) -> None:
+        """Check that ``base`` can run here and read how its forward is called."""
+        self.cache_kwarg = cache_argument(base)
+        self.keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
 
     def step(self, admit: Sequence[Row] = ()) -> StepReport:
         """Admit ``admit`` (prefill and join), then decode one token of every running row."""

@@ -6,7 +6,8 @@ in a bounded queue; a dispatcher on the event loop hands rows to the worker:
 * ``batching="continuous"`` (the default): at every decoding step, waiting rows join the
   running batch as long as it has room (``max_batch_size``) and their prompts fit this step's
   prefill budget (``max_prefill_tokens``), finished rows leave at once, and rows whose client
-  has gone are dropped (:mod:`peftlab.serving.continuous`);
+  has gone are dropped (:mod:`peftlab.serving.continuous`; encoder-decoders:
+  :mod:`peftlab.serving.encoder_decoder`);
 * ``batching="static"``: up to ``max_batch_size`` rows (waiting at most ``max_wait_ms`` after
   the first) run as one ``generate`` call to the end (:mod:`peftlab.serving.static`).
 
@@ -35,6 +36,7 @@ from peftlab.core.peft_model import BASE_ADAPTER, PeftModel
 from peftlab.serving.adapters import AdapterRoots, check_adapter_folder, check_adapter_name
 from peftlab.serving.continuous import RunningBatch, StepReport
 from peftlab.serving.decoding import StopRules, eos_ids
+from peftlab.serving.encoder_decoder import EncoderDecoderBatch, is_encoder_decoder
 from peftlab.serving.jobs import Job, Row, SamplingParams, ServeError, StreamChunk
 from peftlab.serving.metrics import ServeMetrics
 from peftlab.serving.static import generate_batch
@@ -151,11 +153,14 @@ class Engine:
         self.max_queue = max_queue
         self.max_prompts = max_prompts
         self.max_prefill_tokens = max_prefill_tokens
-        # positions the model was trained for; prompt + completion must fit in them
+        # an encoder-decoder reads the prompt in its encoder and writes the completion in its decoder
+        self.seq2seq = is_encoder_decoder(model.base_model)
+        # positions the model was trained for; prompt + completion must fit in them (in one
+        # sequence, or the prompt in the encoder's and the completion in the decoder's)
         context = getattr(getattr(model.base_model, "config", None), "max_position_embeddings", None)
         self.context_length: int | None = int(context) if context else None
         self.max_prompt_tokens = max_prompt_tokens or (
-            self.context_length - 1 if self.context_length else 4096
+            self.context_length - (0 if self.seq2seq else 1) if self.context_length else 4096
         )
         self.max_tokens_limit = max_tokens_limit or (self.context_length or 4096)
         for value, flag in (
@@ -177,7 +182,8 @@ class Engine:
         self.eos_ids = eos_ids(model.base_model, tokenizer)
         self._pad = pad_id(tokenizer, self.eos_ids)
         self.rules = StopRules(tokenizer, self.eos_ids, self._emit)
-        self._batch = RunningBatch(model, self.rules, self._pad) if batching == "continuous" else None
+        batch_class = EncoderDecoderBatch if self.seq2seq else RunningBatch
+        self._batch = batch_class(model, self.rules, self._pad) if batching == "continuous" else None
         self._waiting: deque[Row | AdminOp] = deque()
         self._job_seconds = 1.0  # running mean of a request's time in the server (Retry-After)
         self._arrived: asyncio.Event | None = None
@@ -278,7 +284,7 @@ class Engine:
                     f"{which} has {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens}",
                     param="prompt",
                 )
-            if self.context_length and len(ids) + max_tokens > self.context_length:
+            if self.context_length and not self.seq2seq and len(ids) + max_tokens > self.context_length:
                 raise ServeError(
                     400,
                     f"{which} ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "

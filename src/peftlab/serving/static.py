@@ -2,9 +2,11 @@
 the end of its longest row (``peftlab serve --batching static``; what continuous batching is
 measured against in ``benchmarks/serve_load.py``).
 
-Rows are left padded, so every row ends at the edge. Finished rows keep their slot until the
-whole batch ends; a stopping criterion marks each row done at its own eos, ``max_tokens`` or
-stop string, so its output is what it would be alone.
+Rows are left padded, so every row ends at the edge; an encoder-decoder's rows (the encoder's
+input) are right padded, so its tokens stand where they would alone, and its decoder starts
+every row at once. Finished rows keep their slot until the whole batch ends; a stopping
+criterion marks each row done at its own eos, ``max_tokens`` or stop string, so its output is
+what it would be alone.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from peftlab.core.peft_model import PeftModel
 from peftlab.serving.decoding import SampledAsGreedy, StopRules
+from peftlab.serving.encoder_decoder import is_encoder_decoder
 from peftlab.serving.jobs import Row
 
 
@@ -49,10 +52,12 @@ def generate_batch(model: PeftModel, rules: StopRules, rows: Sequence[Row], pad:
     width = max(len(r.prompt_ids) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
+    right = is_encoder_decoder(model.base_model)
     for i, row in enumerate(rows):
         n = len(row.prompt_ids)
-        ids[i, width - n :] = torch.tensor(row.prompt_ids)
-        mask[i, width - n :] = 1
+        where = slice(0, n) if right else slice(width - n, width)
+        ids[i, where] = torch.tensor(row.prompt_ids)
+        mask[i, where] = 1
     processors = LogitsProcessorList()
     if any(r.params.temperature > 0 for r in rows):
         processors.append(SampledAsGreedy(rows))

@@ -10,6 +10,8 @@ Causal LMs classify with label words: they learn the completion ``" <label>"`` a
 lists the labels, and at evaluation every label is scored by the log-likelihood of its tokens
 after the prompt; the most likely label is the prediction. Unlike free generation, every
 prediction is a label and the score does not depend on how the model would go on after it.
+Encoder-decoders classify the same way, T5's: the prompt is the encoder's input and each label's
+tokens the decoder's targets, scored through the decoder.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from torch import nn
 
 from peftlab.data.tasks import Example
 from peftlab.training.encoding import Encoded, collate
-from peftlab.training.lm_head import IGNORE_INDEX, hidden_and_head, linear_cross_entropy
+from peftlab.training.lm_head import (
+    IGNORE_INDEX,
+    hidden_and_head,
+    is_encoder_decoder,
+    linear_cross_entropy,
+    token_losses,
+)
 
 # where encode_texts puts the class index: the shared loop pairs label position t + 1 with the
 # logits at position t (next-token shift), and ClassifierAsNextToken puts the class logits at 0
@@ -131,6 +139,8 @@ def score_label_words(
     (:mod:`peftlab.training.lm_head`).
     """
     label_ids = _label_ids(tokenizer, labels)
+    if is_encoder_decoder(model):
+        return _score_label_words_seq2seq(model, encoded, label_ids, pad_token_id, batch_size)
     single = all(len(i) == 1 for i in label_ids)
     was = model.training
     model.eval()
@@ -200,3 +210,36 @@ def _score_continuations(
     rows = mask.nonzero()[:, 0]
     sums = torch.zeros(len(sequences), dtype=torch.float32, device=device).index_add_(0, rows, -losses)
     return sums.view(len(prompts), len(label_ids))
+
+
+def _score_label_words_seq2seq(
+    model: nn.Module,
+    encoded: Sequence[Encoded],
+    label_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+    batch_size: int,
+) -> tuple[list[int], float]:
+    """:func:`score_label_words` for an encoder-decoder: each example's encoder input is run with
+    its reference target (the loss) and with every label's tokens as the decoder's targets (the
+    scores)."""
+    was = model.training
+    model.eval()
+    device = _device_of(model)
+    predictions = [0] * len(encoded)
+    total, count = 0.0, 0
+    try:
+        for indices in length_batches(encoded, batch_size):
+            chunk = [encoded[i] for i in indices]
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
+            targets = batch.pop("labels")
+            total += float(token_losses(model, batch, targets).sum())
+            count += int((targets != IGNORE_INDEX).sum())
+            candidates = [Encoded(e.input_ids, list(ids), seq2seq=True) for e in chunk for ids in label_ids]
+            batch = {k: v.to(device) for k, v in collate(candidates, pad_token_id).items()}
+            scored = batch.pop("labels")
+            scores = -token_losses(model, batch, scored).sum(-1).view(len(chunk), len(label_ids))
+            for i, p in zip(indices, scores.argmax(-1).tolist(), strict=True):
+                predictions[i] = p
+    finally:
+        model.train(was)
+    return predictions, total / max(count, 1)

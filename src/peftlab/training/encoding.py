@@ -2,7 +2,9 @@
 
 A prompt and its completion are tokenised separately, so the boundary between them is exact;
 the completion ends with eos, and the prompt's labels are -100 (only the completion is
-learned). :func:`collate` pads a batch, :class:`BatchStream` draws the batches of a run in a
+learned). For an encoder-decoder (T5, BART) a row is two sequences instead: the prompt is the
+encoder's input and the completion + eos the decoder's targets, every one of them learned
+(``Encoded.seq2seq``). :func:`collate` pads a batch, :class:`BatchStream` draws the batches of a run in a
 seeded order whose state is part of a checkpoint. How over-long rows are cut, and chat
 templates, are :mod:`peftlab.training.fitting`'s.
 """
@@ -21,18 +23,26 @@ from peftlab.training.lm_head import IGNORE_INDEX
 
 @dataclass(frozen=True)
 class Encoded:
-    """Token ids of prompt + completion; ``labels`` are the ids with the prompt set to -100."""
+    """Token ids of prompt + completion; ``labels`` are the ids with the prompt set to -100.
+
+    With ``seq2seq`` (an encoder-decoder's row) ``input_ids`` are the encoder's input (the prompt)
+    and ``labels`` the decoder's targets (the completion + eos), aligned with the decoder's
+    positions: no shift, and -100 only where nothing is learned."""
 
     input_ids: list[int]
     labels: list[int]
     # tokens before the final supervised span (a chat's last assistant turn, whose earlier
     # assistant turns are supervised too); None: before the first supervised token
     context_length: int | None = None
+    seq2seq: bool = False
 
     @property
     def prompt_length(self) -> int:
         """Tokens before the supervised completion: the prompt (possibly cut to fit), or a chat's
-        conversation up to its last assistant turn, which generation at evaluation continues."""
+        conversation up to its last assistant turn, which generation at evaluation continues
+        (an encoder-decoder's whole encoder input)."""
+        if self.seq2seq:
+            return len(self.input_ids)
         if self.context_length is not None:
             return self.context_length
         return next((i for i, label in enumerate(self.labels) if label != IGNORE_INDEX), len(self.labels))
@@ -40,6 +50,11 @@ class Encoded:
     @property
     def prompt_ids(self) -> list[int]:
         return self.input_ids[: self.prompt_length]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the model reads for this row (an encoder-decoder's: encoder and decoder)."""
+        return len(self.input_ids) + (len(self.labels) if self.seq2seq else 0)
 
 
 def eos_id(tokenizer: Any) -> int:
@@ -94,25 +109,36 @@ def encode_examples(tokenizer: Any, examples: Sequence[Example], max_length: int
 def collate(
     batch: Sequence[Encoded], pad_token_id: int, padding_side: str = "right"
 ) -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on pads)."""
+    """Pad to the longest sequence: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on pads).
+    Encoder-decoder rows pad their encoder input and their decoder targets each to its own
+    longest (the targets always on the right, where the decoder's positions start)."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    seq2seq = {ex.seq2seq for ex in batch}
+    if len(seq2seq) > 1:
+        raise ValueError("a batch mixes encoder-decoder rows with decoder-only ones; encode them alike")
     width = max(len(ex.input_ids) for ex in batch)
     ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    label_width = max(len(ex.labels) for ex in batch) if True in seq2seq else width
+    labels = torch.full((len(batch), label_width), IGNORE_INDEX, dtype=torch.long)
     for i, ex in enumerate(batch):
         n = len(ex.input_ids)
         cols = slice(width - n, width) if padding_side == "left" else slice(0, n)
         ids[i, cols] = torch.tensor(ex.input_ids)
-        labels[i, cols] = torch.tensor(ex.labels)
         mask[i, cols] = 1
+        if ex.seq2seq:
+            labels[i, : len(ex.labels)] = torch.tensor(ex.labels, dtype=torch.long)
+        else:
+            labels[i, cols] = torch.tensor(ex.labels)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def num_targets(example: Encoded) -> int:
-    """How many tokens of ``example`` the loss scores (labels after the shift that are not -100)."""
-    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+    """How many tokens of ``example`` the loss scores (labels after the shift that are not -100;
+    an encoder-decoder's targets are not shifted)."""
+    scored = example.labels if example.seq2seq else example.labels[1:]
+    return sum(1 for label in scored if label != IGNORE_INDEX)
 
 
 class BatchStream:

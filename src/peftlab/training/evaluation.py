@@ -1,6 +1,8 @@
 """Held-out evaluation: the mean loss over completion tokens, and greedy generation scored by
 the task's metric (prompts batched with left padding, decoded up to eos or a chat template's
-end-of-turn token)."""
+end-of-turn token). An encoder-decoder's prompts are its encoder's input, batched with right
+padding (BART's learned positions start at the first token), and what it generates is the
+decoder's sequence after its start token."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from torch import nn
 from peftlab.data.tasks import Example, Task
 from peftlab.devices import Precision, device_of
 from peftlab.training.encoding import Encoded, collate, encode_prompt, eos_id, num_targets, pad_id
-from peftlab.training.lm_head import supervised_loss_sum
+from peftlab.training.lm_head import is_encoder_decoder, supervised_loss_sum
 
 
 @torch.no_grad()
@@ -84,6 +86,7 @@ def generate_ids(
     stops = list(dict.fromkeys([eos, *stop_ids]))
     pad = pad_id(tokenizer)
     device = device_of(model)
+    encoder_decoder = is_encoder_decoder(model)
     was_training = model.training
     model.eval()
     outputs: list[str] = []
@@ -91,7 +94,8 @@ def generate_ids(
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = [list(p) for p in prompts[start : start + batch_size]]
-            batch = collate([Encoded(ids, ids) for ids in chunk], pad, padding_side="left")
+            side = "right" if encoder_decoder else "left"
+            batch = collate([Encoded(ids, ids) for ids in chunk], pad, padding_side=side)
             with autocast:
                 generated = model.generate(  # type: ignore[operator]
                     input_ids=batch["input_ids"].to(device),
@@ -105,7 +109,9 @@ def generate_ids(
                     eos_token_id=stops if len(stops) > 1 else eos,
                     pad_token_id=pad,
                 )
-            for row in generated[:, batch["input_ids"].shape[1] :].tolist():
+            # a decoder-only model's output repeats the prompt; a decoder's starts with its start token
+            skip = 1 if encoder_decoder else batch["input_ids"].shape[1]
+            for row in generated[:, skip:].tolist():
                 ends = [row.index(t) for t in stops if t in row]
                 if ends:
                     row = row[: min(ends)]

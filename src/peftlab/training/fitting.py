@@ -24,6 +24,12 @@ up to that turn with the generation prompt and through it; the pieces are tokeni
 its end-of-turn marker included, are supervised while everything else is -100. For fitting and
 generation the *completion* is the last assistant turn and the *prompt* everything before it
 (earlier assistant turns keep their labels): a row too long loses the start of that prompt.
+
+For an encoder-decoder (``PromptFormat.seq2seq``) the same pieces become two sequences: the
+prompt (a chat's conversation before its last assistant turn, rendered by the template with the
+generation prompt) is the encoder's input and the completion (that last turn) the decoder's
+targets; earlier assistant turns are then input, not learned. The length rule is the same:
+prompt + completion within the max length, the prompt cut from the left.
 """
 
 from __future__ import annotations
@@ -126,21 +132,29 @@ class Pieces:
     context_labels: list[int]
     final: list[int]
 
-    def encoded(self) -> Encoded:
+    def encoded(self, seq2seq: bool = False) -> Encoded:
+        """Decoder-only: one sequence; ``seq2seq``: the context as the encoder's input, ``final``
+        as the decoder's targets."""
+        if seq2seq:
+            return Encoded(list(self.context), list(self.final), seq2seq=True)
         return Encoded(self.context + self.final, self.context_labels + self.final, len(self.context))
 
 
 @dataclass(frozen=True)
 class PromptFormat:
     """How rows become tokens (see the module docstring): ``template`` None is the plain
-    prompt + completion + eos; otherwise the chat template used (``source`` says whose)."""
+    prompt + completion + eos; otherwise the chat template used (``source`` says whose).
+    ``seq2seq``: rows for an encoder-decoder (prompt to the encoder, completion to the decoder)."""
 
     tokenizer: Any
     template: str | None = None
     source: str = "none"
+    seq2seq: bool = False
 
     @classmethod
-    def resolve(cls, tokenizer: Any, choice: str = "auto", *, chat_rows: bool = False) -> PromptFormat:
+    def resolve(
+        cls, tokenizer: Any, choice: str = "auto", *, chat_rows: bool = False, seq2seq: bool = False
+    ) -> PromptFormat:
         """The format ``--chat-template choice`` asks for; chat rows without a template are an error."""
         check_chat_template(choice)
         if choice == "none":
@@ -149,27 +163,33 @@ class PromptFormat:
                     "the data holds chat rows (messages), which need a chat template; drop "
                     "--chat-template none (or give a template file)"
                 )
-            return cls(tokenizer)
+            return cls(tokenizer, seq2seq=seq2seq)
         if choice != "auto":
-            return cls(tokenizer, Path(choice).read_text(encoding="utf-8"), choice)
+            return cls(tokenizer, Path(choice).read_text(encoding="utf-8"), choice, seq2seq)
         template = getattr(tokenizer, "chat_template", None)
         if isinstance(template, dict):  # several named templates: the default one
             template = template.get("default")
         if not template:
             if chat_rows:
                 name = getattr(tokenizer, "name_or_path", "") or "the model"
+                whose = "its tokenizer (an encoder-decoder's, as T5's)" if seq2seq else "its tokenizer"
                 raise ValueError(
-                    f"{name}: its tokenizer has no chat template, but the data holds chat rows (messages); "
+                    f"{name}: {whose} has no chat template, but the data holds chat rows (messages); "
                     "give one with --chat-template FILE.jinja, or use prompt/completion rows"
                 )
-            return cls(tokenizer)
-        return cls(tokenizer, str(template), "tokenizer")
+            return cls(tokenizer, seq2seq=seq2seq)
+        return cls(tokenizer, str(template), "tokenizer", seq2seq)
 
     @property
     def chat(self) -> bool:
         return self.template is not None
 
     def describe(self) -> str:
+        if self.seq2seq:
+            if not self.chat:
+                return "prompt to the encoder, completion + eos as the decoder's targets (no chat template)"
+            whose = "the tokenizer's" if self.source == "tokenizer" else self.source
+            return f"chat template: {whose}; the encoder reads the turns before the last assistant turn"
         if not self.chat:
             return "prompt + completion as plain text (no chat template)"
         whose = "the tokenizer's" if self.source == "tokenizer" else self.source
@@ -192,6 +212,11 @@ class PromptFormat:
         return [{"role": role, "content": content} for role, content in turns]
 
     def pieces(self, example: Example) -> Pieces:
+        if self.seq2seq and not example.completion and not example.messages:
+            raise ValueError(
+                f"{example.source or 'a row'}: an encoder-decoder learns the completion as its decoder's "
+                "targets, and this row has none; give prompt/completion rows (or text/label, or chat rows)"
+            )
         if not self.chat:
             prompt = encode_prompt(self.tokenizer, example.prompt)
             return Pieces(
@@ -397,7 +422,7 @@ def fit_examples(
             tail = len(prompt) - (room - head)
             prompt, labels = prompt[:head] + prompt[tail:], labels[:head] + labels[tail:]
         kept.append(example)
-        encoded.append(Pieces(prompt, labels, completion).encoded())
+        encoded.append(Pieces(prompt, labels, completion).encoded(fmt.seq2seq))
     report.kept = len(kept)
     return kept, encoded, report
 

@@ -15,7 +15,15 @@ at any time, in the forward and in the backward pass. The result equals the plai
 floating-point summation order.
 
 A model whose head is not a plain ``nn.Linear`` (an adapted or trained-in-full ``lm_head``), or
-that post-processes its logits (soft-capping, logit scaling), keeps the plain path.
+that post-processes its logits (soft-capping, logit scaling, a non-zero ``final_logits_bias``
+as in some BART-family models), keeps the plain path.
+
+Encoder-decoders (T5, BART) take the same path on their decoder: the batch's ``input_ids`` and
+``attention_mask`` go to the encoder, the decoder reads the labels shifted right behind the
+model's ``decoder_start_token_id`` (:func:`decoder_inputs`, what transformers does with
+``labels``), and the head runs at the labelled decoder positions only; the targets are the
+labels themselves, with no shift (:func:`aligned_targets`). T5's scaling of the decoder output
+before a tied head happens before the head is called, so the captured input already has it.
 """
 
 from __future__ import annotations
@@ -35,6 +43,49 @@ CHUNK_ELEMENTS = 4 * 2**20
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model an adapter wraps) is an encoder-decoder (T5, BART)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """An encoder-decoder's decoder input for ``labels``: shifted one position right behind the
+    ``decoder_start_token_id``, -100 replaced by the pad id (transformers' ``shift_tokens_right``)."""
+    config = getattr(model, "config", None)
+    start = getattr(config, "decoder_start_token_id", None)
+    pad = getattr(config, "pad_token_id", None)
+    if start is None or pad is None:
+        raise ValueError(
+            f"{type(model).__name__}: its config has no decoder_start_token_id / pad_token_id; set them "
+            "to train it as an encoder-decoder"
+        )
+    shifted = labels.new_full(labels.shape, int(pad))
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = int(start)
+    return shifted.masked_fill(shifted == IGNORE_INDEX, int(pad))
+
+
+def model_inputs(
+    model: nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The forward's arguments for scoring ``labels``: ``batch`` itself, plus the decoder's
+    input for an encoder-decoder."""
+    if not is_encoder_decoder(model):
+        return batch
+    return {**batch, "decoder_input_ids": decoder_inputs(model, labels)}
+
+
+def aligned_targets(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The target of each output position: the next label for a causal LM (its last position
+    predicts nothing, so the result is one shorter), the label itself for an encoder-decoder."""
+    return labels if is_encoder_decoder(model) else labels[:, 1:]
+
+
+def aligned(model: nn.Module, values: torch.Tensor) -> torch.Tensor:
+    """Per-position outputs (hidden states or logits) cut to :func:`aligned_targets`' positions."""
+    return values if is_encoder_decoder(model) else values[:, :-1]
+
+
 def output_head(model: nn.Module) -> nn.Linear | None:
     """The model's output head when the selective path can replace it, else None."""
     get = getattr(model, "get_output_embeddings", None)
@@ -49,6 +100,10 @@ def output_head(model: nn.Module) -> nn.Linear | None:
         value = getattr(config, name, None)
         if value is not None and value != 1:
             return None
+    # BART-family models add a bias buffer after the head; zero (bart-base's) changes nothing
+    bias = getattr(model, "final_logits_bias", None)
+    if isinstance(bias, torch.Tensor) and bool(bias.any()):
+        return None
     return head
 
 
@@ -221,11 +276,36 @@ def hidden_and_head(
 def supervised_loss_sum(
     forward_module: nn.Module, model: nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor
 ) -> torch.Tensor:
-    """Summed next-token cross-entropy over the labels that are not -100, with the head applied
-    at those positions only (see the module docstring); the plain path where it must."""
-    out, hidden, head = hidden_and_head(forward_module, model, batch)
+    """Summed next-token cross-entropy over the labels that are not -100 (an encoder-decoder's
+    decoder targets), with the head applied at those positions only (see the module
+    docstring); the plain path where it must."""
+    out, hidden, head = hidden_and_head(forward_module, model, model_inputs(model, batch, labels))
+    targets = aligned_targets(model, labels)
     if hidden is None or head is None:
-        return causal_lm_loss_sum(out.logits, labels)
-    shifted = labels[:, 1:]
-    mask = shifted != IGNORE_INDEX
-    return linear_cross_entropy(hidden[:, :-1][mask], head.weight, head.bias, shifted[mask])
+        logits = aligned(model, out.logits)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+    mask = targets != IGNORE_INDEX
+    return linear_cross_entropy(aligned(model, hidden)[mask], head.weight, head.bias, targets[mask])
+
+
+@torch.no_grad()
+def token_losses(model: nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Each target's cross-entropy, shaped like :func:`aligned_targets` (0 where the label is
+    -100), with the head applied at the labelled positions only."""
+    out, hidden, head = hidden_and_head(model, model, model_inputs(model, batch, labels))
+    targets = aligned_targets(model, labels)
+    mask = targets != IGNORE_INDEX
+    losses = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    if hidden is None or head is None:
+        logits = aligned(model, out.logits).float()
+        losses[mask] = F.cross_entropy(logits[mask], targets[mask], reduction="none")
+    else:
+        losses[mask] = linear_cross_entropy(
+            aligned(model, hidden)[mask], head.weight, head.bias, targets[mask], reduction="none"
+        )
+    return losses

@@ -1,4 +1,6 @@
-"""The one train/eval loop every peftlab command shares, for causal language models.
+"""The one train/eval loop every peftlab command shares, for causal language models and
+encoder-decoders (whose rows, :class:`~peftlab.training.encoding.Encoded` with ``seq2seq``, give
+the encoder its input and the decoder its targets).
 
 Training minimises the next-token cross-entropy on completion tokens only (prompt and padding
 labels are -100), with AdamW over the parameters that require grad (adapter parameters of a
@@ -350,7 +352,7 @@ class TrainLoop:
         self.history.losses.append(loss)
         self.history.step_times.append(time.perf_counter() - start)
         self.history.learning_rates.append(lr)
-        self.history.tokens.append(sum(len(self.data[i].input_ids) for i in indices))
+        self.history.tokens.append(sum(self.data[i].num_tokens for i in indices))
 
     def _accumulate(self, indices: list[int], n_targets: int, device: torch.device) -> float:
         """Backward through this process's micro-batches of the global batch ``indices``; returns

@@ -1,5 +1,6 @@
-"""``peftlab train`` as a library call: one method on one causal LM and one data set, with
-progress, evaluation, atomic checkpoints, exact resume and data parallelism.
+"""``peftlab train`` as a library call: one method on one causal LM or encoder-decoder (T5,
+BART: :func:`peftlab.models.model_kind`) and one data set, with progress, evaluation, atomic
+checkpoints, exact resume and data parallelism.
 
 :func:`run_training` runs a :class:`~peftlab.training.settings.RunConfig`. Under ``torchrun`` /
 ``accelerate launch`` each process trains on its share of every global batch through
@@ -28,7 +29,7 @@ from peftlab.core.peft_model import PeftModel, count_parameters, get_peft_model
 from peftlab.core.quantized import BITS_PER_PARAM, enable_activation_checkpointing, prepare_for_kbit_training
 from peftlab.data.tasks import Task
 from peftlab.devices import Precision, peak_memory, resolve_dtype
-from peftlab.models import load_causal_lm, load_tokenizer, quiet
+from peftlab.models import load_language_model, load_tokenizer, model_kind, quiet
 from peftlab.presets import PRESETS
 from peftlab.training import distributed
 from peftlab.training.checkpoints import (
@@ -204,6 +205,19 @@ class TrainingRun:
 
     def execute(self, *, resume: bool, command: str) -> RunResult:
         checkpoint = self._checkpoint_to_resume(resume)
+        self.kind = model_kind(self.config.model, self.config.gguf_file)
+        if self.kind == "encoder":
+            raise ValueError(
+                f"--model {self.config.model}: an encoder-only model cannot generate the completions "
+                "peftlab train learns; give a causal LM or an encoder-decoder (T5, BART), or run "
+                "peftlab compare on text/label data to train its classification head"
+            )
+        if not PRESETS[self.config.method].applies_to(self.kind):
+            raise ValueError(
+                f"--method {self.config.method} is for {' and '.join(PRESETS[self.config.method].kinds)} "
+                f"models, and {self.config.model or 'the default model'} is a {self.kind} model; pick "
+                "another --method (prefix puts a prefix on this model's attention)"
+            )
         self.task = load_run_task(self.config)
         wall = time.perf_counter()
         # a chat template asked for and missing is refused before the weights load
@@ -211,6 +225,7 @@ class TrainingRun:
             load_tokenizer(self.config.model, gguf_file=self.config.gguf_file, verbose=self.verbose),
             self.config.chat_template,
             chat_rows=self.task.info.get("kind") == "chat",
+            seq2seq=self.kind == "seq2seq",
         )
         with quiet(self.verbose):
             self._load()
@@ -253,8 +268,9 @@ class TrainingRun:
         if not info.is_main:
             distributed.barrier(info)
         # full fine-tuning keeps fp32 master weights; adapters train over a base in --dtype
-        base, self.tokenizer = load_causal_lm(
+        base, self.tokenizer = load_language_model(
             config.model,
+            kind=self.kind,
             gguf_file=config.gguf_file,
             dtype=self.precision.load_dtype(trains_everything=config.peft_config() is None),
             verbose=self.verbose,
@@ -270,7 +286,10 @@ class TrainingRun:
     def _prepare_data(self) -> None:
         config, task = self.config, self.task
         self.fmt = PromptFormat.resolve(
-            self.tokenizer, config.chat_template, chat_rows=task.info.get("kind") == "chat"
+            self.tokenizer,
+            config.chat_template,
+            chat_rows=task.info.get("kind") == "chat",
+            seq2seq=self.kind == "seq2seq",
         )
         self.data: PreparedData = prepare_data(
             task,
@@ -509,6 +528,7 @@ class TrainingRun:
         return {
             "command": command,
             "config": self.config.to_dict(),
+            "model_kind": self.kind,
             "task": {"name": task.name, "description": task.description, "metric": task.metric},
             "steps": self.steps,
             "precision": self.precision.to_dict(),

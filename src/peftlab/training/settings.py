@@ -208,7 +208,13 @@ class RunConfig:
         """The method preset's adapter config for the model (whose transformers config sizes it,
         when known) with ``method_options`` on top; None for full fine-tuning."""
         options = dict(self.method_options)
-        preset = PRESETS[self.method].config(model_config, TaskType.CAUSAL_LM)
+        if model_config is None:  # checking the options before the model is known
+            task_type = PRESETS[self.method].default_task_type
+        elif getattr(model_config, "is_encoder_decoder", False):
+            task_type = TaskType.SEQ_2_SEQ_LM
+        else:
+            task_type = TaskType.CAUSAL_LM
+        preset = PRESETS[self.method].config(model_config, task_type)
         if preset is None:
             if options:
                 raise ValueError(

@@ -1,0 +1,352 @@
+"""Continuous batching for encoder-decoders (T5): rows join and leave at every decoding step.
+
+:class:`EncoderDecoderBatch` is a :class:`~peftlab.serving.continuous.RunningBatch` whose rows
+each keep
+
+- their encoder output, computed once when the row is admitted, through the row's own adapter
+  (adapters in the encoder act there: LoRA, IA³ and bottleneck units, an encoder prefix);
+- their rows of one transformers ``EncoderDecoderCache``: the decoder's self-attention cache
+  (the tokens decoded so far) and its cross-attention cache (keys and values of the encoder
+  output, made at admission and read at every step).
+
+Admission runs the encoder and the first decoder step (the decoder start token) of the new rows
+together; the encoder input is right padded, so a row's tokens stand where they would alone.
+Their cache rows join the running cache: self-attention columns are padded on the left (every
+row's newest token at the edge), cross-attention columns, the encoder output and its mask on
+the right, each padding column masked. Each step decodes one token of every row with
+``adapter_names`` (one per row); finished rows leave at once and columns no row uses are cut.
+Rows of a model-level adapter (prefix tuning) whose decoder cache is padded run in a call of
+their own length within the step (:meth:`EncoderDecoderBatch._call_groups` says why).
+
+The decoder's positions must be relative (T5's position bias, which depends on the distance
+between query and key only), since a row's position is not the cache width once rows join at
+different steps; decoders that number positions from the cache length (BART's learned
+positions) are refused with a pointer to static batching.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from peftlab.serving.continuous import RunningBatch
+from peftlab.serving.decoding import choose
+from peftlab.serving.jobs import Row
+
+# modules that number decoder positions absolutely (learned or sinusoidal embeddings)
+_ABSOLUTE_POSITIONS = frozenset({"embed_positions", "wpe", "position_embeddings"})
+
+
+def is_encoder_decoder(model: Any) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def decoder_start_id(model: Any) -> int:
+    """The token every decoder output starts from (the generation config's, else the config's)."""
+    for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        start = getattr(config, "decoder_start_token_id", None)
+        if isinstance(start, int):
+            return start
+    raise ValueError(f"{type(model).__name__} has no decoder_start_token_id, so its decoder cannot start")
+
+
+def encoder_decoder_cache_argument(model: Any) -> str:
+    """The name under which an encoder-decoder's forward takes its cache, or a ValueError saying
+    why continuous batching cannot run it."""
+    static = "use batching='static' (--batching static)"
+    name = type(model).__name__
+    params = inspect.signature(model.forward).parameters
+    missing = [
+        p for p in ("encoder_outputs", "decoder_input_ids", "decoder_attention_mask") if p not in params
+    ]
+    if missing:
+        raise ValueError(
+            f"{name}.forward takes no {', '.join(missing)}, which continuous batching needs; {static}"
+        )
+    cache = next((n for n in ("cache", "past_key_values") if n in params), None)
+    if cache is None:
+        raise ValueError(f"{name}.forward takes no cache; {static}")
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else model
+    absolute = sorted(
+        n for n, _ in decoder.named_modules() if n and n.rsplit(".", 1)[-1] in _ABSOLUTE_POSITIONS
+    )
+    if absolute:
+        raise ValueError(
+            f"{name}'s decoder numbers positions from the cache length ({absolute[0]}), so rows that "
+            "joined at different steps cannot share one cache; continuous batching runs encoder-decoders "
+            f"with relative positions (T5); {static}"
+        )
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    layers = DynamicCache(config=model.config).layers
+    odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+    if odd:
+        raise ValueError(
+            f"{name}'s cache has {', '.join(odd)} layers; continuous batching joins full-attention "
+            f"caches only: {static}"
+        )
+    return cache
+
+
+class EncoderDecoderBatch(RunningBatch):
+    """The rows being decoded by an encoder-decoder: their encoder outputs, their shared
+    ``EncoderDecoderCache`` and masks (used by the model worker only). ``lengths`` counts each
+    row's decoder tokens in the cache; ``mask`` is the decoder self-attention mask."""
+
+    def _prepare(self, base: Any) -> None:
+        self.cache_kwarg = encoder_decoder_cache_argument(base)
+        self.start = decoder_start_id(base)
+        self.encoder_ids: torch.Tensor | None = None  # (rows, source width), right padded
+        self.encoder_mask: torch.Tensor | None = None  # (rows, source width)
+        self.encoder: torch.Tensor | None = None  # (rows, source width, hidden): the encoder output
+
+    def clear(self) -> list[Row]:
+        self.encoder_ids = self.encoder_mask = self.encoder = None
+        return super().clear()
+
+    # ---- the model calls ------------------------------------------------------------------
+    def _call(self, rows: list[Row], cache: Any, **inputs: Any) -> tuple[torch.Tensor, Any]:
+        """Next-token logits of ``rows`` and the model's output. ``input_ids`` (the encoder
+        input) is always given: PeftModel reads the batch size from it, and the model skips its
+        encoder when ``encoder_outputs`` is given."""
+        with torch.no_grad():
+            out = self.model(
+                **{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()},
+                adapter_names=[r.adapter for r in rows],
+                use_cache=True,
+                **{self.cache_kwarg: cache},
+            )
+        logits = out.logits[:, -1].float()
+        if self.observer is not None:
+            self.observer(rows, logits)
+        return logits, out
+
+    def _prefill(self, rows: list[Row]) -> None:
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.prompt_ids)
+            ids[i, :n] = torch.tensor(row.prompt_ids)  # right padding: tokens where they stand alone
+            mask[i, :n] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        start = torch.full((len(rows), 1), self.start, dtype=torch.long)
+        logits, out = self._call(rows, cache, input_ids=ids, attention_mask=mask, decoder_input_ids=start)
+        encoder = out.encoder_last_hidden_state
+        now = time.perf_counter()
+        for row, token in zip(rows, choose(rows, logits), strict=True):
+            self.rules.advance(row, token, now)
+        keep = [i for i, r in enumerate(rows) if r.finish_reason is None]
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=self.device)
+            cache.batch_select_indices(index)
+            ids, mask, encoder = ids[index], mask[index], encoder[index]
+        joining = [rows[i] for i in keep]
+        self._join_rows(
+            cache,
+            torch.ones((len(joining), 1), dtype=torch.long, device=self.device),
+            (ids, mask, encoder),
+            joining,
+            [r.tokens[-1] for r in joining],
+        )
+
+    def _decode(self) -> None:
+        """One token of every row: one model call, or one per group of :meth:`_call_groups`."""
+        from transformers import DynamicCache, EncoderDecoderCache
+        from transformers.modeling_outputs import BaseModelOutput
+
+        assert self.mask is not None and self.encoder is not None
+        assert self.encoder_ids is not None and self.encoder_mask is not None
+        last = torch.tensor(self.last, dtype=torch.long)[:, None]
+        groups = self._call_groups()
+        if len(groups) == 1:
+            mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+            logits, _ = self._call(
+                self.rows,
+                self.cache,
+                input_ids=self.encoder_ids,
+                attention_mask=self.encoder_mask,
+                encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder),
+                decoder_input_ids=last,
+                decoder_attention_mask=mask,
+            )
+        else:
+            # each group runs on its rows of the cache, cut to its own width; the new token's
+            # keys and values (the last column of each group's cache) are then appended to all
+            width = self.mask.shape[1]
+            decoded = self.cache.self_attention_cache.layers
+            read = self.cache.cross_attention_cache.layers
+            new = [(layer.keys.new_empty(0), layer.values.new_empty(0)) for layer in decoded]
+            parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for group in groups:
+                index = torch.tensor(group, device=self.device)
+                cut = width - max(self.lengths[i] for i in group)
+                cache: Any = EncoderDecoderCache(
+                    DynamicCache([(x.keys[index, :, cut:], x.values[index, :, cut:]) for x in decoded]),
+                    DynamicCache([(x.keys[index], x.values[index]) for x in read]),
+                )
+                rows = [self.rows[i] for i in group]
+                part, _ = self._call(
+                    rows,
+                    cache,
+                    input_ids=self.encoder_ids[index],
+                    attention_mask=self.encoder_mask[index],
+                    encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder[index]),
+                    decoder_input_ids=last[group],
+                    decoder_attention_mask=F.pad(self.mask[index, cut:], (0, 1), value=1),
+                )
+                parts.append((index, part))
+                new = [
+                    (torch.cat([k, x.keys[:, :, -1:]]), torch.cat([v, x.values[:, :, -1:]]))
+                    for (k, v), x in zip(new, cache.self_attention_cache.layers, strict=True)
+                ]
+            order = torch.cat([index for index, _ in parts]).argsort()
+            logits = torch.cat([part for _, part in parts])[order]
+            self.cache = EncoderDecoderCache(
+                DynamicCache(
+                    [
+                        (torch.cat([x.keys, k[order]], dim=2), torch.cat([x.values, v[order]], dim=2))
+                        for x, (k, v) in zip(decoded, new, strict=True)
+                    ]
+                ),
+                self.cache.cross_attention_cache,
+            )
+            mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        self.mask = mask
+        now = time.perf_counter()
+        for i, (row, token) in enumerate(zip(self.rows, choose(self.rows, logits), strict=True)):
+            self.lengths[i] += 1
+            self.last[i] = token
+            self.rules.advance(row, token, now)
+
+    def _call_groups(self) -> list[list[int]]:
+        """The rows decoded together: all of them, except that a row of a model-level adapter
+        (prefix tuning) whose decoder cache is padded runs with the rows of its own length. Such
+        an adapter enters at the attention seam, which puts its columns in front of the cache's
+        first column (and, on T5, gives them the position bias of that place), so in a padded
+        cache its prefix would stand further away than when the row is decoded alone."""
+        width = max(self.lengths)
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(self.rows):
+            aligned = self.lengths[i] != width and row.adapter in self.model.model_adapters
+            groups.setdefault(self.lengths[i] if aligned else width, []).append(i)
+        return list(groups.values())
+
+    # ---- the caches -----------------------------------------------------------------------
+    def _join_rows(
+        self,
+        cache: Any,
+        mask: torch.Tensor,
+        source: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        rows: list[Row],
+        last: list[int],
+    ) -> None:
+        """Add prefilled rows (their cache, decoder mask, encoder ids / mask / output)."""
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        if self.cache is None or self.mask is None:
+            self.cache, self.mask = cache, mask
+            self.encoder_ids, self.encoder_mask, self.encoder = source
+        else:
+            assert self.encoder_ids is not None and self.encoder_mask is not None and self.encoder is not None
+            width = max(self.mask.shape[1], mask.shape[1])
+            old, new = width - self.mask.shape[1], width - mask.shape[1]
+            length = max(self.encoder_mask.shape[1], source[1].shape[1])
+            old_src, new_src = length - self.encoder_mask.shape[1], length - source[1].shape[1]
+            decoded = [
+                (
+                    torch.cat([_pad_columns(a.keys, old, 0), _pad_columns(b.keys, new, 0)], dim=0),
+                    torch.cat([_pad_columns(a.values, old, 0), _pad_columns(b.values, new, 0)], dim=0),
+                )
+                for a, b in zip(
+                    self.cache.self_attention_cache.layers, cache.self_attention_cache.layers, strict=True
+                )
+            ]
+            read = [
+                (
+                    torch.cat([_pad_columns(a.keys, 0, old_src), _pad_columns(b.keys, 0, new_src)], dim=0),
+                    torch.cat(
+                        [_pad_columns(a.values, 0, old_src), _pad_columns(b.values, 0, new_src)], dim=0
+                    ),
+                )
+                for a, b in zip(
+                    self.cache.cross_attention_cache.layers, cache.cross_attention_cache.layers, strict=True
+                )
+            ]
+            self.cache = EncoderDecoderCache(DynamicCache(decoded), DynamicCache(read))
+            self.mask = torch.cat([F.pad(self.mask, (old, 0)), F.pad(mask, (new, 0))], dim=0)
+            ids, src_mask, encoder = source
+            self.encoder_ids = torch.cat(
+                [
+                    F.pad(self.encoder_ids, (0, old_src), value=self.pad),
+                    F.pad(ids, (0, new_src), value=self.pad),
+                ]
+            )
+            self.encoder_mask = torch.cat(
+                [F.pad(self.encoder_mask, (0, old_src)), F.pad(src_mask, (0, new_src))]
+            )
+            self.encoder = torch.cat(
+                [F.pad(self.encoder, (0, 0, 0, old_src)), F.pad(encoder, (0, 0, 0, new_src))], dim=0
+            )
+        self.rows += rows
+        self.lengths += [1] * len(rows)  # the decoder start token
+        self.last += last
+        self._trim()
+
+    def _leave(self) -> list[Row]:
+        gone = [r for r in self.rows if r.finish_reason is not None]
+        if not gone:
+            return []
+        keep = [i for i, r in enumerate(self.rows) if r.finish_reason is None]
+        if not keep:
+            self.clear()
+            return gone
+        assert self.mask is not None and self.encoder_ids is not None
+        assert self.encoder_mask is not None and self.encoder is not None
+        index = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.encoder_ids, self.encoder_mask = self.encoder_ids[index], self.encoder_mask[index]
+        self.encoder = self.encoder[index]
+        self._trim()
+        self.rows = [self.rows[i] for i in keep]
+        self.lengths = [self.lengths[i] for i in keep]
+        self.last = [self.last[i] for i in keep]
+        return gone
+
+    def _trim(self) -> None:
+        """Cut the decoder columns in front and the source columns behind that no row uses."""
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        assert self.mask is not None and self.encoder_mask is not None
+        assert self.encoder_ids is not None and self.encoder is not None
+        front = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
+        back = int((self.encoder_mask.sum(0) == 0).long().flip(0).cumprod(0).sum())
+        if not front and not back:
+            return
+        length = self.encoder_mask.shape[1] - back
+        decoded = [
+            (x.keys[:, :, front:], x.values[:, :, front:]) for x in self.cache.self_attention_cache.layers
+        ]
+        read = [
+            (x.keys[:, :, :length], x.values[:, :, :length]) for x in self.cache.cross_attention_cache.layers
+        ]
+        self.cache = EncoderDecoderCache(DynamicCache(decoded), DynamicCache(read))
+        self.mask = self.mask[:, front:]
+        self.encoder_ids, self.encoder_mask = self.encoder_ids[:, :length], self.encoder_mask[:, :length]
+        self.encoder = self.encoder[:, :length]
+
+
+def _pad_columns(states: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """(batch, heads, seq, dim) states with zero positions before and after."""
+    return F.pad(states, (0, 0, before, after)) if before or after else states
