@@ -267,6 +267,37 @@ def test_encoder_and_cross_prefixes_respect_padding(arch: str, impl: str) -> Non
             assert float((_real_part(t, row, length, side, on_input) - s).abs().max()) < TOL
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("routed", [False, True])
+def test_t5_left_padded_decoder_rows_see_their_prefix_where_alone(impl: str, routed: bool) -> None:
+    """T5's position bias gives the prefix the place just before each row's own first decoder
+    token: a row left padded in the decoder (a cache of rows that joined at different steps),
+    in one call and then one cached step, gives the logits it gives alone."""
+    model = _prefixed("t5", impl).eval()
+    g = torch.Generator().manual_seed(9)
+    source = torch.randint(3, 96, (2, 5), generator=g)
+    decoded = [torch.randint(3, 96, (n,), generator=g) for n in (2, 5)]
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    mask = torch.zeros(2, 5, dtype=torch.long)
+    for row, tokens in enumerate(decoded):
+        ids[row, 5 - len(tokens) :], mask[row, 5 - len(tokens) :] = tokens, 1
+    names = {"adapter_names": ["default", "default"]} if routed else {}
+    step = torch.randint(3, 96, (2, 1), generator=g)
+    with torch.no_grad():
+        together = model(input_ids=source, decoder_input_ids=ids, decoder_attention_mask=mask,
+                         use_cache=True, **names)  # fmt: skip
+        following = model(input_ids=source, decoder_input_ids=step, cache=together.past_key_values,
+                          decoder_attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                          **names)  # fmt: skip
+        for row, tokens in enumerate(decoded):
+            alone = model(input_ids=source[row : row + 1], decoder_input_ids=tokens[None], use_cache=True)
+            n = len(tokens)
+            torch.testing.assert_close(together.logits[row, -n:], alone.logits[0], atol=TOL, rtol=0)
+            next_alone = model(input_ids=source[row : row + 1], decoder_input_ids=step[row : row + 1],
+                               cache=alone.past_key_values)  # fmt: skip
+            torch.testing.assert_close(following.logits[row], next_alone.logits[0], atol=TOL, rtol=0)
+
+
 # ---- other heads ----------------------------------------------------------------------------------
 def _head_model(arch: str, head: str, task: str) -> Any:
     import transformers

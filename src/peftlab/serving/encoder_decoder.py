@@ -13,10 +13,9 @@ Admission runs the encoder and the first decoder step (the decoder start token) 
 together; the encoder input is right padded, so a row's tokens stand where they would alone.
 Their cache rows join the running cache: self-attention columns are padded on the left (every
 row's newest token at the edge), cross-attention columns, the encoder output and its mask on
-the right, each padding column masked. Each step decodes one token of every row with
-``adapter_names`` (one per row); finished rows leave at once and columns no row uses are cut.
-Rows of a model-level adapter (prefix tuning) whose decoder cache is padded run in a call of
-their own length within the step (:meth:`EncoderDecoderBatch._call_groups` says why).
+the right, each padding column masked. Each step decodes one token of every row in one call with
+``adapter_names`` (one per row; a prefix row's prefix stands just before its own first decoder
+token, wherever the padding puts it); finished rows leave at once and columns no row uses are cut.
 
 The decoder's positions must be relative (T5's position bias, which depends on the distance
 between query and key only), since a row's position is not the cache width once rows join at
@@ -161,86 +160,27 @@ class EncoderDecoderBatch(RunningBatch):
         )
 
     def _decode(self) -> None:
-        """One token of every row: one model call, or one per group of :meth:`_call_groups`."""
-        from transformers import DynamicCache, EncoderDecoderCache
+        """One token of every row, in one model call."""
         from transformers.modeling_outputs import BaseModelOutput
 
         assert self.mask is not None and self.encoder is not None
         assert self.encoder_ids is not None and self.encoder_mask is not None
-        last = torch.tensor(self.last, dtype=torch.long)[:, None]
-        groups = self._call_groups()
-        if len(groups) == 1:
-            mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-            logits, _ = self._call(
-                self.rows,
-                self.cache,
-                input_ids=self.encoder_ids,
-                attention_mask=self.encoder_mask,
-                encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder),
-                decoder_input_ids=last,
-                decoder_attention_mask=mask,
-            )
-        else:
-            # each group runs on its rows of the cache, cut to its own width; the new token's
-            # keys and values (the last column of each group's cache) are then appended to all
-            width = self.mask.shape[1]
-            decoded = self.cache.self_attention_cache.layers
-            read = self.cache.cross_attention_cache.layers
-            new = [(layer.keys.new_empty(0), layer.values.new_empty(0)) for layer in decoded]
-            parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-            for group in groups:
-                index = torch.tensor(group, device=self.device)
-                cut = width - max(self.lengths[i] for i in group)
-                cache: Any = EncoderDecoderCache(
-                    DynamicCache([(x.keys[index, :, cut:], x.values[index, :, cut:]) for x in decoded]),
-                    DynamicCache([(x.keys[index], x.values[index]) for x in read]),
-                )
-                rows = [self.rows[i] for i in group]
-                part, _ = self._call(
-                    rows,
-                    cache,
-                    input_ids=self.encoder_ids[index],
-                    attention_mask=self.encoder_mask[index],
-                    encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder[index]),
-                    decoder_input_ids=last[group],
-                    decoder_attention_mask=F.pad(self.mask[index, cut:], (0, 1), value=1),
-                )
-                parts.append((index, part))
-                new = [
-                    (torch.cat([k, x.keys[:, :, -1:]]), torch.cat([v, x.values[:, :, -1:]]))
-                    for (k, v), x in zip(new, cache.self_attention_cache.layers, strict=True)
-                ]
-            order = torch.cat([index for index, _ in parts]).argsort()
-            logits = torch.cat([part for _, part in parts])[order]
-            self.cache = EncoderDecoderCache(
-                DynamicCache(
-                    [
-                        (torch.cat([x.keys, k[order]], dim=2), torch.cat([x.values, v[order]], dim=2))
-                        for x, (k, v) in zip(decoded, new, strict=True)
-                    ]
-                ),
-                self.cache.cross_attention_cache,
-            )
-            mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        logits, _ = self._call(
+            self.rows,
+            self.cache,
+            input_ids=self.encoder_ids,
+            attention_mask=self.encoder_mask,
+            encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder),
+            decoder_input_ids=torch.tensor(self.last, dtype=torch.long)[:, None],
+            decoder_attention_mask=mask,
+        )
         self.mask = mask
         now = time.perf_counter()
         for i, (row, token) in enumerate(zip(self.rows, choose(self.rows, logits), strict=True)):
             self.lengths[i] += 1
             self.last[i] = token
             self.rules.advance(row, token, now)
-
-    def _call_groups(self) -> list[list[int]]:
-        """The rows decoded together: all of them, except that a row of a model-level adapter
-        (prefix tuning) whose decoder cache is padded runs with the rows of its own length. Such
-        an adapter enters at the attention seam, which puts its columns in front of the cache's
-        first column (and, on T5, gives them the position bias of that place), so in a padded
-        cache its prefix would stand further away than when the row is decoded alone."""
-        width = max(self.lengths)
-        groups: dict[int, list[int]] = {}
-        for i, row in enumerate(self.rows):
-            aligned = self.lengths[i] != width and row.adapter in self.model.model_adapters
-            groups.setdefault(self.lengths[i] if aligned else width, []).append(i)
-        return list(groups.values())
 
     # ---- the caches -----------------------------------------------------------------------
     def _join_rows(

@@ -116,18 +116,46 @@ def _prefixed_mask(
     return None
 
 
+def _first_real_columns(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Per row, the key column of its first real token, read from the last query's row of the
+    model's 4D mask (the columns in front of it are padding: rows of a left-padded cache, joined
+    at different steps); None where the model passed no mask."""
+    if mask is None:
+        return None
+    last = mask[:, 0, -1, :]
+    visible = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    return (~visible).long().cumprod(-1).sum(-1)
+
+
 def _prefix_bias(
-    source: nn.Module | None, bias: torch.Tensor, q_len: int, kv_len: int, prefix_len: int
+    source: nn.Module | None,
+    bias: torch.Tensor,
+    q_len: int,
+    kv_len: int,
+    prefix_len: int,
+    front: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Relative-position-bias columns for the prefix, placed just before the first real token."""
+    """Relative-position-bias columns for the prefix, placed just before each row's first real
+    token (``front``: its key column, per row; none: column 0), as when the row runs alone."""
     shape = (bias.shape[0], bias.shape[1], bias.shape[2], prefix_len)
     if source is None:
         return torch.zeros(shape, dtype=bias.dtype, device=bias.device)
     past = kv_len - q_len
-    full = source.compute_bias(  # type: ignore[operator]
-        q_len, prefix_len + kv_len, device=bias.device, past_seen_tokens=prefix_len + past
-    )
-    return full[..., :prefix_len].to(bias.dtype).expand(shape)
+
+    def columns(padding: int) -> torch.Tensor:
+        full = source.compute_bias(  # type: ignore[operator]
+            q_len, prefix_len + kv_len, device=bias.device, past_seen_tokens=prefix_len + past - padding
+        )
+        return full[..., :prefix_len].to(bias.dtype)
+
+    if front is None or not bool(front.any()):
+        return columns(0).expand(shape)
+    front = front.to(bias.device)
+    batch = max(bias.shape[0], front.shape[0])
+    out = bias.new_empty(batch, *shape[1:])
+    for padding in torch.unique(front).tolist():
+        out[front.expand(batch) == padding] = columns(int(padding))[0]
+    return out
 
 
 # ---- the wrapper -----------------------------------------------------------------------------
@@ -147,14 +175,20 @@ def _prefixed_call(
         return inner(module, query, key, value, attention_mask, **kwargs)
     pk, pv, seen = prefix
     prefix_len, q_len, kv_len = pk.shape[2], query.shape[2], key.shape[2]
+    bias = kwargs.get("position_bias")
+    if isinstance(bias, torch.Tensor):
+        source, model_mask, own = call.bias_source(module), attention_mask, bias
+        extra = call.memo(
+            bias,
+            ("bias", prefix_len, id(source), id(model_mask)),
+            lambda: _prefix_bias(source, own, q_len, kv_len, prefix_len, _first_real_columns(model_mask)),
+        )
+        assert extra is not None
+        bias = bias.expand(extra.shape[0], *bias.shape[1:])
+        kwargs["position_bias"] = torch.cat([extra, bias], dim=-1)
     attention_mask = _prefixed_mask(
         impl, module, call, query, kv_len, (prefix_len, seen), attention_mask, kwargs
     )
-    bias = kwargs.get("position_bias")
-    if isinstance(bias, torch.Tensor):
-        source = call.bias_source(module)
-        extra = _prefix_bias(source, bias, q_len, kv_len, prefix_len)
-        kwargs["position_bias"] = torch.cat([extra, bias], dim=-1)
     key = torch.cat([pk, key], dim=2)
     value = torch.cat([pv, value], dim=2)
     return inner(module, query, key, value, attention_mask, **kwargs)
