@@ -743,14 +743,25 @@ def _names_of(adapter_name: str | Sequence[str] | Stack | Parallel) -> list[str]
 
 
 def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    for key in ("input_ids", "inputs_embeds", "pixel_values", "input_features"):
+    """The samples in a call: its inputs, or an encoder-decoder's decoder inputs where the
+    encoder's output is given instead (a decoding step)."""
+    for key in (
+        "input_ids",
+        "inputs_embeds",
+        "pixel_values",
+        "input_features",
+        "decoder_input_ids",
+        "decoder_inputs_embeds",
+    ):
         value = kwargs.get(key)
         if isinstance(value, torch.Tensor):
             return int(value.shape[0])
     for value in args:
         if isinstance(value, torch.Tensor):
             return int(value.shape[0])
-    raise ValueError("per-sample adapters need the inputs as tensors (input_ids or inputs_embeds)")
+    raise ValueError(
+        "per-sample adapters need the inputs as tensors (input_ids, inputs_embeds or decoder_input_ids)"
+    )
 
 
 def _repeat_batch(

@@ -100,19 +100,16 @@ class EncoderDecoderBatch(RunningBatch):
     def _prepare(self, base: Any) -> None:
         self.cache_kwarg = encoder_decoder_cache_argument(base)
         self.start = decoder_start_id(base)
-        self.encoder_ids: torch.Tensor | None = None  # (rows, source width), right padded
         self.encoder_mask: torch.Tensor | None = None  # (rows, source width)
         self.encoder: torch.Tensor | None = None  # (rows, source width, hidden): the encoder output
 
     def clear(self) -> list[Row]:
-        self.encoder_ids = self.encoder_mask = self.encoder = None
+        self.encoder_mask = self.encoder = None
         return super().clear()
 
     # ---- the model calls ------------------------------------------------------------------
     def _call(self, rows: list[Row], cache: Any, **inputs: Any) -> tuple[torch.Tensor, Any]:
-        """Next-token logits of ``rows`` and the model's output. ``input_ids`` (the encoder
-        input) is always given: PeftModel reads the batch size from it, and the model skips its
-        encoder when ``encoder_outputs`` is given."""
+        """Next-token logits of ``rows`` and the model's output."""
         with torch.no_grad():
             out = self.model(
                 **{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()},
@@ -149,12 +146,12 @@ class EncoderDecoderBatch(RunningBatch):
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=self.device)
             cache.batch_select_indices(index)
-            ids, mask, encoder = ids[index], mask[index], encoder[index]
+            mask, encoder = mask[index], encoder[index]
         joining = [rows[i] for i in keep]
         self._join_rows(
             cache,
             torch.ones((len(joining), 1), dtype=torch.long, device=self.device),
-            (ids, mask, encoder),
+            (mask, encoder),
             joining,
             [r.tokens[-1] for r in joining],
         )
@@ -164,12 +161,11 @@ class EncoderDecoderBatch(RunningBatch):
         from transformers.modeling_outputs import BaseModelOutput
 
         assert self.mask is not None and self.encoder is not None
-        assert self.encoder_ids is not None and self.encoder_mask is not None
+        assert self.encoder_mask is not None
         mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         logits, _ = self._call(
             self.rows,
             self.cache,
-            input_ids=self.encoder_ids,
             attention_mask=self.encoder_mask,
             encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder),
             decoder_input_ids=torch.tensor(self.last, dtype=torch.long)[:, None],
@@ -187,22 +183,22 @@ class EncoderDecoderBatch(RunningBatch):
         self,
         cache: Any,
         mask: torch.Tensor,
-        source: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        source: tuple[torch.Tensor, torch.Tensor],
         rows: list[Row],
         last: list[int],
     ) -> None:
-        """Add prefilled rows (their cache, decoder mask, encoder ids / mask / output)."""
+        """Add prefilled rows (their cache, decoder mask, encoder mask and output)."""
         from transformers import DynamicCache, EncoderDecoderCache
 
         if self.cache is None or self.mask is None:
             self.cache, self.mask = cache, mask
-            self.encoder_ids, self.encoder_mask, self.encoder = source
+            self.encoder_mask, self.encoder = source
         else:
-            assert self.encoder_ids is not None and self.encoder_mask is not None and self.encoder is not None
+            assert self.encoder_mask is not None and self.encoder is not None
             width = max(self.mask.shape[1], mask.shape[1])
             old, new = width - self.mask.shape[1], width - mask.shape[1]
-            length = max(self.encoder_mask.shape[1], source[1].shape[1])
-            old_src, new_src = length - self.encoder_mask.shape[1], length - source[1].shape[1]
+            length = max(self.encoder_mask.shape[1], source[0].shape[1])
+            old_src, new_src = length - self.encoder_mask.shape[1], length - source[0].shape[1]
             decoded = [
                 (
                     torch.cat([_pad_columns(a.keys, old, 0), _pad_columns(b.keys, new, 0)], dim=0),
@@ -225,13 +221,7 @@ class EncoderDecoderBatch(RunningBatch):
             ]
             self.cache = EncoderDecoderCache(DynamicCache(decoded), DynamicCache(read))
             self.mask = torch.cat([F.pad(self.mask, (old, 0)), F.pad(mask, (new, 0))], dim=0)
-            ids, src_mask, encoder = source
-            self.encoder_ids = torch.cat(
-                [
-                    F.pad(self.encoder_ids, (0, old_src), value=self.pad),
-                    F.pad(ids, (0, new_src), value=self.pad),
-                ]
-            )
+            src_mask, encoder = source
             self.encoder_mask = torch.cat(
                 [F.pad(self.encoder_mask, (0, old_src)), F.pad(src_mask, (0, new_src))]
             )
@@ -251,12 +241,11 @@ class EncoderDecoderBatch(RunningBatch):
         if not keep:
             self.clear()
             return gone
-        assert self.mask is not None and self.encoder_ids is not None
-        assert self.encoder_mask is not None and self.encoder is not None
+        assert self.mask is not None and self.encoder_mask is not None and self.encoder is not None
         index = torch.tensor(keep, device=self.device)
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
-        self.encoder_ids, self.encoder_mask = self.encoder_ids[index], self.encoder_mask[index]
+        self.encoder_mask = self.encoder_mask[index]
         self.encoder = self.encoder[index]
         self._trim()
         self.rows = [self.rows[i] for i in keep]
@@ -268,8 +257,7 @@ class EncoderDecoderBatch(RunningBatch):
         """Cut the decoder columns in front and the source columns behind that no row uses."""
         from transformers import DynamicCache, EncoderDecoderCache
 
-        assert self.mask is not None and self.encoder_mask is not None
-        assert self.encoder_ids is not None and self.encoder is not None
+        assert self.mask is not None and self.encoder_mask is not None and self.encoder is not None
         front = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
         back = int((self.encoder_mask.sum(0) == 0).long().flip(0).cumprod(0).sum())
         if not front and not back:
@@ -283,7 +271,7 @@ class EncoderDecoderBatch(RunningBatch):
         ]
         self.cache = EncoderDecoderCache(DynamicCache(decoded), DynamicCache(read))
         self.mask = self.mask[:, front:]
-        self.encoder_ids, self.encoder_mask = self.encoder_ids[:, :length], self.encoder_mask[:, :length]
+        self.encoder_mask = self.encoder_mask[:, :length]
         self.encoder = self.encoder[:, :length]
 
 
