@@ -1,12 +1,13 @@
 """Tiny, randomly initialised transformers models built from configs: offline and fast.
 
-``build_model(arch, seed)`` is deterministic; ``sample_inputs(arch)`` gives matching inputs.
+``build_model(arch, seed, **fields)`` is deterministic; ``sample_inputs(arch)`` gives matching inputs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,11 @@ def _configs() -> dict[str, tuple[Callable[..., nn.Module], Any]]:
     }
 
 
-def build_model(arch: str, seed: int = 0) -> nn.Module:
+def build_model(arch: str, seed: int = 0, **fields: Any) -> nn.Module:
+    """The tiny ``arch`` model, with ``fields`` of its config changed (a vocabulary's size, its
+    special tokens)."""
     model_cls, config = _configs()[arch]
+    config.update(fields)
     torch.manual_seed(seed)
     model = model_cls(config)
     model.eval()
@@ -181,26 +185,42 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def word_tokenizer(words: list[str], **special_tokens: str) -> Any:
+    """A lower-casing word-level tokenizer over ``words`` (ids in that order), punctuation split
+    off, with its special tokens (``eos_token="<eos>"`` ...; ``unk_token`` is required)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    path = tmp_path_factory.mktemp("llama")
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    vocab = {w: i for i, w in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=special_tokens["unk_token"]))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
     )
-    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="[PAD]",
-                            unk_token="[UNK]").save_pretrained(path)  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special_tokens)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("llama")
+    vocab = SPECIAL + WORDS
+    word_tokenizer(vocab, eos_token="<eos>", pad_token="[PAD]", unk_token="[UNK]").save_pretrained(path)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          pad_token_id=0, bos_token_id=5, eos_token_id=5)  # fmt: skip
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop for the futures of serving jobs; nothing runs on it."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
 
 
 # ---- peftlab serve: saved adapters and the model they are checked against ------------------------

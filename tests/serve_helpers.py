@@ -5,12 +5,14 @@ library. (The fixtures built from these, ``folders`` and ``reference``, are in c
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,21 +32,42 @@ from peftlab import (
     TaskType,
     get_peft_model,
 )
+from peftlab.serving.continuous import RunningBatch
+from peftlab.serving.jobs import Job, Row, SamplingParams
 from suite_helpers import perturb
 
 EOS, PAD = 2, 0
 BASE = "tiny-llama"
 METHODS = ("lora", "ia3", "bn", "prefix")
+SEQ2SEQ = ("t5", "bart")
 
 
-def configs() -> dict[str, PeftConfig]:
-    """One config per method, made anew each time (a model fills in a prefix config's sizes)."""
-    return {
+def configs(arch: str = "llama") -> dict[str, PeftConfig]:
+    """One config per method, made anew each time (a model fills in a prefix config's sizes); an
+    encoder-decoder gets a second prefix, in the encoder and cross-attention too (HF PEFT's
+    layout has it on decoder self-attention only)."""
+    task = TaskType.SEQ_2_SEQ_LM if arch in SEQ2SEQ else TaskType.CAUSAL_LM
+    made: dict[str, PeftConfig] = {
         "lora": LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
         "ia3": IA3Config(init_ia3_weights=False),
         "bn": BottleneckConfig(reduction_factor=4, non_linearity="gelu"),
-        "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3),
+        "prefix": PrefixTuningConfig(task_type=task, num_virtual_tokens=3),
     }
+    if arch in SEQ2SEQ:
+        made["prefix_all"] = PrefixTuningConfig(
+            task_type=task, num_virtual_tokens=2, encoder_prefix=True, cross_prefix=True
+        )
+    return made
+
+
+def serve_model(arch: str = "llama") -> torch.nn.Module:
+    """The tiny ``arch`` model with the serve tokenizer's special tokens (pad 0, eos 2). BART's
+    weights start wider than its default, so that its outputs are not the start token again."""
+    if arch == "t5":
+        return build_model("t5", eos_token_id=EOS)
+    if arch == "bart":
+        return build_model("bart", init_std=0.2)
+    return build_model(arch)
 
 
 PROMPTS = ["w5 w9 w13 w40", "w70 w3", "w11 w12 w13 w14 w15 w16 w17", "w88"]
@@ -72,26 +95,27 @@ def tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> Any:
 
 def adapted_model(arch: str = "llama") -> PeftModel:
     """A tiny model with one adapter per method, each clearly away from identity (not saved)."""
-    model = PeftModel(build_model(arch))
-    for seed, (name, config) in enumerate(configs().items()):
+    model = PeftModel(serve_model(arch))
+    for seed, (name, config) in enumerate(configs(arch).items()):
         model.add_adapter(name, config)
         perturb(model.adapter_parameters(name).values(), seed=seed, scale=0.3)
     return model.eval()
 
 
 def save_adapters(root: Path, arch: str = "llama") -> dict[str, Path]:
-    """Each method's adapter, moved clearly away from identity, saved in its own folder."""
+    """Each method's adapter, moved clearly away from identity (LoRA B, IA³ scales, the
+    bottleneck's up-projection, the prefixes all changed), saved in its own folder."""
     folders = {}
-    for seed, (name, config) in enumerate(configs().items()):
-        model = get_peft_model(build_model(arch), config)
+    for seed, (name, config) in enumerate(configs(arch).items()):
+        model = get_peft_model(serve_model(arch), config)
         perturb(model.adapter_parameters("default").values(), seed=seed, scale=0.3)
         model.save_pretrained(root / name)
         folders[name] = root / name
     return folders
 
 
-def loaded_model(folders: dict[str, Path]) -> PeftModel:
-    model = PeftModel(build_model("llama"))
+def loaded_model(folders: dict[str, Path], arch: str = "llama") -> PeftModel:
+    model = PeftModel(serve_model(arch))
     for name, folder in folders.items():
         model.load_adapter(folder, adapter_name=name)
     return model.eval()
@@ -150,10 +174,75 @@ def alone(
         else:
             model.set_adapter(adapter)
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
-    new = out.sequences[0, x.shape[1] :].tolist()
+    # a decoder-only model's sequences hold the prompt, an encoder-decoder's the start token
+    start = 1 if getattr(model.config, "is_encoder_decoder", False) else x.shape[1]
+    new = out.sequences[0, start:].tolist()
     if eos is not None and eos in new:
         new = new[: new.index(eos)]
     return new, [step[0] for step in out.logits]
+
+
+class Recorder:
+    """Every row's next-token logits, call by call (a running batch's observer)."""
+
+    def __init__(self) -> None:
+        self.logits: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.batches: list[list[str]] = []
+
+    def __call__(self, rows: Sequence[Row], logits: torch.Tensor) -> None:
+        self.batches.append([r.adapter for r in rows])
+        for row, line in zip(rows, logits, strict=True):
+            self.logits[id(row)].append(line.clone())
+
+
+def make_row(loop: asyncio.AbstractEventLoop, adapter: str, prompt: list[int], params: SamplingParams) -> Row:
+    job = Job(loop, stream=False, model=adapter)
+    row = Row(adapter, prompt, params, job, 0)
+    job.rows.append(row)
+    return row
+
+
+def scheduled(
+    loop: asyncio.AbstractEventLoop, plan: Sequence[tuple[str, list[int], int, int]]
+) -> tuple[list[Row], dict[int, list[Row]]]:
+    """The rows of ``plan`` (adapter, prompt ids, max_tokens, step it joins at) and who joins when."""
+    rows = [make_row(loop, a, p, SamplingParams(max_tokens=n)) for a, p, n, _ in plan]
+    schedule: dict[int, list[Row]] = defaultdict(list)
+    for row, (_, _, _, at) in zip(rows, plan, strict=True):
+        schedule[at].append(row)
+    return rows, dict(schedule)
+
+
+def run(
+    batch: RunningBatch, schedule: dict[int, list[Row]], check: Callable[[Any], None]
+) -> list[dict[str, Any]]:
+    """Step until every scheduled row is done; ``schedule[step]`` joins before that step and
+    ``check(batch)`` looks at the batch after every step."""
+    steps = []
+    step = 0
+    while step <= max(schedule) or batch.rows:
+        before = list(batch.rows)
+        report = batch.step(schedule.get(step, []))
+        check(batch)
+        steps.append({"running": before, "joined": schedule.get(step, []), "left": report.left})
+        step += 1
+        assert step < 200
+    return steps
+
+
+def check_alone(
+    model: PeftModel, rows: list[Row], plan: Sequence[tuple[str, list[int], int, int]], recorder: Recorder
+) -> None:
+    """Each row's tokens are those of ``generate`` with its adapter alone and its logits of every
+    step within 1e-5 of generate's."""
+    for row, (adapter, prompt, n, _) in zip(rows, plan, strict=True):
+        want_tokens, want_logits = alone(model, adapter, prompt, n)
+        assert row.tokens == want_tokens, (adapter, prompt)
+        got = recorder.logits[id(row)]
+        assert len(got) == len(want_logits)
+        for g, w in zip(got, want_logits, strict=True):
+            torch.testing.assert_close(g, w.float(), atol=1e-5, rtol=0)
+        assert row.finish_reason in ("stop", "length")
 
 
 def offline(model: PeftModel, adapter: str, prompt: str, max_tokens: int) -> str:

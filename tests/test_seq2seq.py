@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSeq2SeqLM
 
-from conftest import WORDS, sentiment_texts
+from conftest import WORDS, build_model, sentiment_texts, word_tokenizer
 from peftlab import PeftModel
 from peftlab.cli import main
 from peftlab.data.tasks import Example
@@ -27,60 +27,14 @@ SPECIALS = ["<pad>", "</s>", "<unk>"]
 
 
 def _save_tiny(path: Path, arch: str) -> Path:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import (
-        BartConfig,
-        BartForConditionalGeneration,
-        PreTrainedTokenizerFast,
-        T5Config,
-        T5ForConditionalGeneration,
-    )
-
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
-    )
-    PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    ).save_pretrained(path)
-    torch.manual_seed(0)
-    model: torch.nn.Module
-    if arch == "t5":
-        model = T5ForConditionalGeneration(
-            T5Config(
-                vocab_size=len(vocab),
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                decoder_start_token_id=0,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        )
-    else:
-        model = BartForConditionalGeneration(
-            BartConfig(
-                vocab_size=len(vocab),
-                d_model=32,
-                encoder_layers=2,
-                decoder_layers=2,
-                encoder_attention_heads=4,
-                decoder_attention_heads=4,
-                encoder_ffn_dim=64,
-                decoder_ffn_dim=64,
-                max_position_embeddings=128,
-                pad_token_id=0,
-                bos_token_id=1,
-                eos_token_id=1,
-                decoder_start_token_id=1,
-                forced_eos_token_id=None,
-            )
-        )
-    model.save_pretrained(path)
+    """The tiny T5 or BART of conftest over the sentiment words, eos ``</s>`` (id 1), saved with
+    its tokenizer."""
+    words = SPECIALS + WORDS
+    word_tokenizer(words, eos_token="</s>", pad_token="<pad>", unk_token="<unk>").save_pretrained(path)
+    fields: dict[str, Any] = {"vocab_size": len(words), "eos_token_id": 1}
+    if arch == "bart":
+        fields |= {"max_position_embeddings": 128, "decoder_start_token_id": 1}
+    build_model(arch, **fields).save_pretrained(path)
     return path
 
 

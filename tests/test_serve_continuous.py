@@ -5,30 +5,30 @@ join, and every row's tokens and logits stay those of the row decoded alone."""
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
-import torch
 
+import serve_helpers
 from conftest import build_model
 from peftlab import PeftModel
 from peftlab.serving.continuous import RunningBatch, cache_argument
 from peftlab.serving.decoding import StopRules
-from peftlab.serving.jobs import Job, Row, SamplingParams, StreamChunk
+from peftlab.serving.jobs import Row, SamplingParams, StreamChunk
 from peftlab.serving.static import generate_batch
-from serve_helpers import EOS, PAD, adapted_model, alone, tokenizer
+from serve_helpers import (
+    EOS,
+    PAD,
+    Recorder,
+    adapted_model,
+    alone,
+    check_alone,
+    make_row,
+    scheduled,
+    tokenizer,
+)
 
 BASE = "__base__"
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """Jobs need a loop for their futures; nothing runs on it here."""
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -38,29 +38,9 @@ def model(request: pytest.FixtureRequest) -> PeftModel:
     return adapted_model(str(request.param))
 
 
-class Recorder:
-    """Every row's next-token logits, call by call (the batch's observer)."""
-
-    def __init__(self) -> None:
-        self.logits: dict[int, list[torch.Tensor]] = defaultdict(list)
-        self.batches: list[list[str]] = []
-
-    def __call__(self, rows: Sequence[Row], logits: torch.Tensor) -> None:
-        self.batches.append([r.adapter for r in rows])
-        for row, line in zip(rows, logits, strict=True):
-            self.logits[id(row)].append(line.clone())
-
-
 def new_batch(model: PeftModel, recorder: Recorder | None = None) -> RunningBatch:
     rules = StopRules(tokenizer(), {EOS}, lambda row, chunk: None)
     return RunningBatch(model, rules, PAD, observer=recorder)
-
-
-def make_row(loop: asyncio.AbstractEventLoop, adapter: str, prompt: list[int], params: SamplingParams) -> Row:
-    job = Job(loop, stream=False, model=adapter)
-    row = Row(adapter, prompt, params, job, 0)
-    job.rows.append(row)
-    return row
 
 
 def check_cache(batch: RunningBatch) -> None:
@@ -77,17 +57,7 @@ def check_cache(batch: RunningBatch) -> None:
 
 
 def run(batch: RunningBatch, schedule: dict[int, list[Row]]) -> list[dict[str, Any]]:
-    """Step until every scheduled row is done; ``schedule[step]`` joins before that step."""
-    steps = []
-    step = 0
-    while step <= max(schedule) or batch.rows:
-        before = list(batch.rows)
-        report = batch.step(schedule.get(step, []))
-        check_cache(batch)
-        steps.append({"running": before, "joined": schedule.get(step, []), "left": report.left})
-        step += 1
-        assert step < 200
-    return steps
+    return serve_helpers.run(batch, schedule, check_cache)
 
 
 # (adapter, prompt ids, max_tokens, step it joins at): prompts of different lengths, so joins
@@ -109,20 +79,9 @@ def test_rows_of_every_method_join_and_leave_mid_generation(
 ) -> None:
     recorder = Recorder()
     batch = new_batch(model, recorder)
-    rows = [make_row(loop, a, p, SamplingParams(max_tokens=n)) for a, p, n, _ in PLAN]
-    schedule: dict[int, list[Row]] = defaultdict(list)
-    for row, (_, _, _, at) in zip(rows, PLAN, strict=True):
-        schedule[at].append(row)
-    steps = run(batch, dict(schedule))
-
-    for row, (adapter, prompt, n, _) in zip(rows, PLAN, strict=True):
-        want_tokens, want_logits = alone(model, adapter, prompt, n)
-        assert row.tokens == want_tokens, (adapter, prompt)
-        got = recorder.logits[id(row)]
-        assert len(got) == len(want_logits)
-        for g, w in zip(got, want_logits, strict=True):
-            torch.testing.assert_close(g, w.float(), atol=1e-5, rtol=0)
-        assert row.finish_reason in ("stop", "length")
+    rows, schedule = scheduled(loop, PLAN)
+    steps = run(batch, schedule)
+    check_alone(model, rows, PLAN, recorder)
     # the schedule really did what it claims: all five (four methods and the base) decoded in
     # one batch, rows joined while others were mid-generation and left while others went on
     assert max(len(set(b)) for b in recorder.batches) == 5
@@ -210,10 +169,10 @@ def test_stop_strings_and_eos_end_a_row_at_once(model: PeftModel, loop: asyncio.
     assert other.tokens == alone(model, BASE, [12, 90], 8, eos=first)[0]
 
 
-def test_models_continuous_batching_cannot_run_are_refused() -> None:
-    t5 = build_model("t5")
-    with pytest.raises(ValueError, match="static"):
-        cache_argument(t5)
+def test_cache_argument_sends_encoder_decoders_to_their_batch_and_refuses_sliding_windows() -> None:
+    # an encoder-decoder's rows run in EncoderDecoderBatch (test_serve_seq2seq.py), not here
+    with pytest.raises(ValueError, match="EncoderDecoderBatch"):
+        cache_argument(build_model("t5"))
     from transformers import MistralConfig, MistralForCausalLM
 
     sliding = MistralForCausalLM(

@@ -17,21 +17,28 @@ the right, each padding column masked. Each step decodes one token of every row 
 ``adapter_names`` (one per row; a prefix row's prefix stands just before its own first decoder
 token, wherever the padding puts it); finished rows leave at once and columns no row uses are cut.
 
-The decoder's positions must be relative (T5's position bias, which depends on the distance
-between query and key only), since a row's position is not the cache width once rows join at
-different steps; decoders that number positions from the cache length (BART's learned
-positions) are refused with a pointer to static batching.
+A row's decoder position is the number of tokens it has decoded, not the cache width, once rows
+join at different steps. Relative positions (T5's position bias, which depends on the distance
+between query and key only) need nothing more; learned absolute positions taken from a cache
+length (BART's ``embed_positions``) are renumbered per row for each step by hooks on that
+embedding (:class:`RowPositions`), which run after a prefix's own shift. Decoders that number
+positions in another way are refused with a pointer to static batching.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from peftlab.methods.prefix.positions import PositionEmbedding, position_embeddings
 from peftlab.serving.continuous import RunningBatch
 from peftlab.serving.decoding import choose
 from peftlab.serving.jobs import Row
@@ -69,16 +76,7 @@ def encoder_decoder_cache_argument(model: Any) -> str:
     cache = next((n for n in ("cache", "past_key_values") if n in params), None)
     if cache is None:
         raise ValueError(f"{name}.forward takes no cache; {static}")
-    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else model
-    absolute = sorted(
-        n for n, _ in decoder.named_modules() if n and n.rsplit(".", 1)[-1] in _ABSOLUTE_POSITIONS
-    )
-    if absolute:
-        raise ValueError(
-            f"{name}'s decoder numbers positions from the cache length ({absolute[0]}), so rows that "
-            "joined at different steps cannot share one cache; continuous batching runs encoder-decoders "
-            f"with relative positions (T5); {static}"
-        )
+    decoder_positions(model)
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -92,6 +90,77 @@ def encoder_decoder_cache_argument(model: Any) -> str:
     return cache
 
 
+def decoder_positions(model: Any) -> list[PositionEmbedding]:
+    """The decoder's absolute position embeddings, which each step renumbers per row (none for
+    relative positions), or a ValueError saying why continuous batching cannot run ``model``."""
+    name = type(model).__name__
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else model
+    absolute = sorted(
+        n for n, _ in decoder.named_modules() if n and n.rsplit(".", 1)[-1] in _ABSOLUTE_POSITIONS
+    )
+    if not absolute:
+        return []
+    refusal = (
+        f"{name}'s decoder numbers positions with {absolute[0]} in a way continuous batching cannot "
+        "give each row (it runs relative positions, as T5's, and learned positions taken from a cache "
+        "length, as BART's); use batching='static' (--batching static)"
+    )
+    try:
+        found = position_embeddings(model, {"decoder"})
+    except ValueError as error:
+        raise ValueError(refusal) from error
+    if len(found) != len(absolute) or any(entry.cache_arg is None for entry in found):
+        raise ValueError(refusal)
+    return found
+
+
+@dataclass
+class RowPositions:
+    """Hooks that number each row's new decoder tokens from its own count of decoded tokens:
+    the embedding's call is run again with its positions moved by each row's ``shift`` (its
+    count minus the cache width; 0 or less), through the embedding's other hooks (a prefix's
+    shift), and each row takes its own result."""
+
+    entry: PositionEmbedding
+    shift: torch.Tensor  # (rows,)
+    _call: tuple[tuple[Any, ...], dict[str, Any]] | None = field(default=None, init=False)
+    _inside: bool = field(default=False, init=False)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        module = self.entry.module
+        handles = [
+            module.register_forward_pre_hook(self.before, with_kwargs=True, prepend=True),
+            module.register_forward_hook(self.after, with_kwargs=True),
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self._inside:
+            self._call = (args, dict(kwargs))  # as the model called it, before any other hook
+
+    def after(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor
+    ) -> torch.Tensor | None:
+        if self._inside or self._call is None:
+            return None
+        shift = self.shift.to(output.device)
+        out = output.expand(shift.shape[0], *output.shape[1:])
+        self._inside = True
+        try:
+            for value in torch.unique(shift).tolist():
+                moved_args, moved_kwargs = self.entry.moved(*self._call, int(value))
+                part = module(*moved_args, **moved_kwargs)
+                out = torch.where((shift == value).view(-1, *([1] * (out.dim() - 1))), part, out)
+        finally:
+            self._inside, self._call = False, None
+        return out
+
+
 class EncoderDecoderBatch(RunningBatch):
     """The rows being decoded by an encoder-decoder: their encoder outputs, their shared
     ``EncoderDecoderCache`` and masks (used by the model worker only). ``lengths`` counts each
@@ -99,6 +168,7 @@ class EncoderDecoderBatch(RunningBatch):
 
     def _prepare(self, base: Any) -> None:
         self.cache_kwarg = encoder_decoder_cache_argument(base)
+        self.positions = decoder_positions(base)
         self.start = decoder_start_id(base)
         self.encoder_mask: torch.Tensor | None = None  # (rows, source width)
         self.encoder: torch.Tensor | None = None  # (rows, source width, hidden): the encoder output
@@ -108,9 +178,15 @@ class EncoderDecoderBatch(RunningBatch):
         return super().clear()
 
     # ---- the model calls ------------------------------------------------------------------
-    def _call(self, rows: list[Row], cache: Any, **inputs: Any) -> tuple[torch.Tensor, Any]:
-        """Next-token logits of ``rows`` and the model's output."""
-        with torch.no_grad():
+    def _call(
+        self, rows: list[Row], cache: Any, shift: torch.Tensor | None = None, **inputs: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """Next-token logits of ``rows`` and the model's output; ``shift`` moves each row's
+        decoder positions (absolute ones) from the cache width to its own count of tokens."""
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            if shift is not None and bool(shift.any()):
+                for entry in self.positions:
+                    stack.enter_context(RowPositions(entry, shift).installed())
             out = self.model(
                 **{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()},
                 adapter_names=[r.adapter for r in rows],
@@ -166,6 +242,7 @@ class EncoderDecoderBatch(RunningBatch):
         logits, _ = self._call(
             self.rows,
             self.cache,
+            torch.tensor(self.lengths, device=self.device) - self.mask.shape[1],
             attention_mask=self.encoder_mask,
             encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder),
             decoder_input_ids=torch.tensor(self.last, dtype=torch.long)[:, None],

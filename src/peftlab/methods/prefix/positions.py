@@ -74,6 +74,26 @@ class PositionEmbedding:
                 "positions; shorten the input or use fewer num_virtual_tokens"
             )
 
+    def moved(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], amount: int
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments of a call to a cache-length embedding (BART's) with its positions moved
+        by ``amount``, checked to stay within the embedding."""
+        assert self.cache_arg is not None
+        kwargs = dict(kwargs)
+        given = kwargs.get("position_ids")
+        if isinstance(given, torch.Tensor):
+            kwargs["position_ids"] = given + amount
+            self.check(int(kwargs["position_ids"].max()))
+            return args, kwargs
+        if len(args) > 1:
+            args = (args[0], int(args[1]) + amount, *args[2:])
+        else:
+            kwargs[self.cache_arg] = int(kwargs.get(self.cache_arg, 0)) + amount
+        seq = args[0].shape[1] if isinstance(args[0], torch.Tensor) and args[0].dim() > 1 else 0
+        self.check((int(args[1]) if len(args) > 1 else int(kwargs[self.cache_arg])) + seq - 1)
+        return args, kwargs
+
 
 def position_embeddings(model: nn.Module, stacks: set[str]) -> list[PositionEmbedding]:
     """The learned absolute position embeddings of the stacks whose self-attention has a prefix."""
@@ -123,7 +143,9 @@ def shifted_positions(
         if not isinstance(amount, int):
             handles.append(entry.parent.register_forward_pre_hook(hooks.remember, with_kwargs=True))
         handles.append(entry.module.register_forward_pre_hook(hooks.before, with_kwargs=True))
-        handles.append(entry.module.register_forward_hook(hooks.after, with_kwargs=True))
+        # first of the embedding's output hooks: one that renumbers rows (serving's per-row
+        # decoder positions) runs the call again through these hooks and takes its rows from that
+        handles.append(entry.module.register_forward_hook(hooks.after, with_kwargs=True, prepend=True))
     try:
         yield
     finally:
@@ -160,7 +182,7 @@ class _ShiftHooks:
             return (moved, *args[1:]), kwargs
         if not isinstance(amount, int):
             return None  # per sample: after() computes each shift's rows
-        return _with_cache_shift(entry, args, kwargs, amount)
+        return entry.moved(args, kwargs, amount)
 
     def after(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor
@@ -173,7 +195,7 @@ class _ShiftHooks:
         rows = _per_row(amount, batch, output.device)
         out = output.expand(batch, *output.shape[1:])
         for value in torch.unique(rows).tolist():
-            moved_args, moved_kwargs = _with_cache_shift(entry, args, kwargs, int(value))
+            moved_args, moved_kwargs = entry.moved(args, kwargs, int(value))
             part = type(module).forward(module, *moved_args, **moved_kwargs)
             out = torch.where((rows == value).view(-1, *([1] * (out.dim() - 1))), part, out)
         return out
@@ -191,22 +213,3 @@ def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
         if isinstance(value, torch.Tensor):
             return int(value.shape[0])
     return None
-
-
-def _with_cache_shift(
-    entry: PositionEmbedding, args: tuple[Any, ...], kwargs: dict[str, Any], amount: int
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """BART-style call arguments with the positions moved by ``amount``."""
-    assert entry.cache_arg is not None
-    kwargs = dict(kwargs)
-    given = kwargs.get("position_ids")
-    if isinstance(given, torch.Tensor):
-        kwargs["position_ids"] = given + amount
-        return args, kwargs
-    if len(args) > 1:
-        args = (args[0], int(args[1]) + amount, *args[2:])
-    else:
-        kwargs[entry.cache_arg] = int(kwargs.get(entry.cache_arg, 0)) + amount
-    seq = args[0].shape[1] if isinstance(args[0], torch.Tensor) and args[0].dim() > 1 else 0
-    entry.check((int(args[1]) if len(args) > 1 else int(kwargs[entry.cache_arg])) + seq - 1)
-    return args, kwargs
