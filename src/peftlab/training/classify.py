@@ -16,7 +16,8 @@ tokens the decoder's targets, scored through the decoder.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -36,6 +37,28 @@ from peftlab.training.lm_head import (
 # where encode_texts puts the class index: the shared loop pairs label position t + 1 with the
 # logits at position t (next-token shift), and ClassifierAsNextToken puts the class logits at 0
 CLASS_POSITION = 1
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the span of the block, its mode restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _batches(
+    encoded: Sequence[Encoded], pad_token_id: int, batch_size: int, device: torch.device
+) -> Iterator[tuple[list[int], list[Encoded], dict[str, torch.Tensor], torch.Tensor]]:
+    """Batches of similar length: their indices in ``encoded``, their rows, the padded inputs
+    on ``device`` and their labels."""
+    for indices in length_batches(encoded, batch_size):
+        chunk = [encoded[i] for i in indices]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
+        yield indices, chunk, batch, batch.pop("labels")
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -142,17 +165,12 @@ def score_label_words(
     if is_encoder_decoder(model):
         return _score_label_words_seq2seq(model, encoded, label_ids, pad_token_id, batch_size)
     single = all(len(i) == 1 for i in label_ids)
-    was = model.training
-    model.eval()
     device = _device_of(model)
     predictions = [0] * len(encoded)
     total, count = 0.0, 0
-    try:
-        for indices in length_batches(encoded, batch_size):
-            chunk = [encoded[i] for i in indices]
+    with _evaluating(model):
+        for indices, chunk, batch, targets in _batches(encoded, pad_token_id, batch_size, device):
             prompts = [e.prompt_length for e in chunk]
-            batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
-            targets = batch.pop("labels")
             shifted = targets[:, 1:]
             mask = shifted != IGNORE_INDEX
             out, hidden, head = hidden_and_head(model, model, batch)
@@ -177,8 +195,6 @@ def score_label_words(
                 scores = _score_continuations(model, heads, label_ids, pad_token_id)
             for i, p in zip(indices, scores.argmax(-1).tolist(), strict=True):
                 predictions[i] = p
-    finally:
-        model.train(was)
     return predictions, total / max(count, 1)
 
 
@@ -222,16 +238,11 @@ def _score_label_words_seq2seq(
     """:func:`score_label_words` for an encoder-decoder: each example's encoder input is run with
     its reference target (the loss) and with every label's tokens as the decoder's targets (the
     scores)."""
-    was = model.training
-    model.eval()
     device = _device_of(model)
     predictions = [0] * len(encoded)
     total, count = 0.0, 0
-    try:
-        for indices in length_batches(encoded, batch_size):
-            chunk = [encoded[i] for i in indices]
-            batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
-            targets = batch.pop("labels")
+    with _evaluating(model):
+        for indices, chunk, batch, targets in _batches(encoded, pad_token_id, batch_size, device):
             total += float(token_losses(model, batch, targets).sum())
             count += int((targets != IGNORE_INDEX).sum())
             candidates = [Encoded(e.input_ids, list(ids), seq2seq=True) for e in chunk for ids in label_ids]
@@ -240,6 +251,4 @@ def _score_label_words_seq2seq(
             scores = -token_losses(model, batch, scored).sum(-1).view(len(chunk), len(label_ids))
             for i, p in zip(indices, scores.argmax(-1).tolist(), strict=True):
                 predictions[i] = p
-    finally:
-        model.train(was)
     return predictions, total / max(count, 1)
