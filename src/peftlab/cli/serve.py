@@ -87,7 +87,7 @@ def register(sub: Any) -> None:
         choices=("continuous", "static"),
         default="continuous",
         help="continuous: rows join and leave the batch at every decoding step (default; encoder-decoders "
-        "with relative positions, as T5, only); static: a batch runs to its longest row's end",
+        "T5 and BART); static: a batch runs to its longest row's end",
     )
     p.add_argument("--max-batch-size", type=_positive, default=16, help="rows decoded together (default 16)")
     p.add_argument(

@@ -169,21 +169,11 @@ class RunningBatch:
     def _prefill(self, rows: list[Row]) -> None:
         from transformers import DynamicCache
 
-        width = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row.prompt_ids)
-            ids[i, width - n :] = torch.tensor(row.prompt_ids)  # left padding: every row ends at the edge
-            mask[i, width - n :] = 1
+        ids, mask = self._prompts(rows, left=True)  # left padding: every row ends at the edge
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         mask = mask.to(self.device)
         cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache, rows)
-        now = time.perf_counter()
-        for row, token in zip(rows, choose(rows, logits), strict=True):
-            self.rules.advance(row, token, now)
-        keep = [i for i, r in enumerate(rows) if r.finish_reason is None]
+        keep = self._first_tokens(rows, self._forward(ids, mask, positions, cache, rows))
         if not keep:
             return
         if len(keep) < len(rows):
@@ -202,6 +192,30 @@ class RunningBatch:
         mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         logits = self._forward(ids, mask, positions, self.cache, self.rows)
         self.mask = mask
+        self._next_tokens(logits)
+
+    # ---- shared by every running batch ----------------------------------------------------
+    def _prompts(self, rows: list[Row], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' prompt ids padded to one width, on the left or the right, and their mask."""
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.prompt_ids)
+            where = slice(width - n, width) if left else slice(0, n)
+            ids[i, where] = torch.tensor(row.prompt_ids)
+            mask[i, where] = 1
+        return ids, mask
+
+    def _first_tokens(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
+        """Pick prefilled rows' first tokens; returns the indices of those that go on."""
+        now = time.perf_counter()
+        for row, token in zip(rows, choose(rows, logits), strict=True):
+            self.rules.advance(row, token, now)
+        return [i for i, r in enumerate(rows) if r.finish_reason is None]
+
+    def _next_tokens(self, logits: torch.Tensor) -> None:
+        """Pick every running row's next token from a decoding step's logits."""
         now = time.perf_counter()
         for i, (row, token) in enumerate(zip(self.rows, choose(self.rows, logits), strict=True)):
             self.lengths[i] += 1
@@ -240,14 +254,17 @@ class RunningBatch:
         if not keep:
             self.clear()
             return gone
-        assert self.mask is not None
-        index = torch.tensor(keep, device=self.device)
-        self.cache.batch_select_indices(index)
-        self.cache, self.mask = _trimmed(self.cache, self.mask[index])
+        self._select(torch.tensor(keep, device=self.device))
         self.rows = [self.rows[i] for i in keep]
         self.lengths = [self.lengths[i] for i in keep]
         self.last = [self.last[i] for i in keep]
         return gone
+
+    def _select(self, index: torch.Tensor) -> None:
+        """Keep only the cache rows (and the per-row tensors) of ``index``."""
+        assert self.mask is not None
+        self.cache.batch_select_indices(index)
+        self.cache, self.mask = _trimmed(self.cache, self.mask[index])
 
 
 def _pad_left(states: torch.Tensor, columns: int) -> torch.Tensor:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,6 @@ from torch import nn
 
 from peftlab.methods.prefix.positions import PositionEmbedding, position_embeddings
 from peftlab.serving.continuous import RunningBatch
-from peftlab.serving.decoding import choose
 from peftlab.serving.jobs import Row
 
 # modules that number decoder positions absolutely (learned or sinusoidal embeddings)
@@ -201,22 +199,13 @@ class EncoderDecoderBatch(RunningBatch):
     def _prefill(self, rows: list[Row]) -> None:
         from transformers import DynamicCache, EncoderDecoderCache
 
-        width = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row.prompt_ids)
-            ids[i, :n] = torch.tensor(row.prompt_ids)  # right padding: tokens where they stand alone
-            mask[i, :n] = 1
+        ids, mask = self._prompts(rows, left=False)  # right padding: tokens where they stand alone
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         start = torch.full((len(rows), 1), self.start, dtype=torch.long)
         logits, out = self._call(rows, cache, input_ids=ids, attention_mask=mask, decoder_input_ids=start)
         encoder = out.encoder_last_hidden_state
-        now = time.perf_counter()
-        for row, token in zip(rows, choose(rows, logits), strict=True):
-            self.rules.advance(row, token, now)
-        keep = [i for i, r in enumerate(rows) if r.finish_reason is None]
+        keep = self._first_tokens(rows, logits)
         if not keep:
             return
         if len(keep) < len(rows):
@@ -249,11 +238,7 @@ class EncoderDecoderBatch(RunningBatch):
             decoder_attention_mask=mask,
         )
         self.mask = mask
-        now = time.perf_counter()
-        for i, (row, token) in enumerate(zip(self.rows, choose(self.rows, logits), strict=True)):
-            self.lengths[i] += 1
-            self.last[i] = token
-            self.rules.advance(row, token, now)
+        self._next_tokens(logits)
 
     # ---- the caches -----------------------------------------------------------------------
     def _join_rows(
@@ -310,25 +295,12 @@ class EncoderDecoderBatch(RunningBatch):
         self.last += last
         self._trim()
 
-    def _leave(self) -> list[Row]:
-        gone = [r for r in self.rows if r.finish_reason is not None]
-        if not gone:
-            return []
-        keep = [i for i, r in enumerate(self.rows) if r.finish_reason is None]
-        if not keep:
-            self.clear()
-            return gone
+    def _select(self, index: torch.Tensor) -> None:
         assert self.mask is not None and self.encoder_mask is not None and self.encoder is not None
-        index = torch.tensor(keep, device=self.device)
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
-        self.encoder_mask = self.encoder_mask[index]
-        self.encoder = self.encoder[index]
+        self.encoder_mask, self.encoder = self.encoder_mask[index], self.encoder[index]
         self._trim()
-        self.rows = [self.rows[i] for i in keep]
-        self.lengths = [self.lengths[i] for i in keep]
-        self.last = [self.last[i] for i in keep]
-        return gone
 
     def _trim(self) -> None:
         """Cut the decoder columns in front and the source columns behind that no row uses."""
