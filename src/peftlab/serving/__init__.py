@@ -5,6 +5,7 @@ uvicorn and prometheus-client."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import signal
@@ -187,6 +188,20 @@ def serve_forever(
         )
 
     class Server(uvicorn.Server):  # type: ignore[misc, name-defined]
+        async def shutdown(self, sockets: Any = None) -> None:
+            # what still runs when the grace is nearly over is answered by the engine, a JSON 503
+            # "shutting down" (a stream: its error event), before uvicorn cancels the requests'
+            # tasks, which would answer a plain-text 500 and log a traceback for each
+            async def answer_the_rest() -> None:
+                await asyncio.sleep(max(0.0, shutdown_grace - min(1.0, shutdown_grace / 2)))
+                await engine.stop()
+
+            last = asyncio.ensure_future(answer_the_rest())
+            try:
+                await super().shutdown(sockets)
+            finally:
+                last.cancel()
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             # a signal handler: set flags only, and say what happens from the event loop (a
             # print here could land inside another write to stderr)

@@ -42,10 +42,30 @@ def check_adapter_name(name: str, base_name: str) -> None:
         )
 
 
+# POSIX's usual limits (Linux: PATH_MAX 4096, NAME_MAX 255 bytes): a longer path is refused as
+# bad input before the file system is asked (which would raise "File name too long")
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+
+
+def check_path_length(path: str) -> None:
+    """400 for a path no file system here can hold (too long, or a part too long)."""
+    encoded = os.fsencode(path)
+    longest = max((len(part) for part in encoded.split(b"/")), default=0)
+    if len(encoded) > MAX_PATH_BYTES or longest > MAX_NAME_BYTES:
+        raise ServeError(
+            400,
+            f"adapter path of {len(encoded):,} bytes (longest part {longest:,}) is too long: paths take at "
+            f"most {MAX_PATH_BYTES} bytes and {MAX_NAME_BYTES} per folder name",
+            param="path",
+        )
+
+
 def check_adapter_folder(path: str | os.PathLike[str]) -> Path:
     """A local folder saved by ``save_pretrained``: ``adapter_config.json`` + safetensors weights."""
-    folder = Path(path).expanduser()
     shown = str(path)
+    check_path_length(shown)
+    folder = Path(path).expanduser()
     if not folder.exists():
         raise ServeError(400, f"adapter path {shown!r} does not exist on the server", param="path")
     if not folder.is_dir():
@@ -104,6 +124,7 @@ class AdapterRoots:
         self.require_enabled("loading adapters")
         if not isinstance(requested, str) or not requested or "\0" in requested:
             raise ServeError(400, "path must be a non-empty folder path", param="path")
+        check_path_length(requested)
         given = Path(requested)
         candidates: Sequence[Path] = [given] if given.is_absolute() else [root / given for root in self.roots]
         inside: list[Path] = []

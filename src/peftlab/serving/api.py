@@ -43,7 +43,15 @@ DEFAULT_CHAT_MAX_TOKENS = 512  # a chat request without max_tokens stops here (o
 UNION_FIELDS = {"prompt": "a string or a list of strings", "stop": "a string, a list of strings or null"}
 
 
+# strict: a number sent as a string ("5") or a boolean where a number belongs is a 422 naming the
+# field, not coerced (pydantic's lax mode takes "5" and true as integers)
+STRICT = ConfigDict(extra="ignore", strict=True)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
@@ -51,7 +59,7 @@ class CompletionRequest(BaseModel):
     """OpenAI's completions request; fields peftlab does not implement must keep their defaults."""
 
     # clients send fields of newer API versions; ignoring unknown ones is what OpenAI does too
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str
     prompt: str | list[str]
@@ -76,7 +84,7 @@ class CompletionRequest(BaseModel):
 class ChatRequest(BaseModel):
     """OpenAI's chat completions request; ``messages`` is checked by hand (400 naming the field)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str
     messages: Any = None
@@ -101,6 +109,8 @@ class ChatRequest(BaseModel):
 
 
 class AdapterRequest(BaseModel):
+    model_config = STRICT
+
     name: str
     path: str
 
@@ -153,12 +163,42 @@ def _sampling(
         )
     if not 0.0 < top_p <= 1.0:
         raise ServeError(400, f"top_p must be in (0, 1], got {top_p}", param="top_p")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ServeError(400, f"seed must be an integer from -2**63 to 2**64 - 1, got {seed}", param="seed")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise ServeError(400, f"stop takes up to {MAX_STOP} non-empty strings", param="stop")
     return SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stops)
     )
+
+
+def check_text(value: Any, param: str) -> None:
+    """400 where a string anywhere in ``value`` is not valid Unicode text: JSON's ``\\ud800``
+    escapes decode to lone surrogates, which no tokenizer (and no UTF-8 writer) takes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ServeError(
+                400,
+                f"{param} holds a lone surrogate at character {err.start} ({value[err.start]!a}), which "
+                "is not text; send valid UTF-8 (a pair of surrogates for characters beyond U+FFFF)",
+                param=param,
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, param)
+            check_text(item, f"{param}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_text(item, f"{param}[{i}]")
+
+
+def _checked_fields(req: BaseModel) -> None:
+    """Every string field of a request is text (see :func:`check_text`)."""
+    for name in type(req).model_fields:
+        check_text(getattr(req, name), name)
 
 
 def _error_body(status: int, message: str, kind: str, param: str | None = None) -> dict[str, Any]:
@@ -362,6 +402,7 @@ def _add_info_routes(app: FastAPI, engine: Engine) -> None:
 def _add_adapter_routes(app: FastAPI, engine: Engine) -> None:
     @app.post("/v1/adapters")
     async def load_adapter(req: AdapterRequest) -> dict[str, Any]:
+        _checked_fields(req)
         return await engine.load_adapter(req.name, req.path)
 
     @app.delete("/v1/adapters/{name}")
@@ -372,6 +413,7 @@ def _add_adapter_routes(app: FastAPI, engine: Engine) -> None:
 def _add_completion_routes(app: FastAPI, engine: Engine) -> None:
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest, request: Request) -> dict[str, Any] | Response:
+        _checked_fields(req)
         _unsupported(req)
         adapter = engine.resolve(req.model)
         params = _sampling(req.max_tokens, req.temperature, req.top_p, req.seed, req.stop)
@@ -412,6 +454,7 @@ def _add_completion_routes(app: FastAPI, engine: Engine) -> None:
 def _add_chat_routes(app: FastAPI, engine: Engine) -> None:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatRequest, request: Request) -> dict[str, Any] | Response:
+        _checked_fields(req)
         _chat_unsupported(req)
         if req.messages is None:
             raise ServeError(

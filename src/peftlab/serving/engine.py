@@ -217,8 +217,9 @@ class Engine:
                 await self._dispatcher
             self._dispatcher = None
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+            executor, self._executor = self._executor, None
+            # the step running now ends first; the event loop keeps answering meanwhile
+            await asyncio.to_thread(executor.shutdown, True)
         err = ServeError(503, "the server is shutting down", kind="server_error")
         while self._waiting:
             item = self._waiting.popleft()
@@ -311,6 +312,14 @@ class Engine:
                 "the server is shutting down and takes no new requests; retry on another instance",
                 kind="server_error",
                 headers={"Retry-After": "5", "Connection": "close"},
+            )
+        if len(prompt_ids) > self.max_queue:
+            # never fits, however long the client waits: not "busy"
+            raise ServeError(
+                400,
+                f"{len(prompt_ids)} prompts in one request, but this server queues at most {self.max_queue}; "
+                f"send at most {self.max_queue} per request",
+                param="prompt",
             )
         free = self.max_queue - len(self._waiting)
         if len(prompt_ids) > free:
