@@ -603,7 +603,7 @@ class PeftModel(nn.Module):
         flags = [(p, p.requires_grad) for p in self.parameters()]
         self.add_adapter(adapter_name, config)
         try:
-            self._set_values(adapter_name, values)
+            self._set_values(adapter_name, values() if callable(values) else values)
         except BaseException:
             self.delete_adapter(adapter_name)
             for p, flag in flags:
