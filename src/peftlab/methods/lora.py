@@ -22,6 +22,19 @@ and its delta is ``B A``):
   ``A = sum_i sign(w_i) sqrt(|w_i| s_i) A_i``, ``B = sum_i sqrt(|w_i| s_i) B_i``, rank ``r``.
   ``A`` and ``B`` are combined separately, so ``B A`` holds cross terms ``B_i A_j``: it equals
   the weighted delta sum only for one adapter. Cheap and approximate; prefer ``"cat"``/``"svd"``.
+- ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"`` (HF PEFT's, inputs of one
+  rank): ``"linear"`` with a pruning rule (``combination.merge_tensors``; ``density`` required)
+  applied to the A's (weights ``sign(w_i s_i) sqrt(|w_i s_i|)``) and then to the B's (weights
+  ``sqrt(|w_i s_i|)``) separately, rank ``r``.
+- ``"ties_svd"``, ``"dare_linear_svd"``, ``"dare_ties_svd"``, ``"magnitude_prune_svd"``: the rule
+  applied to the dense deltas ``s_i B_i A_i`` with weights ``w_i``, then ``"svd"``'s factors of
+  the result, computed from the dense matrix (rank ``svd_rank``, default the largest ``r_i``).
+  ``svd_clamp`` (these and ``"svd"``) clamps both factors to a quantile of their entries;
+  ``svd_full_matrices`` and ``svd_driver`` (CUDA only) select how torch computes the SVD.
+
+DARE's random masks come from torch's global RNG in HF PEFT's order (after the new adapter's
+initialisation; per module in model order, each input's A then each input's B, or each input's
+delta), in the adapters' dtype and the weight's layout, so a seed gives PEFT's result.
 
 A module that only some inputs adapt takes only their terms (the others contribute zero); the
 new adapter targets the union of the inputs' modules. LoRA's trainable biases are the base
