@@ -311,11 +311,18 @@ ERRORS: list[tuple[Any, Any, str, str, dict[str, Any], str]] = [
         {},
         "different methods cannot be combined: 'a' \\(LORA\\), 'i' \\(IA3\\)",
     ),
-    (["a", "b"], [1, 1], "n", "ties", {}, "'ties' is not available for LORA adapters; use one of 'linear'"),
+    (["a", "b"], [1, 1], "n", "tie", {}, "'tie' is not available for LORA adapters; use one of 'linear'"),
     (["i", "i"], [1, 1], "n", "svd", {}, "'svd' is not available for IA3 adapters; use one of 'linear'$"),
     (["a", "b"], [1, 1], "n", "linear", {}, "'linear' needs adapters of one rank, got r=4 \\('a'\\), r=2"),
     (["a", "b"], [1, 1], "n", "svd", {"svd_rank": 0}, "svd_rank: must be a positive integer"),
-    (["a", "b"], [1, 1], "n", "cat", {"svd_rank": 2}, "svd_rank applies to combination_type='svd' only"),
+    (
+        ["a", "b"],
+        [1, 1],
+        "n",
+        "cat",
+        {"svd_rank": 2},
+        "svd_rank applies to combination_type 'svd' / .* not 'cat'",
+    ),
     (["a", "ms"], [1, 1], "n", "cat", {}, "'ms' trains whole modules .*does not support modules_to_save"),
     (["i", "i_mods"], [1, 1], "n", "linear", {}, "sit on different modules"),
     (["i", "i_roles"], [1, 1], "n", "linear", {}, "scale .*down_proj differently"),
@@ -336,10 +343,14 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(
     assert_unchanged(model, before)
 
 
-def test_peft_only_options_are_refused() -> None:
-    model = lora_model("llama")
-    with pytest.raises(TypeError, match=r"unsupported options \['svd_clamp'\].*only option is svd_rank"):
-        model.add_weighted_adapter(["a", "b"], [1, 1], "n", combination_type="svd", svd_clamp=0.9)
+def test_unknown_options_are_refused() -> None:
+    model = error_model()
+    with pytest.raises(TypeError, match=r"unsupported options \['svd_clam'\].*the options are svd_rank"):
+        model.add_weighted_adapter(["a", "b"], [1, 1], "n", combination_type="svd", svd_clam=0.9)
+    with pytest.raises(
+        TypeError, match=r"unsupported options \['density'\]; IA3 combinations take no options"
+    ):
+        model.add_weighted_adapter(["i", "i"], [1, 1], "n", density=0.5)
 
 
 def test_non_finite_inputs_and_overflow_leave_the_model_unchanged() -> None:

@@ -4,8 +4,8 @@ every method shares and the building blocks of the methods' own combination rule
 The new adapter has the inputs' method and is computed once from their current parameters
 with weights ``w_i`` (not normalised: weights summing to 1 give an average; negative weights
 subtract, as in task arithmetic). Each method says what a ``combination_type`` computes for it
-(:meth:`peftlab.core.method.Method.combine`; LoRA's ``"linear"`` / ``"cat"`` / ``"svd"`` are
-documented in :mod:`peftlab.methods.lora`). The default, for a method whose adapter is a set of
+(:meth:`peftlab.core.method.Method.combine`; LoRA's ``"linear"`` / ``"cat"`` / ``"svd"`` and
+TIES / DARE / magnitude-pruning types are documented in :mod:`peftlab.methods.lora`). The default, for a method whose adapter is a set of
 units on modules, is the parameter-wise weighted sum ``p = sum_i w_i p_i`` over inputs on the
 same modules with same-shaped units.
 
@@ -27,10 +27,23 @@ from peftlab.core.host import AdapterHost
 from peftlab.core.injection import saved_modules, wrapped_modules
 from peftlab.core.layers import AdapterUnit
 
-# HF PEFT's options that peftlab does not implement, named in the error instead of "unknown"
-PEFT_ONLY_OPTIONS = ("svd_clamp", "svd_full_matrices", "svd_driver", "density", "majority_sign_method")
+# Task-arithmetic rules on same-shaped tensors (TIES: Yadav et al., 2023, arXiv:2306.01708; DARE:
+# Yu et al., 2023, arXiv:2311.03099): how each input is pruned first, and whether the merge elects
+# a sign per entry (TIES) or sums (task arithmetic). The semantics are HF PEFT's (merge_utils).
+PRUNING: dict[str, str | None] = {
+    "linear": None,
+    "ties": "magnitude",
+    "magnitude_prune": "magnitude",
+    "dare_linear": "random",
+    "dare_ties": "random",
+}
+ELECTS_SIGN = ("ties", "dare_ties")
+SIGN_METHODS = ("total", "frequency")
 
 Values = dict[str, torch.Tensor]  # the new adapter's parameter path (in the model) -> value
+# the values, or a function computing them once the new adapter exists: its units' initialisation
+# draws from torch's RNG first, then the combination's own draws (DARE), as in HF PEFT
+Computed = Values | Callable[[], Values]
 Inputs = list[tuple[str, float]]  # (adapter name, weight)
 UnitCheck = Callable[[str, str, str, AdapterUnit, AdapterUnit], None]
 
@@ -44,7 +57,7 @@ class Combiner(Protocol):
 
     def combine(
         self, host: AdapterHost, inputs: Inputs, adapter_name: str, combination_type: str, **options: Any
-    ) -> tuple[PeftConfig, Values]: ...
+    ) -> tuple[PeftConfig, Computed]: ...
 
 
 def combine(
@@ -55,8 +68,9 @@ def combine(
     adapter_name: str,
     combination_type: str,
     options: dict[str, Any],
-) -> tuple[PeftConfig, Values]:
-    """The new adapter's config and parameter values; everything is checked first."""
+) -> tuple[PeftConfig, Computed]:
+    """The new adapter's config and parameter values (or the function computing them once the
+    adapter exists: see :data:`Computed`); everything is checked first."""
     names = check_adapters(host, adapters)
     ws = check_weights(weights, len(names))
     allowed = method.combination_types
@@ -69,9 +83,18 @@ def combine(
     refuse_modules_to_save(host, names)
     check_finite_inputs(host, names)
     with torch.no_grad():
-        return method.combine(
+        config, values = method.combine(
             host, list(zip(names, ws, strict=True)), adapter_name, combination_type, **checked
         )
+    if not callable(values):
+        return config, values
+    compute = values
+
+    def deferred() -> Values:
+        with torch.no_grad():
+            return compute()
+
+    return config, deferred
 
 
 # ---- checks ------------------------------------------------------------------------------
@@ -126,11 +149,9 @@ def check_options(method: Combiner, options: dict[str, Any], combination_type: s
     known = method.combination_options
     unknown = sorted(set(options) - set(known))
     if unknown:
-        peft_only = [k for k in unknown if k in PEFT_ONLY_OPTIONS]
         offered = [f"{k} (with {_types(t)})" for k, t in known.items()]
         raise TypeError(
             f"add_weighted_adapter() got unsupported options {unknown}"
-            + (" (HF PEFT options peftlab does not implement)" if peft_only else "")
             + (
                 f"; the only option is {offered[0]}"
                 if len(offered) == 1
@@ -143,14 +164,85 @@ def check_options(method: Combiner, options: dict[str, Any], combination_type: s
     for key in checked:
         if combination_type not in known[key]:
             raise ValueError(
-                f"{key} applies to {_types(known[key])} only, not {combination_type!r}; drop it or use "
-                + " / ".join(map(repr, known[key]))
+                f"{key} applies to {_types(known[key])} only, not {combination_type!r}; drop it"
+                + (" or use that type" if len(known[key]) == 1 else " or use one of those types")
             )
     return checked
 
 
+def check_density(density: Any, combination_type: str) -> float:
+    """``density`` (the fraction of entries each input keeps): a number in (0, 1]."""
+    if density is None:
+        raise ValueError(
+            f"combination_type={combination_type!r} needs density, the fraction of entries kept; "
+            "pass e.g. density=0.5 (a number in (0, 1])"
+        )
+    scalar = isinstance(density, torch.Tensor) and density.numel() == 1
+    if isinstance(density, bool) or not (isinstance(density, numbers.Real) or scalar):
+        raise ValueError(f"density: {density!r} is not a number; pass a fraction in (0, 1], e.g. 0.5")
+    value = float(density)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"density: {value} is outside (0, 1]; pass the fraction of entries kept, e.g. 0.5")
+    return value
+
+
+def check_sign_method(method: Any) -> str:
+    if method not in SIGN_METHODS:
+        raise ValueError(
+            f"majority_sign_method: unknown {method!r}; use 'total' (sign of the summed values) or "
+            "'frequency' (the more frequent sign)"
+        )
+    return str(method)
+
+
+def magnitude_mask(t: torch.Tensor, density: float) -> torch.Tensor:
+    """The 0/1 mask of ``t``'s ``int(density * numel)`` largest magnitudes."""
+    flat = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
+    flat[torch.topk(t.abs().reshape(-1), k=int(density * t.numel())).indices] = 1
+    return flat.reshape(t.shape)
+
+
+def merge_tensors(
+    rule: str,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    density: float = 1.0,
+    sign_method: str = "total",
+    random_mask: Callable[[int], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One tensor from same-shaped ``tensors`` by ``rule`` (a key of :data:`PRUNING`), HF PEFT's
+    semantics. Each input is pruned first unless ``density`` is 1: ``"magnitude"`` keeps its
+    ``int(density * numel)`` largest magnitudes; ``"random"`` (DARE) keeps entries where
+    ``random_mask(i)`` (a Bernoulli(density) 0/1 draw for input ``i``, called in input order) is 1
+    and divides them by ``density``. Then ``ELECTS_SIGN`` rules elect a sign per entry from the
+    pruned, unweighted inputs (``"total"``: the sign of their sum, ``"frequency"``: the more
+    frequent sign; ties go to +) and average the weighted entries of that sign (zero where none
+    is); the others sum the weighted inputs."""
+    pruning = PRUNING[rule]
+    kept: list[torch.Tensor] = []
+    for i, t in enumerate(tensors):
+        if pruning is None or density >= 1.0:
+            kept.append(t)
+        elif pruning == "magnitude":
+            kept.append(t * magnitude_mask(t, density))
+        else:
+            assert random_mask is not None
+            kept.append(t * random_mask(i) / density)
+    stacked = torch.stack(kept)
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    weighted = stacked * w.reshape(-1, *([1] * (stacked.dim() - 1)))
+    if rule not in ELECTS_SIGN:
+        return weighted.sum(0)
+    signs = stacked.sign()
+    votes = stacked.sum(0) if sign_method == "total" else signs.sum(0)
+    agree = signs == torch.where(votes >= 0, 1.0, -1.0).to(signs.dtype)
+    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
 def _types(types: tuple[str, ...]) -> str:
-    return " or ".join(f"combination_type={t!r}" for t in types)
+    if len(types) == 1:
+        return f"combination_type={types[0]!r}"
+    return f"combination_type {' / '.join(map(repr, types))}"
 
 
 def refuse_modules_to_save(host: AdapterHost, names: list[str]) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from peftlab.core import combination
-from peftlab.core.combination import Inputs, Values
+from peftlab.core.combination import Computed, Inputs
 from peftlab.core.config import PeftConfig
 from peftlab.core.host import AdapterHost
 from peftlab.core.injection import candidate_suffixes, find_targets, wrap, wrapped_modules
@@ -120,11 +120,12 @@ class Method:
     # ---- weighted combination -----------------------------------------------------------
     def combine(
         self, host: AdapterHost, inputs: Inputs, adapter_name: str, combination_type: str, **options: Any
-    ) -> tuple[PeftConfig, Values]:
+    ) -> tuple[PeftConfig, Computed]:
         """The config and parameter values of a weighted combination of ``inputs`` (checked to be
-        adapters of this method with finite parameters). The default, for module-level methods:
-        every unit parameter ``p = sum_i w_i p_i``, for inputs on the same modules whose units
-        pass :meth:`check_combinable`, with the first input's config."""
+        adapters of this method with finite parameters); the values may be a function computing
+        them once the new adapter exists (see ``combination.Computed``). The default, for
+        module-level methods: every unit parameter ``p = sum_i w_i p_i``, for inputs on the same
+        modules whose units pass :meth:`check_combinable`, with the first input's config."""
         if not self.is_module_level:
             raise ValueError(f"{self.label} adapters cannot be combined: the method has no combination rule")
         combination.same_modules(host, inputs, self.label)

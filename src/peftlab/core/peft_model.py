@@ -587,8 +587,25 @@ class PeftModel(nn.Module):
         """Add ``adapter_name``, a weighted combination of existing adapters of one method, inactive
         like ``add_adapter`` (see :mod:`peftlab.core.combination` and each method's rule).
 
-        Everything is checked and computed before the adapter is added, and a failure leaves
-        the model unchanged.
+        ``combination_type``: ``"linear"`` for every method; LoRA also ``"cat"``, ``"svd"``,
+        ``"ties"``, ``"ties_svd"``, ``"dare_linear"``, ``"dare_linear_svd"``, ``"dare_ties"``,
+        ``"dare_ties_svd"``, ``"magnitude_prune"``, ``"magnitude_prune_svd"`` (HF PEFT's semantics;
+        see :mod:`peftlab.methods.lora`). Options (``kwargs``), each only with the types it
+        applies to:
+
+        - ``density`` (float in (0, 1], required by the ties / dare / magnitude_prune types): the
+          fraction of each input's entries kept (by magnitude, or at random for DARE);
+        - ``majority_sign_method`` (``"total"``, default, or ``"frequency"``; the ``ties`` types):
+          how TIES elects each entry's sign;
+        - ``svd_rank`` (int, the ``svd`` types): the new rank, default the largest input rank;
+        - ``svd_clamp`` (float in (0, 1], the ``svd`` types): clamp the factors to that quantile
+          of their entries; ``svd_full_matrices`` (bool) and ``svd_driver`` (``"gesvd"`` /
+          ``"gesvdj"`` / ``"gesvda"``, CUDA only, ignored elsewhere): passed to the SVD.
+
+        DARE draws from torch's global RNG after the new adapter's initialisation, as HF PEFT
+        does: with ``torch.manual_seed(s)`` before the call the result equals PEFT's for that seed.
+        Inputs, types and options are checked before the adapter is added (a bad one is a
+        ValueError naming it and the fix), and a failure leaves the model unchanged.
         """
         method = get_method(combination.common_peft_type(self, adapters))
         check_adapter_name(adapter_name)
@@ -603,7 +620,7 @@ class PeftModel(nn.Module):
         flags = [(p, p.requires_grad) for p in self.parameters()]
         self.add_adapter(adapter_name, config)
         try:
-            self._set_values(adapter_name, values)
+            self._set_values(adapter_name, values() if callable(values) else values)
         except BaseException:
             self.delete_adapter(adapter_name)
             for p, flag in flags:

@@ -22,6 +22,19 @@ and its delta is ``B A``):
   ``A = sum_i sign(w_i) sqrt(|w_i| s_i) A_i``, ``B = sum_i sqrt(|w_i| s_i) B_i``, rank ``r``.
   ``A`` and ``B`` are combined separately, so ``B A`` holds cross terms ``B_i A_j``: it equals
   the weighted delta sum only for one adapter. Cheap and approximate; prefer ``"cat"``/``"svd"``.
+- ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"`` (HF PEFT's, inputs of one
+  rank): ``"linear"`` with a pruning rule (``combination.merge_tensors``; ``density`` required)
+  applied to the A's (weights ``sign(w_i s_i) sqrt(|w_i s_i|)``) and then to the B's (weights
+  ``sqrt(|w_i s_i|)``) separately, rank ``r``.
+- ``"ties_svd"``, ``"dare_linear_svd"``, ``"dare_ties_svd"``, ``"magnitude_prune_svd"``: the rule
+  applied to the dense deltas ``s_i B_i A_i`` with weights ``w_i``, then ``"svd"``'s factors of
+  the result, computed from the dense matrix (rank ``svd_rank``, default the largest ``r_i``).
+  ``svd_clamp`` (these and ``"svd"``) clamps both factors to a quantile of their entries;
+  ``svd_full_matrices`` and ``svd_driver`` (CUDA only) select how torch computes the SVD.
+
+DARE's random masks come from torch's global RNG in HF PEFT's order (after the new adapter's
+initialisation; per module in model order, each input's A then each input's B, or each input's
+delta), in the adapters' dtype and the weight's layout, so a seed gives PEFT's result.
 
 A module that only some inputs adapt takes only their terms (the others contribute zero); the
 new adapter targets the union of the inputs' modules. LoRA's trainable biases are the base
@@ -39,7 +52,7 @@ import torch
 from torch import nn
 
 from peftlab.core import combination
-from peftlab.core.combination import Inputs, Values
+from peftlab.core.combination import Computed, Inputs, Values
 from peftlab.core.config import (
     PeftConfig,
     TaskType,
@@ -55,6 +68,11 @@ from peftlab.core.method import Method, Targets, architecture_of, resolve_target
 from peftlab.core.quantized import unit_placement
 
 BIAS_MODES = ("none", "all", "lora_only")
+# combination types that prune / elect signs on A and B separately (as "linear" combines them)
+FACTOR_RULES = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+# combination types that take an SVD of the combined delta; "<rule>_svd" applies <rule> to the deltas
+SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")
 # target_modules=None: the query and value projections (Hu et al.)
 DEFAULT_TARGETS: dict[str, Targets] = {
     "llama": ["q_proj", "v_proj"],
@@ -258,8 +276,15 @@ class LoraMethod(Method):
     config_class = LoraConfig
     name = "LoRA"
     mergeable = True
-    combination_types = ("linear", "cat", "svd")
-    combination_options: ClassVar[dict[str, tuple[str, ...]]] = {"svd_rank": ("svd",)}
+    combination_types = ("linear", "cat", *FACTOR_RULES, *SVD_TYPES)
+    combination_options: ClassVar[dict[str, tuple[str, ...]]] = {
+        "svd_rank": SVD_TYPES,
+        "svd_clamp": SVD_TYPES,
+        "svd_full_matrices": SVD_TYPES,
+        "svd_driver": SVD_TYPES,
+        "density": (*FACTOR_RULES, *SVD_TYPES[1:]),
+        "majority_sign_method": tuple(t for t in (*FACTOR_RULES, *SVD_TYPES) if "ties" in t),
+    }
 
     def targets(self, model: nn.Module, config: LoraConfig) -> dict[str, Any]:
         names = resolve_targets(
@@ -277,24 +302,24 @@ class LoraMethod(Method):
 
     def combine(
         self, host: AdapterHost, inputs: Inputs, adapter_name: str, combination_type: str, **options: Any
-    ) -> tuple[PeftConfig, Values]:
+    ) -> tuple[PeftConfig, Computed]:
         """See the module docstring for what each ``combination_type`` computes."""
         configs = [host.peft_config[n] for n, _ in inputs]
         assert all(isinstance(c, LoraConfig) for c in configs)
         ranks = [c.r for c in configs]  # type: ignore[attr-defined]
+        rule = _check_rule_options(combination_type, options)
         svd_rank = options.get("svd_rank")
-        if svd_rank is not None and (
-            isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1
-        ):
-            raise ValueError(
-                f"svd_rank: must be a positive integer (the new adapter's rank), got {svd_rank!r}"
-            )
-        if combination_type == "linear":
+        if combination_type in ("linear", *FACTOR_RULES):
             if len(set(ranks)) > 1:
                 listed = ", ".join(f"r={r} ({n!r})" for (n, _), r in zip(inputs, ranks, strict=True))
+                alternatives = (
+                    f"'cat' (exact, rank {sum(ranks)}) or 'svd' (a rank-{max(ranks)} approximation)"
+                    if combination_type == "linear"
+                    else f"'{combination_type}_svd' (on the deltas, rank {max(ranks)})"
+                )
                 raise ValueError(
-                    f"combination_type='linear' needs adapters of one rank, got {listed}; use 'cat' (exact, "
-                    f"rank {sum(ranks)}) or 'svd' (a rank-{max(ranks)} approximation) instead"
+                    f"combination_type={combination_type!r} needs adapters of one rank, got {listed}; "
+                    f"use {alternatives} instead"
                 )
             rank = ranks[0]
         elif combination_type == "cat":
@@ -303,18 +328,29 @@ class LoraMethod(Method):
             rank = svd_rank if svd_rank is not None else max(ranks)
 
         per_module = combination.units_by_module(host, inputs)
-        values: Values = {}
-        for module_name, units in per_module.items():
-            terms = [(u, w) for u, w in units if isinstance(u, LoraUnit)]
-            if combination_type == "linear":
-                a, b = _lora_linear(terms)
-            else:
-                a, b = _lora_concat(terms)
-                if combination_type == "svd":
-                    a, b = _truncated_svd(a, b, rank)
-                a, b = _pad_rank(a, b, rank)
-            values[combination.unit_path(module_name, adapter_name, "lora_A.weight")] = a
-            values[combination.unit_path(module_name, adapter_name, "lora_B.weight")] = b
+
+        def compute() -> Values:
+            """Run once the new adapter exists (see ``combination.Computed``): DARE's draws follow its
+            units' initialisation, module by module in model order, as HF PEFT's do."""
+            values: Values = {}
+            for module_name, units in per_module.items():
+                terms = [(u, w) for u, w in units if isinstance(u, LoraUnit)]
+                if combination_type == "linear":
+                    a, b = _lora_linear(terms)
+                elif combination_type in FACTOR_RULES:
+                    a, b = _lora_factor_rule(terms, combination_type, options)
+                elif combination_type == "cat" or (combination_type == "svd" and "svd_clamp" not in options):
+                    a, b = _lora_concat(terms)
+                    if combination_type == "svd":
+                        a, b = _truncated_svd(a, b, rank)
+                else:
+                    delta = _lora_delta_rule(terms, rule, options)
+                    a, b = _delta_svd(delta, rank, options, terms[0][0])
+                if combination_type not in ("linear", *FACTOR_RULES):
+                    a, b = _pad_rank(a, b, rank)
+                values[combination.unit_path(module_name, adapter_name, "lora_A.weight")] = a
+                values[combination.unit_path(module_name, adapter_name, "lora_B.weight")] = b
+            return values
 
         first = configs[0]
         assert isinstance(first, LoraConfig)
@@ -326,8 +362,9 @@ class LoraMethod(Method):
             layers_to_transform=first.layers_to_transform,
             task_type=_common_task_type(host, [n for n, _ in inputs]),
             fan_in_fan_out=first.fan_in_fan_out,
+            init_lora_weights=first.init_lora_weights,  # the same draws as HF PEFT's new adapter
         )
-        return self._union_targets(host, base, configs, set(per_module)), values
+        return self._union_targets(host, base, configs, set(per_module)), compute
 
     def _union_targets(
         self, host: AdapterHost, base: LoraConfig, configs: list[PeftConfig], modules: set[str]
@@ -369,6 +406,114 @@ def _lora_linear(terms: list[tuple[LoraUnit, float]]) -> tuple[torch.Tensor, tor
         a = term_a if a is None else a + term_a
         b = term_b if b is None else b + term_b
     assert a is not None and b is not None
+    return a, b
+
+
+def _check_rule_options(combination_type: str, options: dict[str, Any]) -> str:
+    """Check the options of ``combination_type`` (filling in ``density`` / ``majority_sign_method``
+    where the type needs them) and return the rule it applies (a key of ``combination.PRUNING``)."""
+    svd_rank = options.get("svd_rank")
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+        raise ValueError(f"svd_rank: must be a positive integer (the new adapter's rank), got {svd_rank!r}")
+    clamp = options.get("svd_clamp")
+    if clamp is not None and (
+        isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not 0.0 < float(clamp) <= 1.0
+    ):
+        raise ValueError(f"svd_clamp: must be a quantile in (0, 1] (e.g. 0.99), got {clamp!r}")
+    full = options.get("svd_full_matrices")
+    if full is not None and not isinstance(full, bool):
+        raise ValueError(f"svd_full_matrices: must be True or False, got {full!r}")
+    driver = options.get("svd_driver")
+    if driver is not None and driver not in SVD_DRIVERS:
+        raise ValueError(
+            f"svd_driver: unknown {driver!r}; use None or one of {', '.join(map(repr, SVD_DRIVERS))} "
+            "(CUDA only)"
+        )
+    rule = combination_type.removesuffix("_svd")
+    rule = "linear" if rule in ("svd", "cat") else rule
+    if combination.PRUNING[rule] is not None:
+        options["density"] = combination.check_density(options.get("density"), combination_type)
+    if rule in combination.ELECTS_SIGN:
+        options["majority_sign_method"] = combination.check_sign_method(
+            options.get("majority_sign_method", "total")
+        )
+    return rule
+
+
+def _bernoulli(like: torch.Tensor, density: float, shape: tuple[int, ...]) -> torch.Tensor:
+    """A Bernoulli(density) 0/1 draw from torch's global RNG in ``like``'s dtype and device, filled
+    in ``shape``'s row-major order (the order HF PEFT's draw fills, so a seed gives its masks)."""
+    return torch.bernoulli(torch.full(shape, density, dtype=like.dtype, device=like.device))
+
+
+def _signed_roots(terms: list[tuple[LoraUnit, float]]) -> tuple[list[float], list[float]]:
+    """HF PEFT's factor weights: ``sqrt(|w_i s_i|)`` on B, with the sign of ``w_i s_i`` on A."""
+    roots = [math.sqrt(abs(w * u.scaling)) for u, w in terms]
+    signs = [1.0 if w * u.scaling >= 0 else -1.0 for u, w in terms]
+    return [r * g for r, g in zip(roots, signs, strict=True)], roots
+
+
+def _lora_factor_rule(
+    terms: list[tuple[LoraUnit, float]], rule: str, options: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rule`` applied to the A's (weights ``sign sqrt(|w_i s_i|)``), then to the B's (weights
+    ``sqrt(|w_i s_i|)``), as HF PEFT does; DARE draws A's masks (input order), then B's."""
+    density = options.get("density", 1.0)
+    sign_method = options.get("majority_sign_method", "total")
+    weights_a, weights_b = _signed_roots(terms)
+    out = []
+    for weights, params in (
+        (weights_a, [u.lora_A.weight for u, _ in terms]),
+        (weights_b, [u.lora_B.weight for u, _ in terms]),
+    ):
+
+        def mask(i: int, params: list[torch.Tensor] = params) -> torch.Tensor:
+            return combination.wide(_bernoulli(params[i], density, tuple(params[i].shape)))
+
+        tensors = [combination.wide(p) for p in params]
+        out.append(combination.merge_tensors(rule, tensors, weights, density, sign_method, mask))
+    return out[0], out[1]
+
+
+def _lora_delta_rule(terms: list[tuple[LoraUnit, float]], rule: str, options: dict[str, Any]) -> torch.Tensor:
+    """``rule`` applied to the deltas ``s_i B_i A_i`` ((out, in) layout) with weights ``w_i``; DARE's
+    masks are drawn in the layer's weight layout ((in, out) for a Conv1D), as HF PEFT does."""
+    density = options.get("density", 1.0)
+
+    def mask(i: int) -> torch.Tensor:
+        unit = terms[i][0]
+        out_f, in_f = unit.lora_B.weight.shape[0], unit.lora_A.weight.shape[1]
+        shape = (in_f, out_f) if unit.fan_in_fan_out else (out_f, in_f)
+        drawn = _bernoulli(unit.lora_A.weight, density, shape)
+        return combination.wide(drawn.T if unit.fan_in_fan_out else drawn)
+
+    deltas = [
+        (combination.wide(u.lora_B.weight) @ combination.wide(u.lora_A.weight)) * u.scaling for u, _ in terms
+    ]
+    weights = [w for _, w in terms]
+    sign_method = options.get("majority_sign_method", "total")
+    return combination.merge_tensors(rule, deltas, weights, density, sign_method, mask)
+
+
+def _delta_svd(
+    delta: torch.Tensor, rank: int, options: dict[str, Any], unit: LoraUnit
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = V_k^T``, ``B = U_k S_k`` from the SVD of the dense ``delta`` (k = min(rank, its
+    singular values)); with ``svd_clamp`` q, the entries of both are clamped to ``[-h, h]``, h the
+    q-quantile of all their entries (HF PEFT's rule). The clamp depends on the signs the SVD gives
+    its singular vectors, which differ between float32 and float64, so with it the SVD is taken in
+    the adapter's own dtype, as HF PEFT takes it (float32 for half-precision adapters)."""
+    driver = options.get("svd_driver") if delta.is_cuda else None  # the driver is CUDA's alone
+    if options.get("svd_clamp") is not None:
+        own = unit.lora_A.weight.dtype
+        delta = delta.to(torch.float32 if own in (torch.float16, torch.bfloat16) else own)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=options.get("svd_full_matrices", True), driver=driver)
+    k = min(rank, s.numel())
+    b, a = u[:, :k] * s[:k], vh[:k]
+    clamp = options.get("svd_clamp")
+    if clamp is not None:
+        high = torch.quantile(torch.cat([b.reshape(-1), a.reshape(-1)]), float(clamp))
+        b, a = b.clamp(-high, high), a.clamp(-high, high)
     return a, b
 
 
