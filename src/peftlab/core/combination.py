@@ -5,9 +5,9 @@ The new adapter has the inputs' method and is computed once from their current p
 with weights ``w_i`` (not normalised: weights summing to 1 give an average; negative weights
 subtract, as in task arithmetic). Each method says what a ``combination_type`` computes for it
 (:meth:`peftlab.core.method.Method.combine`; LoRA's ``"linear"`` / ``"cat"`` / ``"svd"`` and
-TIES / DARE / magnitude-pruning types are documented in :mod:`peftlab.methods.lora`). The default, for a method whose adapter is a set of
-units on modules, is the parameter-wise weighted sum ``p = sum_i w_i p_i`` over inputs on the
-same modules with same-shaped units.
+TIES / DARE / magnitude-pruning types are documented in :mod:`peftlab.methods.lora`). The
+default, for a method whose adapter is a set of units on modules, is the parameter-wise weighted
+sum ``p = sum_i w_i p_i`` over inputs on the same modules with same-shaped units.
 
 Adapters with ``modules_to_save`` copies (whole trained modules, e.g. a classification head)
 are refused: there is no weighted rule for a fully trained module.
