@@ -93,3 +93,34 @@ def test_two_processes_match_one_and_resume_exactly(
     capsys.readouterr()
     assert cli.main([*_settings(tiny_model_dir, ddp, batch_size=2), "--resume"]) == 2
     assert "was written by 2 processes but this run has 1" in capsys.readouterr().err
+
+
+def test_two_processes_match_one_on_an_encoder_decoder(tmp_path: Path) -> None:
+    """The same on a tiny T5 (rows as encoder input and decoder targets): two processes end with
+    the adapter one process gets from the same global batch."""
+    from test_seq2seq import _generation_data, _save_tiny
+
+    model = _save_tiny(tmp_path / "t5", "t5")
+    # no dropout: each process draws its own dropout masks, so with it the two runs differ
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "dropout_rate": 0.0}))
+    data = _generation_data(tmp_path / "rows.jsonl")
+
+    def settings(out: Path, batch_size: int) -> list[str]:
+        return [
+            "train", "--model", str(model), "--data", str(data), "--method", "lora", "--steps", "4",
+            "--batch-size", str(batch_size), "--grad-accum", "2", "--lr", "5e-3", "--save-every", "0",
+            "--num-eval", "4", "--out", str(out),
+        ]  # fmt: skip
+
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    _torchrun(settings(ddp, batch_size=2), tmp_path / "ddp.log")
+    assert cli.main(settings(single, batch_size=4)) == 0
+    name = "adapter_model.safetensors"
+    a, b = load_file(ddp / name), load_file(single / name)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    ddp_metrics, single_metrics = (json.loads((d / "metrics.json").read_text()) for d in (ddp, single))
+    assert ddp_metrics["world_size"] == 2 and ddp_metrics["model_kind"] == "seq2seq"
+    assert ddp_metrics["history"]["losses"] == pytest.approx(single_metrics["history"]["losses"], rel=1e-5)
