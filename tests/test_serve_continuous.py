@@ -223,3 +223,39 @@ def test_decoding_steps_reuse_gathered_weights_and_see_changed_adapters(
     assert steady.finish_reason is None  # the other rows ran on beside it
     run(batch, {0: []})
     assert steady.tokens == alone(model, "ia3", [8, 9], 40)[0]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_other_rows_decode(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    model = PeftModel(build_model("llama", max_position_embeddings=256))
+    for seed, (name, config) in enumerate(serve_helpers.configs("llama").items()):
+        model.add_adapter(name, config)
+        perturb(model.adapter_parameters(name).values(), seed=seed, scale=0.3)
+    model.eval()
+    recorder = Recorder()
+    rules = StopRules(tokenizer(), {EOS}, lambda row, chunk: None)
+    batch = RunningBatch(model, rules, PAD, observer=recorder, max_prefill_tokens=32)
+    prompt = [3 + (7 * i) % 90 for i in range(200)]
+    plan = [
+        ("lora", [5, 9, 13, 40], 30, 0),
+        ("prefix", [70, 3], 30, 0),
+        (BASE, [11, 12, 13], 30, 0),
+        ("bn", prompt, 6, 2),  # arrives while the others decode: 7 chunks of at most 32 tokens
+        ("ia3", [20, 21, 22], 5, 3),  # admitted behind it, prefilled after its last chunk
+        ("prefix", prompt[:50], 4, 3),  # chunked too, through a prefix
+    ]
+    rows, schedule = scheduled(loop, plan)
+    decoding: list[int] = []
+    step = 0
+    while step <= max(schedule) or batch.rows or batch.prefills:
+        report = batch.step(schedule.get(step, []))
+        assert report.prefill_tokens <= 32
+        if rows[3] in batch.prefilling:
+            decoding.append(report.decoded)
+        check_cache(batch)
+        step += 1
+        assert step < 200
+    # the running rows decoded at every step of the long prompt's prefill
+    assert len(decoding) == 6 and all(n == 3 for n in decoding)
+    check_alone(model, rows, plan, recorder)
