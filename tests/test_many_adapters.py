@@ -345,3 +345,89 @@ def test_adapter_name_that_shadows_a_module_method_is_refused() -> None:
         with pytest.raises(ValueError, match=r"torch\.nn\.Module method"):
             model.add_adapter(name, LoraConfig(r=2))
     assert list(model.peft_config) == ["lora"]
+
+
+# ---- gathered weights kept across calls ------------------------------------------------------
+class GatherSpy:
+    """Counts the stacking and gathering of per-sample weights, per method."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from peftlab.methods import bottleneck, lora
+        from peftlab.methods.prefix import encoder
+
+        self.counts: dict[str, int] = {"lora": 0, "bn": 0, "prefix": 0}
+        for key, module, attr in (
+            ("lora", lora, "_stacked"),
+            ("bn", bottleneck, "_gathered"),
+            ("prefix", encoder, "_routed_call"),
+        ):
+            monkeypatch.setattr(module, attr, self.counting(key, getattr(module, attr)))
+
+    def counting(self, key: str, fn: Any) -> Any:
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            self.counts[key] += 1
+            return fn(*args, **kwargs)
+
+        return spy
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def test_gathered_weights_are_reused_across_calls_and_never_stale(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    model = many("llama")
+    spy = GatherSpy(monkeypatch)
+    names = ["lora", "ia3", "__base__", "bn", "prefix"]
+    inputs = padded_inputs("llama", len(names))
+
+    def routed() -> torch.Tensor:
+        with torch.no_grad():
+            return model(**inputs, adapter_names=names).logits  # type: ignore[no-any-return]
+
+    def check_each_alone(out: torch.Tensor) -> None:
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with torch.no_grad(), model.disable_adapter():
+                    want = model(**row(inputs, i)).logits
+            else:
+                want = alone(model, name, row(inputs, i))
+            assert_close(out[i : i + 1], want)
+
+    first = routed()
+    made = dict(spy.counts)
+    assert all(made.values())  # every method gathered once ...
+    assert torch.equal(routed(), first) and spy.counts == made  # ... and not again on the next call
+    # another assignment of adapters to rows gathers anew; going back to the first reuses it
+    with torch.no_grad():
+        model(**inputs, adapter_names=list(reversed(names)))
+    assert spy.total() > sum(made.values())
+    again = dict(spy.counts)
+    routed()
+    assert spy.counts == again
+    # weights written in place (as an optimizer or load_state_dict does) are seen at once
+    perturb([p for k, p in model.adapter_parameters("lora").items() if "lora_B" in k], seed=7)
+    perturb(model.adapter_parameters("prefix").values(), seed=8)
+    changed = routed()
+    assert differs(changed[0], first[0]) and differs(changed[4], first[4])
+    assert_close(changed[1], first[1])  # rows on untouched adapters are what they were
+    check_each_alone(changed)
+    # an adapter replaced under the same name (unload, then load another folder as "lora")
+    other = many("llama", ("lora8",))
+    other.save_pretrained(tmp_path)
+    model.delete_adapter("lora")
+    model.load_adapter(tmp_path / "lora8", adapter_name="lora")
+    replaced = routed()
+    assert differs(replaced[0], changed[0])
+    check_each_alone(replaced)
+    # an adapter combined from others (a new name) runs as itself
+    model.add_weighted_adapter(["lora", "lora8"], [0.5, 0.5], "mix", combination_type="cat")
+    names[2] = "mix"
+    check_each_alone(routed())
+    # with autograd (training) nothing is kept: every call gathers anew
+    seen = [spy.counts["lora"]]
+    for _ in range(2):
+        model(**inputs, adapter_names=names)
+        seen.append(spy.counts["lora"])
+    assert seen[2] - seen[1] == seen[1] - seen[0] > 0

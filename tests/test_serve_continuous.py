@@ -27,6 +27,7 @@ from serve_helpers import (
     scheduled,
     tokenizer,
 )
+from suite_helpers import perturb
 
 BASE = "__base__"
 
@@ -182,3 +183,79 @@ def test_cache_argument_sends_encoder_decoders_to_their_batch_and_refuses_slidin
     with pytest.raises(ValueError, match="sliding windows"):
         cache_argument(sliding)
     assert cache_argument(build_model("llama")) in ("cache", "past_key_values")
+
+
+def test_decoding_steps_reuse_gathered_weights_and_see_changed_adapters(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peftlab.methods import lora
+
+    stacked = lora._stacked
+    gathers = [0]
+
+    def spy(*args: Any) -> Any:
+        gathers[0] += 1
+        return stacked(*args)
+
+    monkeypatch.setattr(lora, "_stacked", spy)
+    model = adapted_model("llama")
+    batch = new_batch(model)
+    first = make_row(loop, "lora", [5, 6, 7], SamplingParams(max_tokens=6))
+    steady = make_row(loop, "ia3", [8, 9], SamplingParams(max_tokens=40))
+    batch.step([first, steady])
+    batch.step()
+    made = gathers[0]
+    assert made > 0
+    for _ in range(2):  # the same rows decode on: nothing is stacked or gathered again
+        batch.step()
+        assert gathers[0] == made and batch.rows == [first, steady]
+    while first.finish_reason is None:
+        batch.step()
+    old = alone(model, "lora", [5, 6, 7], 6)[0]
+    assert first.tokens == old
+    # the adapter's weights change in place while the batch runs; a row joining it sees them
+    perturb([p for k, p in model.adapter_parameters("lora").items() if "lora_B" in k], seed=9)
+    again = make_row(loop, "lora", [5, 6, 7], SamplingParams(max_tokens=4))
+    batch.step([again])
+    while again.finish_reason is None:
+        batch.step()
+    assert again.tokens == alone(model, "lora", [5, 6, 7], 4)[0] != old
+    assert steady.finish_reason is None  # the other rows ran on beside it
+    run(batch, {0: []})
+    assert steady.tokens == alone(model, "ia3", [8, 9], 40)[0]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_other_rows_decode(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    model = PeftModel(build_model("llama", max_position_embeddings=256))
+    for seed, (name, config) in enumerate(serve_helpers.configs("llama").items()):
+        model.add_adapter(name, config)
+        perturb(model.adapter_parameters(name).values(), seed=seed, scale=0.3)
+    model.eval()
+    recorder = Recorder()
+    rules = StopRules(tokenizer(), {EOS}, lambda row, chunk: None)
+    batch = RunningBatch(model, rules, PAD, observer=recorder, max_prefill_tokens=32)
+    prompt = [3 + (7 * i) % 90 for i in range(200)]
+    plan = [
+        ("lora", [5, 9, 13, 40], 30, 0),
+        ("prefix", [70, 3], 30, 0),
+        (BASE, [11, 12, 13], 30, 0),
+        ("bn", prompt, 6, 2),  # arrives while the others decode: 7 chunks of at most 32 tokens
+        ("ia3", [20, 21, 22], 5, 3),  # admitted behind it, prefilled after its last chunk
+        ("prefix", prompt[:50], 4, 3),  # chunked too, through a prefix
+    ]
+    rows, schedule = scheduled(loop, plan)
+    decoding: list[int] = []
+    step = 0
+    while step <= max(schedule) or batch.rows or batch.prefills:
+        report = batch.step(schedule.get(step, []))
+        assert report.prefill_tokens <= 32
+        if rows[3] in batch.prefilling:
+            decoding.append(report.decoded)
+        check_cache(batch)
+        step += 1
+        assert step < 200
+    # the running rows decoded at every step of the long prompt's prefill
+    assert len(decoding) == 6 and all(n == 3 for n in decoding)
+    check_alone(model, rows, plan, recorder)

@@ -100,7 +100,9 @@ def register(sub: Any) -> None:
         "--max-prefill-tokens",
         type=_positive,
         default=2048,
-        help="continuous batching: prompt tokens prefilled in one step at most (default 2048)",
+        help="continuous batching: prompt tokens prefilled in one step at most; a longer prompt is "
+        "prefilled in chunks of this size, one per decoding step of the running rows (causal models; "
+        "an encoder-decoder's encoder reads a prompt whole) (default 2048)",
     )
     p.add_argument(
         "--max-queue", type=_positive, default=256, help="prompts waiting at most; more get 503 (default 256)"

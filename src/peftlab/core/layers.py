@@ -60,6 +60,41 @@ class Routing:
         return found
 
 
+class RoutingCache:
+    """Per-sample routings kept from one call to the next, so that the weights their units
+    stacked and gathered (``Routing.cache``) serve every call with the same rows' adapters: the
+    decoding steps of a continuous batch, where each step is its own call.
+
+    An entry is found by the per-sample groups (which adapters each row takes) and the device,
+    and used only while ``fingerprint`` (the adapters' parameters: which tensors, where their
+    data lies, their in-place version counters) is unchanged: loading, deleting or combining
+    adapters, moving the model and any in-place write to a parameter all make a new one. Only
+    calls without autograd use it (training builds its routing afresh every call). Writes through
+    ``param.data`` bypass version counters; call :meth:`clear` after them.
+    """
+
+    def __init__(self, size: int = 2) -> None:
+        # a continuous batch makes two kinds of call per step: the decoding step and a prefill
+        self.size = size
+        self._entries: dict[Any, tuple[Any, Routing]] = {}
+
+    def get(self, key: Any, fingerprint: Any) -> Routing | None:
+        found = self._entries.pop(key, None)
+        if found is None or found[0] != fingerprint:
+            return None
+        self._entries[key] = found  # most recently used last
+        return found[1]
+
+    def put(self, key: Any, fingerprint: Any, routing: Routing) -> None:
+        self._entries.pop(key, None)
+        self._entries[key] = (fingerprint, routing)
+        while len(self._entries) > self.size:
+            del self._entries[next(iter(self._entries))]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class AdapterState:
     """Which adapters are active; one object shared by the model and all its wrappers.
 

@@ -27,7 +27,7 @@ from peftlab.core.injection import (
     unwrapped,
     wrapped_modules,
 )
-from peftlab.core.layers import AdaptedModule, AdapterState, AdapterUnit, ModulesToSave, Routing
+from peftlab.core.layers import AdaptedModule, AdapterState, AdapterUnit, ModulesToSave, Routing, RoutingCache
 from peftlab.core.registry import get_method, method_for
 
 BASE_ADAPTER = "__base__"
@@ -68,6 +68,10 @@ class PeftModel(nn.Module):
         self.model_adapters = nn.ModuleDict()
         # while detached: the adapted modules taken out of the base, by name (see detach())
         self._detached: list[tuple[str, nn.Module]] | None = None
+        # per-sample routings (and the weights they gathered) reused across calls without autograd
+        self.routing_cache = RoutingCache()
+        self._layout_version = 0  # bumped when adapters are added or removed
+        self._fingerprint_params: tuple[int, dict[str, list[torch.Tensor]]] = (-1, {})
         was_trainable = [p for p in model.parameters() if p.requires_grad]
         for p in was_trainable:
             p.requires_grad_(False)
@@ -119,6 +123,7 @@ class PeftModel(nn.Module):
             )
         method = method_for(config)
         self.peft_config[adapter_name] = config
+        self._layout_version += 1
         try:
             # heads trained in full are wrapped first, so no target pattern reaches into them
             self._add_modules_to_save(adapter_name, config)
@@ -180,6 +185,7 @@ class PeftModel(nn.Module):
         self._bias_params[adapter_name] = found
 
     def _remove_adapter(self, adapter_name: str) -> None:
+        self._layout_version += 1
         for name, wrapper in list(wrapped_modules(self.base_model)):
             if adapter_name in wrapper.adapters:
                 wrapper.remove_unit(adapter_name)
@@ -399,11 +405,32 @@ class PeftModel(nn.Module):
                 f"adapters {self.merged_adapters} are merged into the base weights; call "
                 "unmerge_adapter() before running per-sample adapters or a Parallel block"
             )
-        groups = list(dict.fromkeys(per_sample))
-        where = {g: i for i, g in enumerate(groups)}
         device = next((p.device for p in self.base_model.parameters()), torch.device("cpu"))
-        index = torch.tensor([where[g] for g in per_sample], dtype=torch.long, device=device)
-        return args, kwargs, Routing(groups, index)
+        if torch.is_grad_enabled():
+            return args, kwargs, _routing(per_sample, device)
+        key = (tuple(per_sample), device)
+        fingerprint = self._adapter_fingerprint({n for names in per_sample for n in names})
+        routing = self.routing_cache.get(key, fingerprint)
+        if routing is None:
+            routing = _routing(per_sample, device)
+            self.routing_cache.put(key, fingerprint, routing)
+        return args, kwargs, routing
+
+    def _adapter_fingerprint(self, names: set[str]) -> tuple[tuple[int, int], ...]:
+        """What the weights gathered for ``names`` depend on: each parameter's identity, where its
+        data lies and its version counter (bumped by every in-place write, optimizer steps and
+        ``load_state_dict`` included)."""
+        version, by_name = self._fingerprint_params
+        if version != self._layout_version:
+            by_name = {}
+            self._fingerprint_params = (self._layout_version, by_name)
+        found: list[tuple[int, int]] = [(self._layout_version, 0)]
+        for name in sorted(names):
+            params = by_name.get(name)
+            if params is None:
+                params = by_name[name] = list(self.adapter_parameters(name).values())
+            found += [(p._version, p.data_ptr()) for p in params]
+        return tuple(found)
 
     def _group_of(self, entry: str | Stack) -> tuple[str, ...]:
         names = entry.names if isinstance(entry, Stack) else (entry,)
@@ -757,6 +784,13 @@ def _names_of(adapter_name: str | Sequence[str] | Stack | Parallel) -> list[str]
                 "Parallel(...) for composition"
             )
     return names
+
+
+def _routing(per_sample: list[tuple[str, ...]], device: torch.device) -> Routing:
+    groups = list(dict.fromkeys(per_sample))
+    where = {g: i for i, g in enumerate(groups)}
+    index = torch.tensor([where[g] for g in per_sample], dtype=torch.long, device=device)
+    return Routing(groups, index)
 
 
 def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:

@@ -14,6 +14,11 @@ of them and the attention mask over its columns. Each :meth:`RunningBatch.step`:
 4. lets the finished rows leave at once (``DynamicCache.batch_select_indices``) and cuts the
    cache columns no remaining row uses.
 
+With ``max_prefill_tokens``, step 2 prefills at most that many prompt columns: a longer prompt
+is prefilled in chunks, one per step, into its own cache (each chunk attends to the columns
+before it), and joins the running batch after its last chunk, so the running rows go on
+decoding meanwhile instead of waiting for the whole prompt.
+
 Padding columns are masked and positions are counted per row, so a row's logits are its own
 whatever else runs beside it (equal to decoding it alone within float rounding; greedy and
 seeded outputs are the same).
@@ -25,7 +30,7 @@ import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +90,28 @@ def cache_argument(model: Any) -> str:
     return name
 
 
+@dataclass
+class Prefill:
+    """Rows admitted together whose prompts are being prefilled chunk by chunk (left padded to
+    one width, positions counted per row) into their own cache, ``done`` columns so far."""
+
+    rows: list[Row]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: Any
+    done: int = 0
+
+    @property
+    def width(self) -> int:
+        return int(self.ids.shape[1])
+
+
 class RunningBatch:
     """The rows being decoded, their shared KV cache and mask (used by the model worker only)."""
+
+    # whether a prompt can be prefilled in chunks across steps (an encoder reads it whole)
+    chunked_prefill: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -94,8 +119,14 @@ class RunningBatch:
         rules: StopRules,
         pad: int,
         observer: Callable[[Sequence[Row], torch.Tensor], None] | None = None,
+        max_prefill_tokens: int | None = None,
     ) -> None:
-        """``observer(rows, logits)``, when given, sees every model call's next-token logits."""
+        """``observer(rows, logits)``, when given, sees every model call's next-token logits;
+        ``max_prefill_tokens`` (None: no limit) caps the prompt columns prefilled per step."""
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}")
+        self.max_prefill_tokens = max_prefill_tokens if self.chunked_prefill else None
+        self.prefills: list[Prefill] = []  # admitted rows whose prompts are still being prefilled
         self.model = model
         self.observer = observer
         self.rules = rules
@@ -125,12 +156,17 @@ class RunningBatch:
             if row.job.cancelled:
                 row.finish_reason = "cancelled"
                 report.left.append(row)
-        if live:
-            report.prefilled = len(live)
-            report.prefill_tokens = sum(len(r.prompt_ids) for r in live)
-            report.new_tokens += len(live)
-            self._prefill(live)
-            report.left += [r for r in live if r.finish_reason is not None]
+        if self.max_prefill_tokens is None:
+            if live:
+                report.prefilled = len(live)
+                report.prefill_tokens = sum(len(r.prompt_ids) for r in live)
+                report.new_tokens += len(live)
+                self._prefill(live)
+                report.left += [r for r in live if r.finish_reason is not None]
+        else:
+            if live:
+                self.prefills.append(self._start_prefill(live))
+            self._prefill_chunk(report)
         if self.rows:
             report.decoded = len(self.rows)
             report.adapters = len({r.adapter for r in self.rows})
@@ -139,16 +175,28 @@ class RunningBatch:
         report.left += self._leave()
         return report
 
+    @property
+    def prefilling(self) -> list[Row]:
+        """Admitted rows whose prompts are not wholly prefilled yet."""
+        return [r for p in self.prefills for r in p.rows]
+
     def clear(self) -> list[Row]:
-        """Drop every row (after a failed step); returns them."""
-        rows = self.rows
+        """Drop every row (after a failed step), those being prefilled too; returns them."""
+        rows = [*self.rows, *self.prefilling]
+        self.prefills = []
         self.rows, self.lengths, self.last = [], [], []
         self.cache = self.mask = None
         return rows
 
     # ---- the model calls ------------------------------------------------------------------
     def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, rows: Sequence[Row]
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any,
+        rows: Sequence[Row],
+        observe: bool = True,
     ) -> torch.Tensor:
         kwargs: dict[str, Any] = {self.cache_kwarg: cache, "use_cache": True}
         if self.keeps_logits:
@@ -162,7 +210,7 @@ class RunningBatch:
                 **kwargs,
             )
         logits = out.logits[:, -1].float()
-        if self.observer is not None:
+        if self.observer is not None and observe:
             self.observer(rows, logits)
         return logits
 
@@ -176,6 +224,68 @@ class RunningBatch:
         keep = self._first_tokens(rows, self._forward(ids, mask, positions, cache, rows))
         if not keep:
             return
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=self.device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+        joining = [rows[i] for i in keep]
+        self._join(
+            cache, mask, joining, [len(r.prompt_ids) for r in joining], [r.tokens[-1] for r in joining]
+        )
+
+    def _start_prefill(self, rows: list[Row]) -> Prefill:
+        from transformers import DynamicCache
+
+        ids, mask = self._prompts(rows, left=True)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return Prefill(rows, ids, mask.to(self.device), positions, DynamicCache())
+
+    def _prefill_chunk(self, report: StepReport) -> None:
+        """Prefill the next at most ``max_prefill_tokens`` columns of the oldest admitted rows; at
+        their last chunk they pick their first tokens and join the running batch."""
+        assert self.max_prefill_tokens is not None
+        while self.prefills:
+            part = self.prefills[0]
+            gone = [i for i, r in enumerate(part.rows) if r.job.cancelled]
+            for i in gone:
+                part.rows[i].finish_reason = "cancelled"
+                report.left.append(part.rows[i])
+            if len(gone) == len(part.rows):
+                self.prefills.pop(0)
+                continue
+            if gone:
+                keep = [i for i in range(len(part.rows)) if i not in gone]
+                index = torch.tensor(keep, device=self.device)
+                if part.done:
+                    part.cache.batch_select_indices(index)
+                part.rows = [part.rows[i] for i in keep]
+                part.ids, part.positions = part.ids[keep], part.positions[keep]
+                part.mask = part.mask[index]
+            break
+        else:
+            return
+        start, end = part.done, min(part.width, part.done + self.max_prefill_tokens)
+        report.prefill_tokens = int(part.mask[:, start:end].sum())
+        logits = self._forward(
+            part.ids[:, start:end],
+            part.mask[:, :end],
+            part.positions[:, start:end],
+            part.cache,
+            part.rows,
+            observe=end == part.width,
+        )
+        part.done = end
+        if end < part.width:
+            return
+        self.prefills.pop(0)
+        rows = part.rows
+        report.prefilled = len(rows)
+        report.new_tokens += len(rows)
+        keep = self._first_tokens(rows, logits)
+        report.left += [r for r in rows if r.finish_reason is not None]
+        if not keep:
+            return
+        cache, mask = part.cache, part.mask
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=self.device)
             cache.batch_select_indices(index)

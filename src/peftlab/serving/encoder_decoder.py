@@ -164,6 +164,9 @@ class EncoderDecoderBatch(RunningBatch):
     ``EncoderDecoderCache`` and masks (used by the model worker only). ``lengths`` counts each
     row's decoder tokens in the cache; ``mask`` is the decoder self-attention mask."""
 
+    # the encoder reads a prompt whole, once: max_prefill_tokens limits admission, not chunks
+    chunked_prefill = False
+
     def _prepare(self, base: Any) -> None:
         self.cache_kwarg = encoder_decoder_cache_argument(base)
         self.positions = decoder_positions(base)

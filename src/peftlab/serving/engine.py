@@ -5,9 +5,10 @@ in a bounded queue; a dispatcher on the event loop hands rows to the worker:
 
 * ``batching="continuous"`` (the default): at every decoding step, waiting rows join the
   running batch as long as it has room (``max_batch_size``) and their prompts fit this step's
-  prefill budget (``max_prefill_tokens``), finished rows leave at once, and rows whose client
-  has gone are dropped (:mod:`peftlab.serving.continuous`; encoder-decoders:
-  :mod:`peftlab.serving.encoder_decoder`);
+  prefill budget (``max_prefill_tokens``; a longer prompt is prefilled alone in chunks of that
+  many tokens, one per step, while the running rows go on decoding), finished rows leave at
+  once, and rows whose client has gone are dropped (:mod:`peftlab.serving.continuous`;
+  encoder-decoders: :mod:`peftlab.serving.encoder_decoder`, whose encoder reads a prompt whole);
 * ``batching="static"``: up to ``max_batch_size`` rows (waiting at most ``max_wait_ms`` after
   the first) run as one ``generate`` call to the end (:mod:`peftlab.serving.static`).
 
@@ -183,7 +184,11 @@ class Engine:
         self._pad = pad_id(tokenizer, self.eos_ids)
         self.rules = StopRules(tokenizer, self.eos_ids, self._emit)
         batch_class = EncoderDecoderBatch if self.seq2seq else RunningBatch
-        self._batch = batch_class(model, self.rules, self._pad) if batching == "continuous" else None
+        self._batch = (
+            batch_class(model, self.rules, self._pad, max_prefill_tokens=max_prefill_tokens)
+            if batching == "continuous"
+            else None
+        )
         self._waiting: deque[Row | AdminOp] = deque()
         self._job_seconds = 1.0  # running mean of a request's time in the server (Retry-After)
         self._arrived: asyncio.Event | None = None
@@ -470,11 +475,14 @@ class Engine:
     def _op_ready(self, op: AdminOp) -> bool:
         """An unload waits for the running rows of its adapter; a load runs at once."""
         assert self._batch is not None
-        return op.kind != "unload" or all(r.adapter != op.name for r in self._batch.rows)
+        rows = [*self._batch.rows, *self._batch.prefilling]
+        return op.kind != "unload" or all(r.adapter != op.name for r in rows)
 
     def _admissions(self) -> list[Row]:
         """Rows from the front of the queue that join at the next step (stops at an adapter op)."""
         assert self._batch is not None
+        if self._batch.prefills:
+            return []  # this step's prefill budget goes to the next chunk of a long prompt
         room = self.max_batch_size - len(self._batch.rows)
         taken: list[Row] = []
         tokens = 0
@@ -502,10 +510,10 @@ class Engine:
                 await self._run_admin(head)
                 continue
             admit = self._admissions()
-            if not admit and not batch.rows:
+            if not admit and not batch.rows and not batch.prefills:
                 await self._until_arrival()
                 continue
-            self.running_rows = len(batch.rows) + len(admit)
+            self.running_rows = len(batch.rows) + len(batch.prefilling) + len(admit)
             start = time.perf_counter()
             try:
                 report: StepReport = await loop.run_in_executor(self._executor, batch.step, admit)
@@ -516,7 +524,7 @@ class Engine:
                 continue
             finally:
                 self.stats.busy_seconds += time.perf_counter() - start
-            self.running_rows = len(batch.rows)
+            self.running_rows = len(batch.rows) + len(batch.prefilling)
             if report.prefilled:
                 self.stats.prefills += 1
             if report.decoded:

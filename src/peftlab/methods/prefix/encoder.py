@@ -185,7 +185,16 @@ class PrefixEncoder(nn.Module):
         encoders = [e for group in per_group for e in group]
         assert all(isinstance(e, PrefixEncoder) for e in encoders)
         _refuse_checkpointing(model)
-        call, configs = _routed_call(per_group, routing)
+        # without autograd the stacked prefixes (and their per-sample gathers) serve every call
+        # that reuses this routing: every decoding step of a generate or of a continuous batch
+        reuse = not torch.is_grad_enabled() and current_call() is None
+        key = ("prefix", tuple(id(e) for e in encoders))
+        made = routing.cache.get(key) if reuse else None
+        if made is None:
+            made = _routed_call(per_group, routing)
+            if reuse:
+                routing.cache[key] = made
+        call, configs = made
         prefixes = [[e for e in group if isinstance(e, PrefixEncoder)] for group in per_group]
         positions = list(
             {id(p.module): p for group in prefixes for e in group for p in e._positions}.values()
