@@ -12,9 +12,11 @@ in a bounded queue; a dispatcher on the event loop hands rows to the worker:
   the first) run as one ``generate`` call to the end (:mod:`peftlab.serving.static`).
 
 Either way every row goes through its own adapter (``adapter_names``), and its sampling and stop
-rules are its own (:mod:`peftlab.serving.decoding`). Adapter loads and unloads travel through
-the same queue in arrival order: a request queued before an unload is served first (the unload
-waits for the rows using that adapter to finish), one queued after it gets a clear 404.
+rules are its own (:mod:`peftlab.serving.decoding`). A row's adapter may be a composition
+(``"model": "domain+sql"`` is ``Stack("domain", "sql")``): ``adapter_names`` takes a ``Stack`` per
+row, so composed rows share batches with single-adapter and base rows. Adapter loads and unloads
+travel through the same queue in arrival order: a request queued before an unload is served first
+(the unload waits for the rows using that adapter to finish), one queued after it gets a clear 404.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ from typing import Any
 
 import torch
 
+from peftlab.core.composition import Stack
 from peftlab.core.peft_model import BASE_ADAPTER, PeftModel
 from peftlab.serving.adapters import AdapterRoots, check_adapter_folder, check_adapter_name
 from peftlab.serving.continuous import RunningBatch, StepReport
 from peftlab.serving.decoding import StopRules, eos_ids
 from peftlab.serving.encoder_decoder import EncoderDecoderBatch, is_encoder_decoder
-from peftlab.serving.jobs import Job, Row, SamplingParams, ServeError, StreamChunk
+from peftlab.serving.jobs import Job, Row, SamplingParams, ServeError, StreamChunk, route_names
 from peftlab.serving.metrics import ServeMetrics
 from peftlab.serving.static import generate_batch
 from peftlab.training.encoding import pad_id
@@ -45,6 +48,7 @@ from peftlab.training.encoding import pad_id
 log = logging.getLogger("peftlab.serve")
 
 BATCHING = ("continuous", "static")
+COMPOSE = "+"  # "domain+sql" in a request's model field: Stack("domain", "sql")
 
 __all__ = [
     "BATCHING",
@@ -242,18 +246,56 @@ class Engine:
     def model_names(self) -> list[str]:
         return [self.base_name, *self.adapters]
 
-    def resolve(self, model: str) -> str:
-        """The adapter a request's ``model`` field names (``"__base__"`` for the base model)."""
+    def resolve(self, model: str) -> str | Stack:
+        """The route a request's ``model`` field names: an adapter, ``"__base__"`` for the base
+        model, or a ``Stack`` for adapters joined with ``+`` (``"domain+sql"``: the row runs through
+        ``Stack("domain", "sql")``, as ``set_adapter(Stack("domain", "sql"))`` would run it)."""
         if model in (self.base_name, BASE_ADAPTER):
             return BASE_ADAPTER
         if model in self.adapters:
             return model
+        if COMPOSE in model:
+            return self._composed(model)
         raise ServeError(
             404,
             f"model {model!r} is not loaded; available models: {', '.join(self.model_names())}",
             kind="not_found_error",
             param="model",
         )
+
+    def _composed(self, model: str) -> Stack:
+        """``"a+b"`` as ``Stack("a", "b")``: 400 for what composition refuses (an empty part, the
+        base model as a part, an adapter named twice), 404 naming a part that is not loaded."""
+        parts = model.split(COMPOSE)
+        for i, part in enumerate(parts, 1):
+            if not part:
+                raise ServeError(
+                    400,
+                    f"model {model!r}: part {i} is empty; compose adapters as 'a+b' (adapter names joined "
+                    "with '+')",
+                    param="model",
+                )
+            if part in (self.base_name, BASE_ADAPTER):
+                raise ServeError(
+                    400,
+                    f"model {model!r}: the base model {part!r} cannot be part of a composition; compose "
+                    "adapter names only (every composition runs on the base model)",
+                    param="model",
+                )
+        try:
+            stack = Stack(*parts)
+        except ValueError as err:  # the library's refusal (an adapter named twice)
+            raise ServeError(400, f"model {model!r} cannot be composed: {err}", param="model") from None
+        for part in parts:
+            if part not in self.adapters:
+                raise ServeError(
+                    404,
+                    f"model {model!r}: no adapter named {part!r} is loaded; available adapters: "
+                    f"{', '.join(self.adapters) or 'none'}",
+                    kind="not_found_error",
+                    param="model",
+                )
+        return stack
 
     def queue_depth(self) -> int:
         return len(self._waiting)
@@ -295,7 +337,7 @@ class Engine:
 
     def submit(
         self,
-        adapter: str,
+        adapter: str | Stack,
         prompt_ids: Sequence[list[int]],
         params: SamplingParams,
         *,
@@ -332,7 +374,8 @@ class Engine:
                 kind="server_error",
                 headers={"Retry-After": str(self._retry_after())},
             )
-        job = Job(loop, stream, model or (self.base_name if adapter == BASE_ADAPTER else adapter))
+        default = self.base_name if adapter == BASE_ADAPTER else COMPOSE.join(route_names(adapter))
+        job = Job(loop, stream, model or default)
         for i, ids in enumerate(prompt_ids):
             row = Row(adapter, list(ids), params, job, i)
             job.rows.append(row)
@@ -420,12 +463,13 @@ class Engine:
             return False
         if row.job.finished:
             return False
-        if row.adapter != BASE_ADAPTER and row.adapter not in self.adapters:
+        gone = [n for n in route_names(row.adapter) if n != BASE_ADAPTER and n not in self.adapters]
+        if gone:
             self.metrics.requests.labels(row.job.model, "error").inc()
             row.job.fail(
                 ServeError(
                     404,
-                    f"adapter {row.adapter!r} was unloaded before this request ran; available "
+                    f"adapter {gone[0]!r} was unloaded before this request ran; available "
                     f"models: {', '.join(self.model_names())}",
                     kind="not_found_error",
                     param="model",
@@ -470,7 +514,7 @@ class Engine:
     def _op_ready(self, op: AdminOp) -> bool:
         """An unload waits for the running rows of its adapter; a load runs at once."""
         assert self._batch is not None
-        return op.kind != "unload" or all(r.adapter != op.name for r in self._batch.rows)
+        return op.kind != "unload" or all(op.name not in route_names(r.adapter) for r in self._batch.rows)
 
     def _admissions(self) -> list[Row]:
         """Rows from the front of the queue that join at the next step (stops at an adapter op)."""
