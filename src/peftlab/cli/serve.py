@@ -73,6 +73,16 @@ def register(sub: Any) -> None:
         help="allow loading adapters at run time from folders inside DIR (repeatable; default: off, "
         "the adapters given at startup are all there is)",
     )
+    p.add_argument(
+        "--max-loaded-adapters",
+        type=_positive,
+        metavar="N",
+        help="with --adapter-dir: a request naming an adapter that is not loaded loads the folder of that "
+        "name inside a --adapter-dir (once, however many requests wait for it), and at most N adapters "
+        "stay loaded: the least recently used one that no running or queued request needs, and that was "
+        "loaded this way, is unloaded first (--adapter ones count toward N and stay; default: no on-demand "
+        "loading)",
+    )
     p.add_argument("--served-model-name", help="name of the base model in requests (default: from --model)")
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
@@ -181,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         max_prompts=args.max_prompts,
         max_prefill_tokens=args.max_prefill_tokens,
         adapter_dirs=args.adapter_dir,
+        max_loaded_adapters=args.max_loaded_adapters,
     )
     api_key = args.api_key or os.environ.get("PEFTLAB_API_KEY") or None
     serve_forever(
