@@ -216,6 +216,8 @@ def test_adapters_named_at_startup_count_and_stay(folders: dict[str, Path], tmp_
     with serving(one) as client:
         status, body = client.complete("ia3", PROMPTS[0], max_tokens=2)
         assert status == 409 and "DELETE /v1/adapters" in body["error"]["message"], body
+        status, body = client.complete("lora+ia3", PROMPTS[0], max_tokens=2)  # can never be loaded
+        assert status == 400 and "at most 1 loaded" in body["error"]["message"], body
         assert client.complete("lora", PROMPTS[0], max_tokens=2)[0] == 200
 
 

@@ -308,6 +308,14 @@ class Engine:
             stack = Stack(*parts)
         except ValueError as err:  # the library's refusal (an adapter named twice)
             raise ServeError(400, f"model {model!r} cannot be composed: {err}", param="model") from None
+        limit = self.max_loaded_adapters
+        if limit is not None and len(parts) > limit:
+            raise ServeError(
+                400,
+                f"model {model!r} composes {len(parts)} adapters, but this server keeps at most {limit} "
+                "loaded (--max-loaded-adapters)",
+                param="model",
+            )
         for part in parts:
             if part not in self.adapters and not self._loadable(part):
                 raise ServeError(
