@@ -46,7 +46,8 @@ def register(sub: Any) -> None:
             "Serve a causal LM or an encoder-decoder (T5, BART: the prompt is the encoder's input) and "
             "any number of adapters (LoRA, IA3, bottleneck, prefix) behind an "
             "OpenAI-compatible API: POST /v1/completions and /v1/chat/completions with model=ADAPTER "
-            "(or the base model's name), GET /v1/models, GET /health, GET /metrics (Prometheus). "
+            "(or the base model's name, or A+B for the adapters stacked: Stack('A', 'B')), GET /v1/models, "
+            "GET /health, GET /metrics (Prometheus). "
             "Requests for different adapters share one batch that changes at every decoding step. "
             "With --adapter-dir, POST /v1/adapters {name, path} and DELETE /v1/adapters/NAME load and "
             "unload adapters inside those folders while serving. SIGTERM stops taking requests, "
@@ -71,6 +72,16 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help="allow loading adapters at run time from folders inside DIR (repeatable; default: off, "
         "the adapters given at startup are all there is)",
+    )
+    p.add_argument(
+        "--max-loaded-adapters",
+        type=_positive,
+        metavar="N",
+        help="with --adapter-dir: a request naming an adapter that is not loaded loads the folder of that "
+        "name inside a --adapter-dir (once, however many requests wait for it), and at most N adapters "
+        "stay loaded: the least recently used one that no running or queued request needs, and that was "
+        "loaded this way, is unloaded first (--adapter ones count toward N and stay; default: no on-demand "
+        "loading)",
     )
     p.add_argument("--served-model-name", help="name of the base model in requests (default: from --model)")
     p.add_argument(
@@ -182,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         max_prompts=args.max_prompts,
         max_prefill_tokens=args.max_prefill_tokens,
         adapter_dirs=args.adapter_dir,
+        max_loaded_adapters=args.max_loaded_adapters,
     )
     api_key = args.api_key or os.environ.get("PEFTLAB_API_KEY") or None
     serve_forever(

@@ -21,7 +21,7 @@ from peftlab.core.peft_model import PeftModel
 from peftlab.devices import resolve_device
 from peftlab.extras import require
 from peftlab.models import ALIASES, DEFAULT_CAUSAL_LM, load_language_model, model_kind
-from peftlab.serving.adapters import check_adapter_folder, check_adapter_name
+from peftlab.serving.adapters import check_adapter_folder, check_adapter_limit, check_adapter_name
 from peftlab.serving.engine import BATCHING, Engine, EngineStats, SamplingParams, ServeError
 
 __all__ = [
@@ -67,6 +67,11 @@ def load_engine(
     An encoder-only model is refused before anything is loaded. ``quantization`` (``"nf4"``,
     ``"fp4"``, ``"int8"`` or a ``BitsAndBytesConfig``) serves every adapter over one quantized
     base, as :func:`peftlab.models.load_base_model` loads it."""
+    adapters = dict(adapters or {})
+    # refused before anything is loaded
+    check_adapter_limit(
+        engine_options.get("max_loaded_adapters"), list(adapters), engine_options.get("adapter_dirs", ())
+    )
     kind = model_kind(model, gguf_file)
     if kind not in ("causal", "seq2seq"):
         raise ValueError(
@@ -74,7 +79,6 @@ def load_engine(
             "LM or an encoder-decoder (T5, BART) as --model"
         )
     base_name = served_model_name or base_model_name(model, gguf_file)
-    adapters = dict(adapters or {})
     folders = {}
     for name, path in adapters.items():
         try:
@@ -168,6 +172,8 @@ def serve_forever(
         if engine.roots.enabled
         else "run-time adapter loading off"
     )
+    if engine.max_loaded_adapters is not None:
+        loading += f", on demand, at most {engine.max_loaded_adapters} loaded"
     print(
         f"peftlab serve: {engine.base_name} with adapters {list(engine.adapters) or 'none'} on "
         f"http://{host}:{port} ({engine.batching} batching, max batch {engine.max_batch_size}, context "

@@ -6,7 +6,8 @@ followed, ``..`` collapsed) and must lie inside one of them, and so must the fil
 it; anything else is refused with 403 before the disk is looked at any further, so a client
 learns nothing about folders outside the roots. A relative path is taken inside each root in
 turn. Folders given on the command line (``--adapter NAME=PATH``) are the operator's choice
-and are not confined.
+and are not confined. With ``--max-loaded-adapters``, a request naming an adapter that is not
+loaded loads the folder of that name in a root (:func:`on_disk`, then the same confinement).
 """
 
 from __future__ import annotations
@@ -87,6 +88,33 @@ def check_adapter_folder(path: str | os.PathLike[str]) -> Path:
             param="path",
         )
     return folder.resolve()
+
+
+def check_adapter_limit(
+    limit: int | None, named: Sequence[str], roots: Sequence[str | os.PathLike[str]]
+) -> None:
+    """A one-line ValueError for a ``--max-loaded-adapters`` that cannot work: below 1, without
+    ``--adapter-dir`` roots to load from, or below the count of adapters named at start-up."""
+    if limit is None:
+        return
+    if limit < 1:
+        raise ValueError(f"--max-loaded-adapters must be at least 1, got {limit}")
+    if not roots:
+        raise ValueError(
+            "--max-loaded-adapters loads adapters on demand from the --adapter-dir folders; give "
+            "--adapter-dir DIR too"
+        )
+    if len(named) > limit:
+        raise ValueError(
+            f"--max-loaded-adapters {limit} is smaller than the {len(named)} adapters named at start-up "
+            f"({', '.join(named)}); raise it to at least {len(named)} or name fewer adapters"
+        )
+
+
+def on_disk(roots: Sequence[Path], name: str) -> bool:
+    """Whether ``name`` (a valid adapter name) is an entry of a root: what a request may load on
+    demand. Links are not followed here, so nothing outside the roots is looked at."""
+    return bool(ADAPTER_NAME.match(name)) and any(os.path.lexists(root / name) for root in roots)
 
 
 class AdapterRoots:

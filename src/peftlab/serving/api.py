@@ -1,7 +1,8 @@
 """The HTTP side of ``peftlab serve``: an OpenAI-compatible API on FastAPI.
 
 Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``model`` = an adapter
-name or the base model's name; ``stream`` for server-sent events), ``GET /v1/models``,
+name, adapter names joined with ``+`` for their ``Stack``, or the base model's name; ``stream``
+for server-sent events), ``GET /v1/models``,
 ``POST /v1/adapters`` / ``DELETE /v1/adapters/{name}`` (load and unload while serving, only
 with adapter roots), ``GET /health``, ``GET /metrics`` (Prometheus). Errors use OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``. With an API key every request needs

@@ -13,9 +13,15 @@ in a bounded queue; a dispatcher on the event loop hands rows to the worker:
   the first) run as one ``generate`` call to the end (:mod:`peftlab.serving.static`).
 
 Either way every row goes through its own adapter (``adapter_names``), and its sampling and stop
-rules are its own (:mod:`peftlab.serving.decoding`). Adapter loads and unloads travel through
-the same queue in arrival order: a request queued before an unload is served first (the unload
-waits for the rows using that adapter to finish), one queued after it gets a clear 404.
+rules are its own (:mod:`peftlab.serving.decoding`). A row's adapter may be a composition
+(``"model": "domain+sql"`` is ``Stack("domain", "sql")``): ``adapter_names`` takes a ``Stack`` per
+row, so composed rows share batches with single-adapter and base rows. Adapter loads and unloads
+travel through the same queue in arrival order: a request queued before an unload is served first
+(the unload waits for the rows using that adapter to finish), one queued after it gets a clear 404.
+With ``max_loaded_adapters`` a request naming an adapter folder in a root that is not loaded
+queues its load ahead of its rows (one load however many requests wait on it); to stay within the
+limit the least recently used adapter loaded that way that no running or queued row needs is
+unloaded first.
 """
 
 from __future__ import annotations
@@ -33,12 +39,19 @@ from typing import Any
 
 import torch
 
+from peftlab.core.composition import Stack
 from peftlab.core.peft_model import BASE_ADAPTER, PeftModel
-from peftlab.serving.adapters import AdapterRoots, check_adapter_folder, check_adapter_name
+from peftlab.serving.adapters import (
+    AdapterRoots,
+    check_adapter_folder,
+    check_adapter_limit,
+    check_adapter_name,
+    on_disk,
+)
 from peftlab.serving.continuous import RunningBatch, StepReport
 from peftlab.serving.decoding import StopRules, eos_ids
 from peftlab.serving.encoder_decoder import EncoderDecoderBatch, is_encoder_decoder
-from peftlab.serving.jobs import Job, Row, SamplingParams, ServeError, StreamChunk
+from peftlab.serving.jobs import Job, Row, SamplingParams, ServeError, StreamChunk, route_names
 from peftlab.serving.metrics import ServeMetrics
 from peftlab.serving.static import generate_batch
 from peftlab.training.encoding import pad_id
@@ -46,6 +59,7 @@ from peftlab.training.encoding import pad_id
 log = logging.getLogger("peftlab.serve")
 
 BATCHING = ("continuous", "static")
+COMPOSE = "+"  # "domain+sql" in a request's model field: Stack("domain", "sql")
 
 __all__ = [
     "BATCHING",
@@ -63,12 +77,14 @@ __all__ = [
 
 @dataclass
 class AdminOp:
-    """An adapter load or unload, queued with the requests so it runs in arrival order."""
+    """An adapter load or unload, queued with the requests so it runs in arrival order. A load
+    on demand has no future: the rows queued behind it wait for it (or get its error)."""
 
     kind: str  # "load" | "unload"
     name: str
     path: str | None
-    future: asyncio.Future[dict[str, Any]]
+    future: asyncio.Future[dict[str, Any]] | None
+    on_demand: bool = False
 
 
 @dataclass
@@ -130,6 +146,7 @@ class Engine:
         max_prefill_tokens: int = 2048,
         adapter_paths: dict[str, str] | None = None,
         adapter_dirs: Sequence[str] = (),
+        max_loaded_adapters: int | None = None,
     ) -> None:
         if not isinstance(model, PeftModel):
             raise TypeError("Engine needs a peftlab PeftModel (PeftModel(base) makes one with no adapter)")
@@ -170,12 +187,20 @@ class Engine:
         ):
             if value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
+        check_adapter_limit(max_loaded_adapters, list(model.peft_config), adapter_dirs)
         self.roots = AdapterRoots(adapter_dirs)
+        # None: adapters load only when named at start-up or by POST /v1/adapters; N: a request
+        # naming a folder in a root loads it, and at most N adapters stay loaded
+        self.max_loaded_adapters = max_loaded_adapters
         self.adapters: dict[str, dict[str, Any]] = {}  # name -> {"method", "path"}; loop thread only
+        self._recency: dict[str, None] = {}  # loaded adapters, least recently used first
+        self._loading: dict[str, AdminOp] = {}  # loads on demand queued or running
         for name in model.peft_config:
             self._register(name, (adapter_paths or {}).get(name))
+        # never evicted: the operator's choice (start-up and POST /v1/adapters), maybe not on disk
+        self.pinned: set[str] = set(self.adapters)
         self.stats = EngineStats()
-        self.metrics = ServeMetrics(self.queue_depth, lambda: self.running_rows)
+        self.metrics = ServeMetrics(self.queue_depth, lambda: self.running_rows, lambda: len(self.adapters))
         self.running_rows = 0  # rows handed to the model worker right now
         self.draining = False  # shutting down: running and queued rows finish, new ones get 503
         self.created = int(time.time())
@@ -230,8 +255,9 @@ class Engine:
             item = self._waiting.popleft()
             if isinstance(item, Row):
                 item.job.fail(err)
-            elif not item.future.done():
+            elif item.future is not None and not item.future.done():
                 item.future.set_exception(err)
+        self._loading.clear()
         if self._batch is not None:
             for row in self._batch.clear():
                 row.job.fail(err)
@@ -247,18 +273,77 @@ class Engine:
     def model_names(self) -> list[str]:
         return [self.base_name, *self.adapters]
 
-    def resolve(self, model: str) -> str:
-        """The adapter a request's ``model`` field names (``"__base__"`` for the base model)."""
+    def resolve(self, model: str) -> str | Stack:
+        """The route a request's ``model`` field names: an adapter, ``"__base__"`` for the base
+        model, or a ``Stack`` for adapters joined with ``+`` (``"domain+sql"``: the row runs through
+        ``Stack("domain", "sql")``, as ``set_adapter(Stack("domain", "sql"))`` would run it)."""
         if model in (self.base_name, BASE_ADAPTER):
             return BASE_ADAPTER
-        if model in self.adapters:
+        if model in self.adapters or self._loadable(model):
             return model
+        if COMPOSE in model:
+            return self._composed(model)
         raise ServeError(
             404,
             f"model {model!r} is not loaded; available models: {', '.join(self.model_names())}",
             kind="not_found_error",
             param="model",
         )
+
+    def _composed(self, model: str) -> Stack:
+        """``"a+b"`` as ``Stack("a", "b")``: 400 for what composition refuses (an empty part, the
+        base model as a part, an adapter named twice), 404 naming a part that is not loaded."""
+        parts = model.split(COMPOSE)
+        for i, part in enumerate(parts, 1):
+            if not part:
+                raise ServeError(
+                    400,
+                    f"model {model!r}: part {i} is empty; compose adapters as 'a+b' (adapter names joined "
+                    "with '+')",
+                    param="model",
+                )
+            if part in (self.base_name, BASE_ADAPTER):
+                raise ServeError(
+                    400,
+                    f"model {model!r}: the base model {part!r} cannot be part of a composition; compose "
+                    "adapter names only (every composition runs on the base model)",
+                    param="model",
+                )
+        try:
+            stack = Stack(*parts)
+        except ValueError as err:  # the library's refusal (an adapter named twice)
+            raise ServeError(400, f"model {model!r} cannot be composed: {err}", param="model") from None
+        limit = self.max_loaded_adapters
+        if limit is not None and len(parts) > limit:
+            raise ServeError(
+                400,
+                f"model {model!r} composes {len(parts)} adapters, but this server keeps at most {limit} "
+                "loaded (--max-loaded-adapters)",
+                param="model",
+            )
+        for part in parts:
+            if part not in self.adapters and not self._loadable(part):
+                raise ServeError(
+                    404,
+                    f"model {model!r}: no adapter named {part!r} is loaded; available adapters: "
+                    f"{', '.join(self.adapters) or 'none'}",
+                    kind="not_found_error",
+                    param="model",
+                )
+        return stack
+
+    def _loadable(self, name: str) -> bool:
+        """Whether a request naming ``name`` (not loaded) loads it on demand: a folder of that
+        name in a root, confined as ``POST /v1/adapters`` paths are (403 / 400 otherwise)."""
+        if self.max_loaded_adapters is None:
+            return False
+        if name in self._loading:
+            return True
+        if not on_disk(self.roots.roots, name):
+            return False
+        check_adapter_name(name, self.base_name)
+        self.roots.confine(name)
+        return True
 
     def queue_depth(self) -> int:
         return len(self._waiting)
@@ -300,7 +385,7 @@ class Engine:
 
     def submit(
         self,
-        adapter: str,
+        adapter: str | Stack,
         prompt_ids: Sequence[list[int]],
         params: SamplingParams,
         *,
@@ -337,7 +422,19 @@ class Engine:
                 kind="server_error",
                 headers={"Retry-After": str(self._retry_after())},
             )
-        job = Job(loop, stream, model or (self.base_name if adapter == BASE_ADAPTER else adapter))
+        default = self.base_name if adapter == BASE_ADAPTER else COMPOSE.join(route_names(adapter))
+        job = Job(loop, stream, model or default)
+        for name in route_names(adapter):
+            if name == BASE_ADAPTER:
+                continue
+            if name in self._recency:
+                self._recency[name] = self._recency.pop(name)  # most recently used
+            elif name not in self._loading:
+                # the first request for an unloaded adapter queues its load; later ones (and
+                # this request's rows) wait behind it
+                op = AdminOp("load", name, str(self.roots.confine(name)), None, on_demand=True)
+                self._loading[name] = op
+                self._waiting.append(op)
         for i, ids in enumerate(prompt_ids):
             row = Row(adapter, list(ids), params, job, i)
             job.rows.append(row)
@@ -395,6 +492,13 @@ class Engine:
     def _register(self, name: str, path: str | None) -> None:
         config = self.model.peft_config[name]
         self.adapters[name] = {"method": str(config.peft_type), "path": path}
+        self._recency[name] = None
+
+    def _forget(self, name: str) -> dict[str, Any]:
+        """Take an adapter out of the served set (before the model drops it)."""
+        self._recency.pop(name, None)
+        self.pinned.discard(name)
+        return self.adapters.pop(name)
 
     def _emit(self, row: Row, chunk: StreamChunk) -> None:
         """Called on the worker's thread: hand a stream chunk to the event loop."""
@@ -413,10 +517,10 @@ class Engine:
                 kind="server_error",
                 headers={"Retry-After": str(self._retry_after())},
             )
-        op = AdminOp(kind, name, path, loop.create_future())
-        self._waiting.append(op)
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._waiting.append(AdminOp(kind, name, path, future))
         self._wake()
-        return await op.future
+        return await future
 
     def _usable(self, row: Row) -> bool:
         """False (and the job answered) for a row whose request is over or whose adapter went."""
@@ -425,12 +529,13 @@ class Engine:
             return False
         if row.job.finished:
             return False
-        if row.adapter != BASE_ADAPTER and row.adapter not in self.adapters:
+        gone = [n for n in route_names(row.adapter) if n != BASE_ADAPTER and n not in self.adapters]
+        if gone:
             self.metrics.requests.labels(row.job.model, "error").inc()
             row.job.fail(
                 ServeError(
                     404,
-                    f"adapter {row.adapter!r} was unloaded before this request ran; available "
+                    f"adapter {gone[0]!r} was unloaded before this request ran; available "
                     f"models: {', '.join(self.model_names())}",
                     kind="not_found_error",
                     param="model",
@@ -476,7 +581,7 @@ class Engine:
         """An unload waits for the running rows of its adapter; a load runs at once."""
         assert self._batch is not None
         rows = [*self._batch.rows, *self._batch.prefilling]
-        return op.kind != "unload" or all(r.adapter != op.name for r in rows)
+        return op.kind != "unload" or all(op.name not in route_names(r.adapter) for r in rows)
 
     def _admissions(self) -> list[Row]:
         """Rows from the front of the queue that join at the next step (stops at an adapter op)."""
@@ -592,42 +697,127 @@ class Engine:
 
     # ---- adapter operations ------------------------------------------------------------------
     async def _run_admin(self, op: AdminOp) -> None:
+        try:
+            result = await self._admin_result(op)
+        except Exception as err:  # the worker must survive anything an adapter op raises
+            error = self._admin_error(op, err)
+            if op.on_demand:
+                self._fail_waiting(op.name, error)
+            if op.future is not None and not op.future.done():
+                op.future.set_exception(error)
+            return
+        finally:
+            if op.on_demand:
+                self._loading.pop(op.name, None)
+        if op.future is not None and not op.future.done():
+            op.future.set_result(result)
+
+    async def _admin_result(self, op: AdminOp) -> dict[str, Any]:
         assert self._executor is not None
         loop = asyncio.get_running_loop()
+        if op.kind == "unload":
+            if op.name not in self.adapters:
+                raise ServeError(404, f"no adapter named {op.name!r} is loaded", kind="not_found_error")
+            info = self._forget(op.name)
+            await loop.run_in_executor(self._executor, self.model.delete_adapter, op.name)
+            return {"id": op.name, "object": "adapter", "deleted": True, **info}
+        if op.name in self.adapters:
+            if op.on_demand:  # loaded by a POST queued before this load
+                return self.adapters[op.name]
+            raise ServeError(409, f"adapter {op.name!r} is loaded already", param="name")
+        await self._make_room(op.name)
+        trigger = "on_demand" if op.on_demand else "request"
+        start = time.perf_counter()
         try:
-            if op.kind == "load":
-                if op.name in self.adapters:  # loaded by an op queued before this one
-                    raise ServeError(409, f"adapter {op.name!r} is loaded already", param="name")
-                await loop.run_in_executor(self._executor, self._load, op.name, op.path)
-                self._register(op.name, op.path)
-                result = {"id": op.name, "object": "adapter", **self.adapters[op.name]}
+            await loop.run_in_executor(self._executor, self._load, op.name, op.path)
+        except BaseException:
+            self.metrics.adapter_loads.labels(trigger, "error").inc()
+            raise
+        finally:
+            self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
+        self.metrics.adapter_loads.labels(trigger, "ok").inc()
+        self._register(op.name, op.path)
+        if not op.on_demand:
+            self.pinned.add(op.name)
+        return {"id": op.name, "object": "adapter", **self.adapters[op.name]}
+
+    def _admin_error(self, op: AdminOp, err: Exception) -> ServeError:
+        """What the client of a failed adapter op reads (a load on demand: every request waiting
+        for it)."""
+        if isinstance(err, ServeError):
+            return err
+        if op.on_demand:
+            log.warning("adapter %r failed to load on demand from %s: %s", op.name, op.path, err)
+            return ServeError(
+                500,
+                f"adapter {op.name!r} failed to load from its folder under --adapter-dir: {err}",
+                kind="server_error",
+                param="model",
+            )
+        if isinstance(err, (ValueError, TypeError, FileNotFoundError, OSError)):
+            return ServeError(400, f"cannot load adapter {op.name!r}: {err}", param="path")
+        log.error("adapter %s of %r failed", op.kind, op.name, exc_info=err)
+        return ServeError(500, f"adapter {op.kind} failed: {err}", kind="server_error")
+
+    def _fail_waiting(self, name: str, err: ServeError) -> None:
+        """Answer every queued request that needs adapter ``name`` with ``err``."""
+        kept: deque[Row | AdminOp] = deque()
+        for item in self._waiting:
+            if isinstance(item, Row) and name in route_names(item.adapter):
+                if not item.job.finished:
+                    item.job.fail(err)
+                    self.metrics.requests.labels(item.job.model, "error").inc()
             else:
-                if op.name not in self.adapters:
-                    raise ServeError(404, f"no adapter named {op.name!r} is loaded", kind="not_found_error")
-                await loop.run_in_executor(self._executor, self.model.delete_adapter, op.name)
-                info = self.adapters.pop(op.name)
-                result = {"id": op.name, "object": "adapter", "deleted": True, **info}
-        except ServeError as err:
-            if not op.future.done():
-                op.future.set_exception(err)
+                kept.append(item)
+        self._waiting = kept
+
+    def _in_use(self) -> set[str]:
+        """Adapters a running or queued row needs."""
+        rows = [r for r in self._waiting if isinstance(r, Row)]
+        if self._batch is not None:
+            rows += [*self._batch.rows, *self._batch.prefilling]  # rows still prefilling need theirs too
+        return {name for row in rows for name in route_names(row.adapter)}
+
+    async def _make_room(self, loading: str) -> None:
+        """With ``max_loaded_adapters`` loaded, unload the least recently used adapter that no
+        running or queued row needs and that was loaded on demand (the operator's are pinned)."""
+        limit = self.max_loaded_adapters
+        if limit is None or len(self.adapters) < limit:
             return
-        except (ValueError, TypeError, FileNotFoundError, OSError) as err:
-            if not op.future.done():
-                op.future.set_exception(
-                    ServeError(400, f"cannot load adapter {op.name!r}: {err}", param="path")
-                )
-            return
-        except Exception as err:  # the worker must survive anything an adapter op raises
-            log.exception("adapter %s of %r failed", op.kind, op.name)
-            if not op.future.done():
-                op.future.set_exception(
-                    ServeError(500, f"adapter {op.kind} failed: {err}", kind="server_error")
-                )
-            return
-        if not op.future.done():
-            op.future.set_result(result)
+        assert self._executor is not None
+        evictable = [n for n in self._recency if n not in self.pinned]
+        if not evictable:
+            raise ServeError(
+                409,
+                f"cannot load adapter {loading!r}: the {len(self.adapters)} adapters loaded "
+                f"(--max-loaded-adapters {limit}) were all named at start-up or loaded with POST "
+                "/v1/adapters; unload one with DELETE /v1/adapters/NAME first",
+                kind="server_error",
+                param="model",
+            )
+        busy = self._in_use()
+        idle = [n for n in evictable if n not in busy]
+        if not idle:
+            raise ServeError(
+                503,
+                f"cannot load adapter {loading!r} now: all {limit} adapter slots (--max-loaded-adapters) "
+                "hold adapters that running or queued requests use; retry shortly",
+                kind="server_error",
+                param="model",
+                headers={"Retry-After": str(self._retry_after())},
+            )
+        victim = idle[0]
+        self._forget(victim)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.model.delete_adapter, victim)
+        self.metrics.adapter_evictions.inc()
+        log.info("adapter %r unloaded (least recently used) to load %r", victim, loading)
 
     def _load(self, name: str, path: str | None) -> None:
         assert path is not None
-        self.model.load_adapter(path, adapter_name=name)
+        try:
+            self.model.load_adapter(path, adapter_name=name)
+        except BaseException:
+            if name in self.model.peft_config:  # never half an adapter
+                self.model.delete_adapter(name)
+            raise
         self.model.to(self._device)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from peftlab.core.composition import Stack
+
 
 class ServeError(Exception):
     """An error with its HTTP status and an OpenAI-style type, e.g. 404 ``not_found_error``."""
@@ -58,7 +60,7 @@ class StreamChunk:
 class Row:
     """One prompt of a request and its decoding state (written by the model worker only)."""
 
-    adapter: str  # an adapter name, or "__base__"
+    adapter: str | Stack  # an adapter name, "__base__", or a Stack of names ("a+b" in a request)
     prompt_ids: list[int]
     params: SamplingParams
     job: Job
@@ -69,6 +71,11 @@ class Row:
     streamed: int = 0  # characters of text already sent as stream chunks
     generator: torch.Generator | None = None
     first_token_at: float | None = None  # time.perf_counter() of its first token
+
+
+def route_names(route: str | Stack) -> tuple[str, ...]:
+    """The adapter names a row's route uses (``"__base__"`` as it is)."""
+    return route.names if isinstance(route, Stack) else (route,)
 
 
 class Job:

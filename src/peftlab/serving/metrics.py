@@ -23,6 +23,7 @@ from prometheus_client import (
 RATE_WINDOW = 10.0  # seconds behind peftlab_generation_tokens_per_second
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServeMetrics"]
 
@@ -31,7 +32,12 @@ class ServeMetrics:
     """The figures ``peftlab serve`` exports; ``queue_depth`` and ``running_rows`` are read when
     scraped."""
 
-    def __init__(self, queue_depth: Callable[[], float], running_rows: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        queue_depth: Callable[[], float],
+        running_rows: Callable[[], float],
+        loaded_adapters: Callable[[], float] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.queue = Gauge("peftlab_queue_depth", "Prompts waiting for a batch slot", registry=r)
@@ -75,6 +81,27 @@ class ServeMetrics:
         self.rejected = Counter(
             "peftlab_rejected_requests", "Requests refused with 503, by reason", ["reason"], registry=r
         )
+        self.adapter_loads = Counter(
+            "peftlab_adapter_loads",
+            "Adapter folders loaded, by trigger (on_demand: a request named it; request: POST "
+            "/v1/adapters) and outcome (ok, error)",
+            ["trigger", "outcome"],
+            registry=r,
+        )
+        self.adapter_load_seconds = Histogram(
+            "peftlab_adapter_load_seconds",
+            "Time to load an adapter folder (the model worker waits meanwhile)",
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.adapter_evictions = Counter(
+            "peftlab_adapter_evictions",
+            "Adapters unloaded to make room under --max-loaded-adapters (least recently used idle first)",
+            registry=r,
+        )
+        self.loaded_adapters = Gauge("peftlab_loaded_adapters", "Adapters loaded now", registry=r)
+        if loaded_adapters is not None:
+            self.loaded_adapters.set_function(loaded_adapters)
         self._recent: deque[tuple[float, int]] = deque()
 
     def add_tokens(self, count: int) -> None:
