@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from peftlab.compare.inputs import ComparisonInputs
 from peftlab.compare.measure import method_estimate
 from peftlab.compare.session import SharedBase
@@ -30,6 +28,7 @@ from peftlab.training.memory import (
     available_bytes,
     build_meta_model,
     gib,
+    weight_bytes,
 )
 
 PLAN_RECORD = "__memory_plan__:"  # + the method's name: the store's record of its plan
@@ -46,10 +45,6 @@ def method_counts(inputs: ComparisonInputs, preset: MethodPreset) -> tuple[int, 
     config = preset.config(base.config, inputs.task_type)
     assert config is not None  # only full fine-tuning has none
     return count_parameters(get_peft_model(meta, config))
-
-
-def _weight_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 class ComparisonPlans:
@@ -79,7 +74,7 @@ class ComparisonPlans:
         if preset.method is None:  # full fine-tuning loads the weights again
             return free
         base = self.inputs.base if preset.quantize is None else self.bases.quantized.get(preset.quantize)
-        return free + (_weight_bytes(base) if base is not None else 0)
+        return free + (weight_bytes(base) if base is not None else 0)
 
     def planner(self, preset: MethodPreset, budget: int | None = None) -> MemoryPlanner:
         if preset.name not in self.counts:

@@ -222,16 +222,7 @@ class RunningBatch:
         mask = mask.to(self.device)
         cache = DynamicCache()
         keep = self._first_tokens(rows, self._forward(ids, mask, positions, cache, rows))
-        if not keep:
-            return
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, device=self.device)
-            cache.batch_select_indices(index)
-            mask = mask[index]
-        joining = [rows[i] for i in keep]
-        self._join(
-            cache, mask, joining, [len(r.prompt_ids) for r in joining], [r.tokens[-1] for r in joining]
-        )
+        self._join_kept(cache, mask, rows, keep)
 
     def _start_prefill(self, rows: list[Row]) -> Prefill:
         from transformers import DynamicCache
@@ -283,17 +274,7 @@ class RunningBatch:
         report.new_tokens += len(rows)
         keep = self._first_tokens(rows, logits)
         report.left += [r for r in rows if r.finish_reason is not None]
-        if not keep:
-            return
-        cache, mask = part.cache, part.mask
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, device=self.device)
-            cache.batch_select_indices(index)
-            mask = mask[index]
-        joining = [rows[i] for i in keep]
-        self._join(
-            cache, mask, joining, [len(r.prompt_ids) for r in joining], [r.tokens[-1] for r in joining]
-        )
+        self._join_kept(part.cache, part.mask, rows, keep)
 
     def _decode(self) -> None:
         assert self.mask is not None
@@ -333,6 +314,20 @@ class RunningBatch:
             self.rules.advance(row, token, now)
 
     # ---- the cache ------------------------------------------------------------------------
+    def _join_kept(self, cache: Any, mask: torch.Tensor, rows: list[Row], keep: list[int]) -> None:
+        """The prefilled ``rows`` still running after their first token (indices ``keep``) join
+        the batch with their rows of ``cache`` and ``mask``."""
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=self.device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+        joining = [rows[i] for i in keep]
+        self._join(
+            cache, mask, joining, [len(r.prompt_ids) for r in joining], [r.tokens[-1] for r in joining]
+        )
+
     def _join(
         self, cache: Any, mask: torch.Tensor, rows: list[Row], lengths: list[int], last: list[int]
     ) -> None:

@@ -162,6 +162,11 @@ def quantized_estimate(
     )
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes ``model``'s parameters take now (what a plan counts as already in memory)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def training_estimate(
     base: nn.Module,
     trainable: int,

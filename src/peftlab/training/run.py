@@ -55,6 +55,7 @@ from peftlab.training.memory import (
     gib,
     is_out_of_memory,
     training_estimate,
+    weight_bytes,
 )
 from peftlab.training.preparation import PreparedData, RowEncoder, load_task, prepare_data
 from peftlab.training.settings import DEFAULT_EVAL_FRACTION, RunConfig, uses_checkpointing
@@ -372,7 +373,7 @@ class TrainingRun:
         else:
             free = available_bytes(self.info.device)
             # the weights loaded now are in the estimate too
-            held = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            held = weight_bytes(self.model)
             available = None if free is None else free + held
         on_now = bool(getattr(base, "is_activation_checkpointing", False))
         allowed = (
