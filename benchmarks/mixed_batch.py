@@ -1,8 +1,8 @@
 """Mixed-adapter batches on SmolLM2-135M: cost vs the number K of distinct adapters in a batch.
 
-    python benchmarks/mixed_batch.py [--parts prefill decode k32 cb-step long-prompt]
+    python benchmarks/mixed_batch.py [--parts prefill decode k32 cb-step long-prompt small-rows]
         [--repeats 5] [--threads 1] [--batch 16] [--prefill-len 32] [--decode-tokens 8]
-        [--cb-steps 32] [--long-prompt-len 1000] [--max-prefill-tokens 128] [--json out.json]
+        [--cb-steps 32] [--long-prompt-len 1000] [--max-prefill-tokens 32] [--json out.json]
 
 Five parts, each chosen with ``--parts`` (all by default), each on the embedded SmolLM2-135M,
 fp32, on the CPU with ``--threads`` intra-op threads, every side of each ratio measured in the
@@ -47,6 +47,11 @@ contrast, with the whole prompt prefilled in one step (``max_prefill_tokens`` of
 server's default). The two alternate round by round, after one untimed run of each. Target
 (chunked only): p99 <= 2x median.
 
+``small-rows``: decoding steps of 1, 2, 3 and 4 rows (on LoRA, IA3, bottleneck and prefix
+adapters, in that order) with ``small_batch_matmul`` off and on (``peftlab serve
+--small-batch-matmul``: few rows' linear layers as ``weight @ x^T``), step by step alternately:
+what each step costs against one row with it off. No target; it backs the option's default.
+
 After the tables, one ``PASS`` / ``MISS`` line per target; the exit status is 3 when one is
 missed (``targets.py``).
 
@@ -84,7 +89,7 @@ from targets import Targets
 KS = (1, 2, 4, 8)
 CONTEXT = 16
 TARGET_FLAT = 1.25
-PARTS = ("prefill", "decode", "k32", "cb-step", "long-prompt")
+PARTS = ("prefill", "decode", "k32", "cb-step", "long-prompt", "small-rows")
 # k32: decoding steps of a batch of 32 with K distinct LoRA adapters
 K32 = 32
 K32_KS = (1, 8, 32)
@@ -93,6 +98,7 @@ TARGET_K32_FLAT = 1.10  # peftlab K=32 / K=1
 CB_ADAPTERS = ("lora-a", "lora-b", "ia3-a", "ia3-b", "bn-a", "bn-b", "prefix-a", "prefix-b")
 TARGET_CB = 1.15  # 8 adapters of 4 methods / one LoRA, median decoding step
 TARGET_ITL = 2.0  # p99 / median inter-token latency while a long prompt is prefilled in chunks
+SMALL_ROWS = (1, 2, 3, 4)  # small-rows: decoding steps of this many rows, small_batch_matmul off / on
 UNCHUNKED = 2048  # the server's default max_prefill_tokens: a 1,000-token prompt in one step
 LONG_BEFORE, LONG_AFTER = 4, 24  # decoding steps before the long prompt arrives, after it joins
 
@@ -473,6 +479,52 @@ def report_cb(times: dict[str, list[float]], steps: int, repeats: int) -> tuple[
     return "\n".join(time_table(title, times, 1) + lines), rows
 
 
+def measure_small(
+    model: PeftModel, tokenizer: Any, prompts: list[list[int]], steps: int, repeats: int, rows: Rows
+) -> dict[str, list[float]]:
+    """Per-step times of RunningBatch decoding steps of 1-4 rows (adapters of the four methods),
+    with ``small_batch_matmul`` off and on, step by step alternately."""
+    times: dict[str, list[float]] = {}
+    for n in SMALL_ROWS:
+        for on in (False, True):
+            times[f"{n} row{'s' if n > 1 else ''}, small_batch_matmul {'on' if on else 'off'}"] = []
+    adapters = [CB_ADAPTERS[i] for i in (0, 2, 4, 6)]  # lora-a, ia3-a, bn-a, prefix-a
+    for r in range(repeats):
+        for n in SMALL_ROWS:
+            batches = {}
+            for on in (False, True):
+                rules = TimedRules(tokenizer)
+                batch = RunningBatch(model, rules, tokenizer.pad_token_id or 0, small_batch_matmul=on)
+                batch.step([rows.make(a, p, steps + 6) for a, p in zip(adapters[:n], prompts, strict=False)])
+                batch.step()
+                name = f"{n} row{'s' if n > 1 else ''}, small_batch_matmul {'on' if on else 'off'}"
+                batches[name] = batch
+            order = list(batches)
+            for s in range(steps):
+                for name in order if (r + s) % 2 == 0 else order[::-1]:
+                    start = time.perf_counter()
+                    batches[name].step()
+                    times[name].append(time.perf_counter() - start)
+    return times
+
+
+def report_small(times: dict[str, list[float]], steps: int, repeats: int) -> tuple[str, list[dict[str, Any]]]:
+    names = list(times)
+    ratios: list[Ratio] = []
+    for i in range(0, len(names), 2):
+        ratios.append((f"{names[i].split(',')[0]}: on / off", names[i + 1], names[i], None, False))
+    one_off = names[0]
+    for i in range(2, len(names), 2):
+        ratios.append((f"{names[i].split(',')[0]} / 1 row, off", names[i], one_off, None, False))
+        ratios.append((f"{names[i + 1].split(',')[0]} on / 1 row, off", names[i + 1], one_off, None, False))
+    title = (
+        f"decoding steps of 1-4 rows (RunningBatch, adapters of 4 methods; {repeats} rounds of {steps} "
+        "steps; ms per step), small_batch_matmul off and on"
+    )
+    lines, rows = ratio_table(times, ratios, "median of per-step ratios")
+    return "\n".join(time_table(title, times, 1) + lines), rows
+
+
 def long_prompt_run(
     model: PeftModel,
     tokenizer: Any,
@@ -594,7 +646,7 @@ def main() -> int:
     parser.add_argument("--cb-steps", type=int, default=32, help="cb-step: timed decoding steps per round")
     parser.add_argument("--long-prompt-len", type=int, default=1000, help="long-prompt: its tokens")
     parser.add_argument(
-        "--max-prefill-tokens", type=int, default=128, help="long-prompt: prompt tokens prefilled per step"
+        "--max-prefill-tokens", type=int, default=32, help="long-prompt: prompt tokens prefilled per step"
     )
     parser.add_argument(
         "--quick",
@@ -670,7 +722,7 @@ def main() -> int:
             text, rows = report_k32(times, args.decode_tokens)
             show("k32", text, rows, {"times_s": times, "steps_per_round": args.decode_tokens})
         del ours, theirs
-    if {"cb-step", "long-prompt"} & set(parts):
+    if {"cb-step", "long-prompt", "small-rows"} & set(parts):
         model = build_cb(base)
         rows_made = Rows()
         try:
@@ -678,6 +730,10 @@ def main() -> int:
                 times = measure_cb(model, tokenizer, cb_prompts, args.cb_steps, args.repeats, rows_made)
                 text, rows = report_cb(times, args.cb_steps, args.repeats)
                 show("cb-step", text, rows, {"times_s": times})
+            if "small-rows" in parts:
+                times = measure_small(model, tokenizer, cb_prompts, args.cb_steps, args.repeats, rows_made)
+                text, rows = report_small(times, args.cb_steps, args.repeats)
+                show("small-rows", text, rows, {"times_s": times})
             if "long-prompt" in parts:
                 found = measure_long(
                     model,

@@ -93,9 +93,10 @@ def tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> Any:
     return tok
 
 
-def adapted_model(arch: str = "llama") -> PeftModel:
-    """A tiny model with one adapter per method, each clearly away from identity (not saved)."""
-    model = PeftModel(serve_model(arch))
+def adapted_model(arch: str = "llama", base: torch.nn.Module | None = None) -> PeftModel:
+    """A tiny model (``base``, else :func:`serve_model`'s) with one adapter per method, each
+    clearly away from identity (not saved)."""
+    model = PeftModel(serve_model(arch) if base is None else base)
     for seed, (name, config) in enumerate(configs(arch).items()):
         model.add_adapter(name, config)
         perturb(model.adapter_parameters(name).values(), seed=seed, scale=0.3)

@@ -100,6 +100,31 @@ def test_per_sample_forward_equals_each_alone(arch: str) -> None:
     assert_close(model(**row(inputs, 0)).logits, alone(model, "lora", row(inputs, 0)))
 
 
+def test_bottlenecks_of_two_non_linearities_on_some_rows_equal_each_alone() -> None:
+    """Only the rows whose adapter has a bottleneck run one (the others' output is their input),
+    each through its own non-linearity, in a Stack too; gradients reach only those adapters."""
+    model = many("llama", ("bn", "lora"))
+    model.add_adapter("bn_relu", BottleneckConfig(reduction_factor=8, non_linearity="relu"))
+    perturb(model.adapter_parameters("bn_relu").values(), seed=5, scale=0.3)
+    model.eval()
+    names: list[Any] = ["__base__", "bn_relu", "lora", "bn", Stack("bn_relu", "lora"), "__base__"]
+    inputs = padded_inputs("llama", len(names))
+    with torch.no_grad():
+        mixed = model(**inputs, adapter_names=names).logits
+    for i, name in enumerate(names):
+        assert_close(mixed[i : i + 1], alone(model, name, row(inputs, i)))
+    model.train()
+    model.zero_grad()
+    model(
+        **inputs, adapter_names=["__base__", "bn_relu", "lora", "lora", "__base__", "lora"]
+    ).logits.sum().backward()
+    grads = {
+        n: any(p.grad is not None and bool(p.grad.any()) for p in model.adapter_parameters(n).values())
+        for n in ("bn", "bn_relu", "lora")
+    }
+    assert grads == {"bn": False, "bn_relu": True, "lora": True}
+
+
 def test_one_adapter_for_all_samples_equals_set_adapter() -> None:
     model = many("llama")
     inputs = padded_inputs("llama", 4)

@@ -228,11 +228,7 @@ def test_decoding_steps_reuse_gathered_weights_and_see_changed_adapters(
 def test_a_long_prompt_is_prefilled_in_chunks_while_other_rows_decode(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
-    model = PeftModel(build_model("llama", max_position_embeddings=256))
-    for seed, (name, config) in enumerate(serve_helpers.configs("llama").items()):
-        model.add_adapter(name, config)
-        perturb(model.adapter_parameters(name).values(), seed=seed, scale=0.3)
-    model.eval()
+    model = adapted_model(base=build_model("llama", max_position_embeddings=256))
     recorder = Recorder()
     rules = StopRules(tokenizer(), {EOS}, lambda row, chunk: None)
     batch = RunningBatch(model, rules, PAD, observer=recorder, max_prefill_tokens=32)
@@ -258,4 +254,30 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_other_rows_decode(
         assert step < 200
     # the running rows decoded at every step of the long prompt's prefill
     assert len(decoding) == 6 and all(n == 3 for n in decoding)
+    check_alone(model, rows, plan, recorder)
+
+
+@pytest.mark.parametrize("running_tokens", [3, 4], ids=["ends-mid-prefill", "ends-at-last-chunk"])
+def test_a_chunked_prompt_survives_every_running_row_ending(
+    loop: asyncio.AbstractEventLoop, running_tokens: int
+) -> None:
+    """The only running row ends while a 96-token prompt is prefilled in chunks of 32: in the
+    step of its second chunk (3 tokens) or of its last (4), when the prompt's rows join after the
+    decoding. The prompt's row is neither dropped nor stalled, and equals itself alone."""
+    model = adapted_model(base=build_model("llama", max_position_embeddings=128))
+    recorder = Recorder()
+    rules = StopRules(tokenizer(), set(), lambda row, chunk: None)
+    batch = RunningBatch(model, rules, PAD, observer=recorder, max_prefill_tokens=32)
+    plan = [
+        ("lora", [5, 9, 13, 40], running_tokens, 0),
+        ("prefix", [3 + (7 * i) % 90 for i in range(96)], 5, 1),
+    ]
+    rows, schedule = scheduled(loop, plan)
+    step = 0
+    while step <= max(schedule) or batch.rows or batch.prefills:
+        batch.step(schedule.get(step, []))
+        check_cache(batch)
+        step += 1
+        assert step < 20
+    assert [len(r.tokens) for r in rows] == [running_tokens, 5]
     check_alone(model, rows, plan, recorder)

@@ -116,6 +116,14 @@ def register(sub: Any) -> None:
         "an encoder-decoder's encoder reads a prompt whole) (default 2048)",
     )
     p.add_argument(
+        "--small-batch-matmul",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="decoding steps of at most 4 rows compute each fp32 linear layer as weight @ x^T, which "
+        "torch's MKL build runs faster than x @ weight^T for so few rows (auto: on the CPU of an "
+        "MKL build; outputs equal within float rounding) (default auto)",
+    )
+    p.add_argument(
         "--max-queue", type=_positive, default=256, help="prompts waiting at most; more get 503 (default 256)"
     )
     p.add_argument(
@@ -194,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         max_prefill_tokens=args.max_prefill_tokens,
         adapter_dirs=args.adapter_dir,
         max_loaded_adapters=args.max_loaded_adapters,
+        small_batch_matmul=args.small_batch_matmul,
     )
     api_key = args.api_key or os.environ.get("PEFTLAB_API_KEY") or None
     serve_forever(

@@ -209,8 +209,8 @@ class BottleneckUnit(AdapterUnit):
         cache: dict[Any, Any],
     ) -> torch.Tensor | None:
         """Per-sample bottleneck adapters: at each depth of a Stack, every group's down/up
-        projections (zero-padded to a common width; zeros for groups with no adapter at that
-        depth, which then add exactly nothing) are gathered per sample and applied with bmm."""
+        projections (zero-padded to a common width) are gathered per sample and applied with
+        bmm to the samples whose group has an adapter at that depth; the others pass through."""
         groups = [[u for u in g if isinstance(u, BottleneckUnit)] for g in per_group]
         reuse = not torch.is_grad_enabled()
         y = t
@@ -225,12 +225,22 @@ class BottleneckUnit(AdapterUnit):
         return y
 
 
-_Gathered = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]
+_Gathered = tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    list[str],
+    torch.Tensor | None,
+    torch.Tensor | None,
+]
 
 
 def _gathered(units: list[BottleneckUnit | None], index: torch.Tensor) -> _Gathered:
-    """Per-sample (down bias, down weight^T, up bias, up weight^T), the non-linearities in use
-    and, when there are several, which one each sample takes."""
+    """Per-sample (down bias, down weight^T, up bias, up weight^T), the non-linearities in use,
+    which one each sample takes when there are several, and which samples have an adapter at all
+    (None: every one). Samples whose group has no adapter at this depth are left out: their
+    output is their input, and no zero weights are stacked and multiplied for them."""
     present = [u for u in units if u is not None]
     ref = present[0].adapter_down
     d_model = ref.weight.shape[1]
@@ -249,7 +259,12 @@ def _gathered(units: list[BottleneckUnit | None], index: torch.Tensor) -> _Gathe
         down_b.append(F.pad(down.bias, (0, pad)))
         up_w.append(F.pad(up.weight, (0, pad)))
         up_b.append(up.bias)
-    i = index
+    rows: torch.Tensor | None = None
+    if len(present) < len(units):
+        has = torch.tensor([u is not None for u in units], device=index.device)[index]
+        if not bool(has.all()):
+            rows = has.nonzero().squeeze(1)
+    i = index if rows is None else index[rows]
     kinds = sorted({u.non_linearity for u in present})
     choice = None
     if len(kinds) > 1:
@@ -263,12 +278,14 @@ def _gathered(units: list[BottleneckUnit | None], index: torch.Tensor) -> _Gathe
         torch.stack(up_w)[i].transpose(1, 2),
         kinds,
         choice,
+        rows,
     )
 
 
 def _routed_step(weights: _Gathered, y: torch.Tensor) -> torch.Tensor:
-    down_b, down_w, up_b, up_w, kinds, choice = weights
-    x = y.reshape(y.shape[0], -1, down_w.shape[1]).to(down_w.dtype)
+    down_b, down_w, up_b, up_w, kinds, choice, rows = weights
+    flat = y.reshape(y.shape[0], -1, down_w.shape[1])
+    x = (flat if rows is None else flat[rows]).to(down_w.dtype)
     z = torch.baddbmm(down_b, x, down_w)
     if choice is None:
         act = NON_LINEARITIES[kinds[0]](z)
@@ -277,8 +294,10 @@ def _routed_step(weights: _Gathered, y: torch.Tensor) -> torch.Tensor:
         act = torch.zeros_like(z)
         for k, kind in enumerate(kinds):
             act = torch.where((choice == k).view(-1, 1, 1), NON_LINEARITIES[kind](z), act)
-    h = torch.baddbmm(up_b, act, up_w)
-    return y + h.reshape(y.shape).to(y.dtype)
+    h = torch.baddbmm(up_b, act, up_w).to(y.dtype)
+    if rows is None:
+        return y + h.reshape(y.shape)
+    return flat.index_add(0, rows, h).reshape(y.shape)
 
 
 class BottleneckMethod(Method):

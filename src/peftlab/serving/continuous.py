@@ -5,9 +5,8 @@ of them and the attention mask over its columns. Each :meth:`RunningBatch.step`:
 
 1. drops the rows whose client has gone;
 2. prefills the newly admitted rows together (left padded, each through its own adapter),
-   picks their first tokens and joins their cache rows to the running cache: the narrower of
-   the two caches is padded on the left with masked columns and the two are concatenated
-   along the batch;
+   picks their first tokens and joins their cache rows to the running cache: both are written
+   into one new cache, the narrower one's rows padded on the left with masked columns;
 3. runs one decoding step of every row: its last token at its own position, the mask over
    the whole cache plus the new column, ``adapter_names`` with one entry per row (prefix rows
    get their own prefix at the attention seam, so the cache holds real tokens only);
@@ -16,8 +15,11 @@ of them and the attention mask over its columns. Each :meth:`RunningBatch.step`:
 
 With ``max_prefill_tokens``, step 2 prefills at most that many prompt columns: a longer prompt
 is prefilled in chunks, one per step, into its own cache (each chunk attends to the columns
-before it), and joins the running batch after its last chunk, so the running rows go on
-decoding meanwhile instead of waiting for the whole prompt.
+before it), and joins the running batch after its last chunk (after that step's decoding), so
+the running rows go on decoding meanwhile instead of waiting for the whole prompt.
+
+The cache is :class:`~peftlab.serving.kv_cache.SpareCache`: a decoding step writes its new
+column into room kept behind the rows instead of copying the whole cache.
 
 Padding columns are masked and positions are counted per row, so a row's logits are its own
 whatever else runs beside it (equal to decoding it alone within float rounding; greedy and
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from peftlab.core.peft_model import PeftModel
 from peftlab.serving.decoding import StopRules, choose
 from peftlab.serving.jobs import Row
+from peftlab.serving.small_batch import MAX_ROWS, small_batch_linear
 
 
 @dataclass
@@ -120,14 +123,20 @@ class RunningBatch:
         pad: int,
         observer: Callable[[Sequence[Row], torch.Tensor], None] | None = None,
         max_prefill_tokens: int | None = None,
+        small_batch_matmul: bool = False,
     ) -> None:
         """``observer(rows, logits)``, when given, sees every model call's next-token logits;
-        ``max_prefill_tokens`` (None: no limit) caps the prompt columns prefilled per step."""
+        ``max_prefill_tokens`` (None: no limit) caps the prompt columns prefilled per step;
+        ``small_batch_matmul`` computes the linear layers of calls with few tokens as
+        :mod:`peftlab.serving.small_batch` does."""
         if max_prefill_tokens is not None and max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}")
         self.max_prefill_tokens = max_prefill_tokens if self.chunked_prefill else None
         self.prefills: list[Prefill] = []  # admitted rows whose prompts are still being prefilled
+        # rows wholly prefilled in this step, joining after its decoding: cache, mask, rows, kept
+        self.ready: tuple[Any, torch.Tensor, list[Row], list[int]] | None = None
         self.model = model
+        self.small_batch_matmul = small_batch_matmul
         self.observer = observer
         self.rules = rules
         self.pad = pad
@@ -173,6 +182,13 @@ class RunningBatch:
             report.new_tokens += len(self.rows)
             self._decode()
         report.left += self._leave()
+        if self.ready is not None:
+            # rows whose last chunk (of several) was prefilled in this step join after its
+            # decoding, so that one step does not carry the last chunk, the join and the first
+            # decoding over the wider cache all at once
+            cache, mask, rows, keep = self.ready
+            self.ready = None
+            self._join_kept(cache, mask, rows, keep)
         return report
 
     @property
@@ -183,10 +199,16 @@ class RunningBatch:
     def clear(self) -> list[Row]:
         """Drop every row (after a failed step), those being prefilled too; returns them."""
         rows = [*self.rows, *self.prefilling]
-        self.prefills = []
+        if self.ready is not None:
+            rows += [self.ready[2][i] for i in self.ready[3]]
+        self.prefills, self.ready = [], None
+        self._empty()
+        return rows
+
+    def _empty(self) -> None:
+        """No running rows (rows being prefilled, or about to join, stay)."""
         self.rows, self.lengths, self.last = [], [], []
         self.cache = self.mask = None
-        return rows
 
     # ---- the model calls ------------------------------------------------------------------
     def _forward(
@@ -201,7 +223,8 @@ class RunningBatch:
         kwargs: dict[str, Any] = {self.cache_kwarg: cache, "use_cache": True}
         if self.keeps_logits:
             kwargs["logits_to_keep"] = 1
-        with torch.no_grad():
+        few = self.small_batch_matmul and ids.numel() <= MAX_ROWS
+        with torch.no_grad(), small_batch_linear(few):
             out = self.model(
                 input_ids=ids.to(self.device),
                 attention_mask=mask,
@@ -215,21 +238,21 @@ class RunningBatch:
         return logits
 
     def _prefill(self, rows: list[Row]) -> None:
-        from transformers import DynamicCache
+        from peftlab.serving.kv_cache import SpareCache
 
         ids, mask = self._prompts(rows, left=True)  # left padding: every row ends at the edge
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         mask = mask.to(self.device)
-        cache = DynamicCache()
+        cache = SpareCache()
         keep = self._first_tokens(rows, self._forward(ids, mask, positions, cache, rows))
         self._join_kept(cache, mask, rows, keep)
 
     def _start_prefill(self, rows: list[Row]) -> Prefill:
-        from transformers import DynamicCache
+        from peftlab.serving.kv_cache import SpareCache
 
         ids, mask = self._prompts(rows, left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return Prefill(rows, ids, mask.to(self.device), positions, DynamicCache())
+        return Prefill(rows, ids, mask.to(self.device), positions, SpareCache())
 
     def _prefill_chunk(self, report: StepReport) -> None:
         """Prefill the next at most ``max_prefill_tokens`` columns of the oldest admitted rows; at
@@ -274,7 +297,10 @@ class RunningBatch:
         report.new_tokens += len(rows)
         keep = self._first_tokens(rows, logits)
         report.left += [r for r in rows if r.finish_reason is not None]
-        self._join_kept(part.cache, part.mask, rows, keep)
+        if start == 0:  # prefilled in one step: decoded in this one too
+            self._join_kept(part.cache, part.mask, rows, keep)
+        else:
+            self.ready = (part.cache, part.mask, rows, keep)
 
     def _decode(self) -> None:
         assert self.mask is not None
@@ -331,7 +357,7 @@ class RunningBatch:
     def _join(
         self, cache: Any, mask: torch.Tensor, rows: list[Row], lengths: list[int], last: list[int]
     ) -> None:
-        from transformers import DynamicCache
+        from peftlab.serving.kv_cache import joined
 
         cache, mask = _trimmed(cache, mask)
         if self.cache is None or self.mask is None:
@@ -339,12 +365,7 @@ class RunningBatch:
         else:
             width = max(self.mask.shape[1], mask.shape[1])
             old, new = width - self.mask.shape[1], width - mask.shape[1]
-            layers = []
-            for a, b in zip(self.cache.layers, cache.layers, strict=True):
-                keys = torch.cat([_pad_left(a.keys, old), _pad_left(b.keys, new)], dim=0)
-                values = torch.cat([_pad_left(a.values, old), _pad_left(b.values, new)], dim=0)
-                layers.append((keys, values))
-            self.cache = DynamicCache(layers)
+            self.cache = joined(self.cache, cache)
             self.mask = torch.cat([F.pad(self.mask, (old, 0)), F.pad(mask, (new, 0))], dim=0)
         self.rows += rows
         self.lengths += lengths
@@ -357,7 +378,7 @@ class RunningBatch:
             return []
         keep = [i for i, r in enumerate(self.rows) if r.finish_reason is None]
         if not keep:
-            self.clear()
+            self._empty()
             return gone
         self._select(torch.tensor(keep, device=self.device))
         self.rows = [self.rows[i] for i in keep]
@@ -372,17 +393,11 @@ class RunningBatch:
         self.cache, self.mask = _trimmed(self.cache, self.mask[index])
 
 
-def _pad_left(states: torch.Tensor, columns: int) -> torch.Tensor:
-    """(batch, heads, seq, dim) states with ``columns`` zero positions in front."""
-    return F.pad(states, (0, 0, columns, 0)) if columns else states
-
-
 def _trimmed(cache: Any, mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
     """The cache and mask without the leading columns that no row uses."""
-    from transformers import DynamicCache
+    from peftlab.serving.kv_cache import trimmed
 
     unused = int((mask.sum(0) == 0).long().cumprod(0).sum())
     if unused == 0:
         return cache, mask
-    layers = [(layer.keys[:, :, unused:], layer.values[:, :, unused:]) for layer in cache.layers]
-    return DynamicCache(layers), mask[:, unused:]
+    return trimmed(cache, unused), mask[:, unused:]

@@ -40,6 +40,7 @@ from torch import nn
 from peftlab.methods.prefix.positions import PositionEmbedding, position_embeddings
 from peftlab.serving.continuous import RunningBatch
 from peftlab.serving.jobs import Row
+from peftlab.serving.small_batch import MAX_ROWS, small_batch_linear
 
 # modules that number decoder positions absolutely (learned or sinusoidal embeddings)
 _ABSOLUTE_POSITIONS = frozenset({"embed_positions", "wpe", "position_embeddings"})
@@ -174,9 +175,9 @@ class EncoderDecoderBatch(RunningBatch):
         self.encoder_mask: torch.Tensor | None = None  # (rows, source width)
         self.encoder: torch.Tensor | None = None  # (rows, source width, hidden): the encoder output
 
-    def clear(self) -> list[Row]:
+    def _empty(self) -> None:
+        super()._empty()
         self.encoder_mask = self.encoder = None
-        return super().clear()
 
     # ---- the model calls ------------------------------------------------------------------
     def _call(
@@ -184,7 +185,9 @@ class EncoderDecoderBatch(RunningBatch):
     ) -> tuple[torch.Tensor, Any]:
         """Next-token logits of ``rows`` and the model's output; ``shift`` moves each row's
         decoder positions (absolute ones) from the cache width to its own count of tokens."""
-        with contextlib.ExitStack() as stack, torch.no_grad():
+        ids = [v for k, v in inputs.items() if k.endswith("input_ids") and isinstance(v, torch.Tensor)]
+        few = self.small_batch_matmul and bool(ids) and all(v.numel() <= MAX_ROWS for v in ids)
+        with contextlib.ExitStack() as stack, torch.no_grad(), small_batch_linear(few):
             if shift is not None and bool(shift.any()):
                 for entry in self.positions:
                     stack.enter_context(RowPositions(entry, shift).installed())

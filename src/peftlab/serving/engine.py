@@ -53,6 +53,7 @@ from peftlab.serving.decoding import StopRules, eos_ids
 from peftlab.serving.encoder_decoder import EncoderDecoderBatch, is_encoder_decoder
 from peftlab.serving.jobs import Job, Row, SamplingParams, ServeError, StreamChunk, route_names
 from peftlab.serving.metrics import ServeMetrics
+from peftlab.serving.small_batch import wanted as small_batch_wanted
 from peftlab.serving.static import generate_batch
 from peftlab.training.encoding import pad_id
 
@@ -147,6 +148,7 @@ class Engine:
         adapter_paths: dict[str, str] | None = None,
         adapter_dirs: Sequence[str] = (),
         max_loaded_adapters: int | None = None,
+        small_batch_matmul: str = "auto",
     ) -> None:
         if not isinstance(model, PeftModel):
             raise TypeError("Engine needs a peftlab PeftModel (PeftModel(base) makes one with no adapter)")
@@ -205,12 +207,20 @@ class Engine:
         self.draining = False  # shutting down: running and queued rows finish, new ones get 503
         self.created = int(time.time())
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        # decoding steps of few rows: F.linear as weight @ x^T on an MKL CPU (serving/small_batch.py)
+        self.small_matmul = small_batch_wanted(small_batch_matmul, self._device)
         self.eos_ids = eos_ids(model.base_model, tokenizer)
         self._pad = pad_id(tokenizer, self.eos_ids)
         self.rules = StopRules(tokenizer, self.eos_ids, self._emit)
         batch_class = EncoderDecoderBatch if self.seq2seq else RunningBatch
         self._batch = (
-            batch_class(model, self.rules, self._pad, max_prefill_tokens=max_prefill_tokens)
+            batch_class(
+                model,
+                self.rules,
+                self._pad,
+                max_prefill_tokens=max_prefill_tokens,
+                small_batch_matmul=self.small_matmul,
+            )
             if batching == "continuous"
             else None
         )
@@ -681,7 +691,7 @@ class Engine:
         self.running_rows = len(rows)
         try:
             await loop.run_in_executor(
-                self._executor, generate_batch, self.model, self.rules, rows, self._pad
+                self._executor, generate_batch, self.model, self.rules, rows, self._pad, self.small_matmul
             )
         except Exception as err:
             log.exception("generation failed for a batch of %d", len(rows))

@@ -21,6 +21,7 @@ from peftlab.core.peft_model import PeftModel
 from peftlab.serving.decoding import SampledAsGreedy, StopRules
 from peftlab.serving.encoder_decoder import is_encoder_decoder
 from peftlab.serving.jobs import Row
+from peftlab.serving.small_batch import MAX_ROWS, small_batch_linear
 
 
 class RowTracker:
@@ -44,8 +45,11 @@ class RowTracker:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-def generate_batch(model: PeftModel, rules: StopRules, rows: Sequence[Row], pad: int) -> None:
-    """Decode ``rows`` to the end as one batched ``generate`` call (runs on the model worker)."""
+def generate_batch(
+    model: PeftModel, rules: StopRules, rows: Sequence[Row], pad: int, small_batch_matmul: bool = False
+) -> None:
+    """Decode ``rows`` to the end as one batched ``generate`` call (runs on the model worker);
+    ``small_batch_matmul``: few rows' linear layers as in :mod:`peftlab.serving.small_batch`."""
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -61,7 +65,7 @@ def generate_batch(model: PeftModel, rules: StopRules, rows: Sequence[Row], pad:
     processors = LogitsProcessorList()
     if any(r.params.temperature > 0 for r in rows):
         processors.append(SampledAsGreedy(rows))
-    with torch.no_grad():
+    with torch.no_grad(), small_batch_linear(small_batch_matmul and len(rows) <= MAX_ROWS):
         model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
