@@ -179,7 +179,8 @@ def serve_forever(
     print(
         f"peftlab serve: {engine.base_name} with adapters {list(engine.adapters) or 'none'} on "
         f"http://{host}:{port} ({engine.batching} batching, max batch {engine.max_batch_size}, context "
-        f"{engine.context_length or 'unknown'}, {loading})",
+        f"{engine.context_length or 'unknown'}, small-batch matmul {'on' if engine.small_matmul else 'off'}, "
+        f"{loading})",
         file=sys.stderr,
     )
     app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes or MAX_BODY_BYTES)
