@@ -440,6 +440,39 @@ class Rows:
         self.loop.close()
 
 
+def started(
+    model: PeftModel,
+    tokenizer: Any,
+    rows: Rows,
+    adapters: Sequence[str],
+    prompts: Sequence[list[int]],
+    max_tokens: int,
+    warm: int,
+    **options: Any,
+) -> RunningBatch:
+    """A RunningBatch of one row per adapter (on the prompts in order), prefilled, after ``warm``
+    untimed decoding steps."""
+    batch = RunningBatch(model, TimedRules(tokenizer), tokenizer.pad_token_id or 0, **options)
+    batch.step([rows.make(a, p, max_tokens) for a, p in zip(adapters, prompts, strict=False)])
+    for _ in range(warm):
+        batch.step()
+    return batch
+
+
+def alternate(
+    batches: dict[str, RunningBatch], steps: int, first: int, times: dict[str, list[float]], rows: int
+) -> None:
+    """``steps`` timed decoding steps of each batch, the order switching at every step (from round
+    ``first``'s), appended to ``times``; every step must decode ``rows`` rows and lose none."""
+    order = list(batches)
+    for s in range(steps):
+        for name in order if (first + s) % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            report = batches[name].step()
+            times.setdefault(name, []).append(time.perf_counter() - start)
+            assert report.decoded == rows and not report.left, report
+
+
 def measure_cb(
     model: PeftModel, tokenizer: Any, prompts: list[list[int]], steps: int, repeats: int, rows: Rows
 ) -> dict[str, list[float]]:
@@ -448,23 +481,14 @@ def measure_cb(
         "8 adapters of 4 methods": list(CB_ADAPTERS),
         "one LoRA (8 rows on lora-a)": [CB_ADAPTERS[0]] * len(CB_ADAPTERS),
     }
-    times: dict[str, list[float]] = {name: [] for name in plans}
+    times: dict[str, list[float]] = {}
     warm = 2
     for r in range(repeats):
-        batches = {}
-        for name, adapters in plans.items():
-            batch = RunningBatch(model, TimedRules(tokenizer), tokenizer.pad_token_id or 0)
-            batch.step([rows.make(a, p, steps + warm + 4) for a, p in zip(adapters, prompts, strict=True)])
-            for _ in range(warm):
-                batch.step()
-            batches[name] = batch
-        order = list(plans)
-        for s in range(steps):
-            for name in order if (r + s) % 2 == 0 else order[::-1]:
-                start = time.perf_counter()
-                report = batches[name].step()
-                times[name].append(time.perf_counter() - start)
-                assert report.decoded == len(prompts) and not report.left, report
+        batches = {
+            name: started(model, tokenizer, rows, adapters, prompts, steps + warm + 4, warm)
+            for name, adapters in plans.items()
+        }
+        alternate(batches, steps, r, times, len(prompts))
     return times
 
 
@@ -485,26 +509,16 @@ def measure_small(
     """Per-step times of RunningBatch decoding steps of 1-4 rows (adapters of the four methods),
     with ``small_batch_matmul`` off and on, step by step alternately."""
     times: dict[str, list[float]] = {}
-    for n in SMALL_ROWS:
-        for on in (False, True):
-            times[f"{n} row{'s' if n > 1 else ''}, small_batch_matmul {'on' if on else 'off'}"] = []
     adapters = [CB_ADAPTERS[i] for i in (0, 2, 4, 6)]  # lora-a, ia3-a, bn-a, prefix-a
     for r in range(repeats):
         for n in SMALL_ROWS:
-            batches = {}
-            for on in (False, True):
-                rules = TimedRules(tokenizer)
-                batch = RunningBatch(model, rules, tokenizer.pad_token_id or 0, small_batch_matmul=on)
-                batch.step([rows.make(a, p, steps + 6) for a, p in zip(adapters[:n], prompts, strict=False)])
-                batch.step()
-                name = f"{n} row{'s' if n > 1 else ''}, small_batch_matmul {'on' if on else 'off'}"
-                batches[name] = batch
-            order = list(batches)
-            for s in range(steps):
-                for name in order if (r + s) % 2 == 0 else order[::-1]:
-                    start = time.perf_counter()
-                    batches[name].step()
-                    times[name].append(time.perf_counter() - start)
+            batches = {
+                f"{n} row{'s' if n > 1 else ''}, small_batch_matmul {'on' if on else 'off'}": started(
+                    model, tokenizer, rows, adapters[:n], prompts, steps + 6, 1, small_batch_matmul=on
+                )
+                for on in (False, True)
+            }
+            alternate(batches, steps, r, times, n)
     return times
 
 

@@ -8,15 +8,17 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import socket
 import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import torch
@@ -35,6 +37,11 @@ from peftlab import (
 from peftlab.serving.continuous import RunningBatch
 from peftlab.serving.jobs import Job, Row, SamplingParams
 from suite_helpers import perturb
+
+if TYPE_CHECKING:
+    import pytest
+
+    from peftlab.serving import Engine
 
 EOS, PAD = 2, 0
 BASE = "tiny-llama"
@@ -158,6 +165,41 @@ def wait_until_serving(proc: subprocess.Popen[str], client: Client, timeout: flo
             pass
         assert time.monotonic() < deadline, "server did not come up"
         time.sleep(0.2)
+
+
+def slowed(monkeypatch: pytest.MonkeyPatch, engine: Engine, seconds: float) -> None:
+    """Every model call takes at least ``seconds``, so a request is reliably still running."""
+    forward = engine.model.forward
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", slow)
+
+
+@contextmanager
+def serve_process(
+    model_dir: Path, *options: str, timeout: float = 90
+) -> Iterator[tuple[subprocess.Popen[str], Client, int]]:
+    """``peftlab serve --model model_dir`` in its own process (offline, one thread, warnings only,
+    its output in a pipe) with ``options``, once it answers ``/health``: (process, client, port).
+    Killed at the end if still running."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "peftlab", "serve", "--model", str(model_dir), "--port", str(port)]
+    cmd += ["--threads", "1", "--log-level", "warning", *options]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}")
+        wait_until_serving(proc, client, timeout)
+        yield proc, client, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
 
 
 def alone(

@@ -6,10 +6,7 @@ what they get alone; and requests still running when ``--shutdown-grace`` runs o
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,15 +17,14 @@ from peftlab import PeftModel
 from serve_helpers import (
     BASE,
     PROMPTS,
-    Client,
     concurrently,
     engine_for,
-    free_port,
     offline,
+    serve_process,
     serving,
-    wait_until_serving,
+    slowed,
 )
-from test_serve_ops import long_running_model, raw_request, slowed
+from test_serve_ops import long_running_model, raw_request
 
 # ``folders`` (the four adapters saved) and ``reference`` (them loaded) are conftest's fixtures
 
@@ -125,14 +121,7 @@ def test_requests_running_when_the_grace_runs_out_get_a_json_503(tmp_path: Path)
     answered 503 in JSON ("shutting down"), the stream ends with an error event, the log has no
     traceback, and the process exits 0."""
     long_running_model(tmp_path / "model")
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "peftlab", "serve", "--model", str(tmp_path / "model"), "--port", str(port)]
-    cmd += ["--threads", "1", "--log-level", "warning", "--shutdown-grace", "2"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}")
-        wait_until_serving(proc, client, timeout=90)
+    with serve_process(tmp_path / "model", "--shutdown-grace", "2") as (proc, client, _):
         body = {"model": "model", "prompt": "w5 w6", "max_tokens": 1900, "temperature": 0}
         plain = raw_request(client, body)
         stream = raw_request(client, {**body, "stream": True})
@@ -150,12 +139,6 @@ def test_requests_running_when_the_grace_runs_out_get_a_json_503(tmp_path: Path)
             sock.close()
         assert proc.wait(timeout=60) == 0
         output = proc.stdout.read() if proc.stdout else ""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
     head, _, rest = answers[0].partition("\r\n\r\n")
     assert head.startswith("HTTP/1.1 503") and "application/json" in head, answers[0][:500]
     assert "the server is shutting down" in rest, rest[:500]

@@ -25,6 +25,7 @@ from serve_helpers import (
     engine_for,
     offline,
     serving,
+    slowed,
     tokenizer,
     wait_for,
 )
@@ -113,17 +114,6 @@ def samples(client: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
 
 def loads(got: dict[tuple[str, tuple[tuple[str, str], ...]], float], outcome: str = "ok") -> float:
     return got.get(("peftlab_adapter_loads_total", (("outcome", outcome), ("trigger", "on_demand"))), 0)
-
-
-def slowed(monkeypatch: pytest.MonkeyPatch, engine: Engine, seconds: float) -> None:
-    """Every model call takes at least ``seconds``, so a request is reliably still running."""
-    forward = engine.model.forward
-
-    def slow(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(seconds)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(engine.model, "forward", slow)
 
 
 def test_a_request_loads_an_adapter_folder_on_demand(

@@ -5,12 +5,9 @@ leave mid-request, bad input under concurrent load, and SIGTERM on a real server
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,26 +25,15 @@ from serve_helpers import (
     Client,
     concurrently,
     engine_for,
-    free_port,
     offline,
+    serve_process,
     serving,
+    slowed,
     tokenizer,
     wait_for,
-    wait_until_serving,
 )
 
 # ``folders`` (the four adapters saved) and ``reference`` (them loaded) are conftest's fixtures
-
-
-def slowed(monkeypatch: pytest.MonkeyPatch, engine: Engine, seconds: float) -> None:
-    """Every model call takes at least ``seconds``, so a request is reliably still running."""
-    forward = engine.model.forward
-
-    def slow(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(seconds)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(engine.model, "forward", slow)
 
 
 def jobs_of(monkeypatch: pytest.MonkeyPatch, engine: Engine) -> list[Job]:
@@ -327,14 +313,7 @@ def long_running_model(folder: Path) -> None:
 
 def test_sigterm_finishes_running_requests_then_exits_0(tmp_path: Path) -> None:
     long_running_model(tmp_path / "model")
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "peftlab", "serve", "--model", str(tmp_path / "model"), "--port", str(port)]
-    cmd += ["--threads", "1", "--log-level", "warning", "--shutdown-grace", "60"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}")
-        wait_until_serving(proc, client, timeout=90)
+    with serve_process(tmp_path / "model", "--shutdown-grace", "60") as (proc, client, port):
         tokens = 1000
         sock = raw_request(client, {"model": "model", "prompt": "w5 w6", "max_tokens": tokens, "stream": True,
                                     "temperature": 0, "stream_options": {"include_usage": True}})  # fmt: skip
@@ -362,12 +341,6 @@ def test_sigterm_finishes_running_requests_then_exits_0(tmp_path: Path) -> None:
         sock.close()
         assert proc.wait(timeout=60) == 0
         output = proc.stdout.read() if proc.stdout else ""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
     assert "SIGTERM: taking no new requests" in output and "peftlab serve: stopped" in output, output
     events = [e for e in received.decode(errors="replace").split("\r\n") if e.startswith("data: {")]
     usage = json.loads(events[-1][len("data: ") :])["usage"]

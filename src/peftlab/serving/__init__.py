@@ -23,7 +23,7 @@ from peftlab.extras import require
 from peftlab.models import ALIASES, DEFAULT_CAUSAL_LM, load_language_model, model_kind
 from peftlab.serving.adapters import check_adapter_folder, check_adapter_limit, check_adapter_name
 from peftlab.serving.engine import BATCHING, Engine, EngineStats, SamplingParams, ServeError
-from peftlab.serving.small_batch import wanted as small_batch_wanted
+from peftlab.serving.small_batch import check_choice as check_small_batch_choice
 
 __all__ = [
     "BATCHING",
@@ -70,7 +70,7 @@ def load_engine(
     base, as :func:`peftlab.models.load_base_model` loads it."""
     adapters = dict(adapters or {})
     # refused before anything is loaded
-    small_batch_wanted(engine_options.get("small_batch_matmul", "auto"), torch.device("cpu"))
+    check_small_batch_choice(engine_options.get("small_batch_matmul", "auto"))
     check_adapter_limit(
         engine_options.get("max_loaded_adapters"), list(adapters), engine_options.get("adapter_dirs", ())
     )

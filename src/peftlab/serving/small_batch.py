@@ -74,11 +74,16 @@ class SmallBatchLinear(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def check_choice(choice: str) -> None:
+    """A ValueError naming the choices unless ``choice`` is one of them."""
+    if choice not in CHOICES:
+        raise ValueError(f"small_batch_matmul must be one of {', '.join(CHOICES)}, got {choice!r}")
+
+
 def wanted(choice: str, device: torch.device) -> bool:
     """Whether ``choice`` (``auto``: on the CPU of a torch built with MKL; ``on``; ``off``) turns
     :class:`SmallBatchLinear` on for a model on ``device``."""
-    if choice not in CHOICES:
-        raise ValueError(f"small_batch_matmul must be one of {', '.join(CHOICES)}, got {choice!r}")
+    check_choice(choice)
     if choice == "auto":
         return device.type == "cpu" and torch.backends.mkl.is_available()
     return choice == "on"
