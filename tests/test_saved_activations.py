@@ -1,10 +1,14 @@
 """Activation outputs recomputed in backward instead of kept: loss and gradients bit-identical to
 the plain forward pass for every method and full fine-tuning, the gated MLP's activation really
 recomputed (once per layer), nothing recomputed where keeping the input would cost (Tanh keeps
-its output), and the training loop uses it."""
+its output), and the training loop uses it. Grouped-query attention on padded rows keeps its
+key/value heads unexpanded on the CPU: the same loss and gradients within fp32 rounding, fewer
+bytes saved for backward, the switch restored after, and the training loop uses it."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +22,13 @@ from peftlab.training import saved_activations
 from peftlab.training.encoding import Encoded
 from peftlab.training.lm_head import supervised_loss_sum
 from peftlab.training.loop import TrainConfig, TrainLoop
-from peftlab.training.saved_activations import activation_modules, recomputed_activations
+from peftlab.training.saved_activations import (
+    FORCE_GQA_ENV,
+    activation_modules,
+    grouped_sdpa_on_cpu,
+    recomputed_activations,
+    unexpanded_kv_heads,
+)
 from test_lm_head import METHODS, VOCAB, _batch, _nonzero
 from test_training import tiny_llama
 
@@ -180,3 +190,102 @@ def test_the_training_loop_recomputes(recomputed: list[str]) -> None:
         data.append(Encoded(ids, [-100] * 3 + ids[3:]))
     TrainLoop(model, data, TrainConfig(steps=2, batch_size=4, seed=0), pad_token_id=0).run(progress=False)
     assert recomputed == ["SiLUActivation"] * 4  # 2 layers x 2 steps
+
+
+def _saved_bytes_loss_and_grads(
+    model: nn.Module, unexpanded: bool
+) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
+    """Bytes of the activations autograd keeps (distinct storages, weights excluded), the loss
+    and the gradients of one forward and backward pass over a padded batch."""
+    batch, labels = _batch()
+    assert not bool(batch["attention_mask"].all())  # padded rows: transformers passes a mask
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    context = unexpanded_kv_heads(model) if unexpanded else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context:
+        loss = supervised_loss_sum(model, model, batch, labels)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return sum(saved.values()), loss.detach(), grads
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_grouped_attention_on_padded_rows_keeps_key_value_heads_unexpanded(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(FORCE_GQA_ENV, raising=False)
+    torch.manual_seed(0)
+    model: nn.Module = tiny_llama(VOCAB)  # 4 query heads, 2 key/value heads, sdpa
+    assert grouped_sdpa_on_cpu(model)
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, task_type=TaskType.CAUSAL_LM))
+        _nonzero(model)
+        assert grouped_sdpa_on_cpu(model)
+    else:
+        model.requires_grad_(True)
+    model.train()
+    plain_bytes, plain_loss, plain = _saved_bytes_loss_and_grads(model, unexpanded=False)
+    bytes_, loss, grads = _saved_bytes_loss_and_grads(model, unexpanded=True)
+    assert FORCE_GQA_ENV not in os.environ  # restored
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert set(grads) == set(plain) and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-5, msg=name)
+    # per layer, keys and values are kept with 2 heads, not repeated to 4: 2 x batch x 2 heads x
+    # seq x head_dim fp32 fewer
+    batch, _ = _batch()
+    rows, seq = batch["input_ids"].shape
+    config: Any = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    repeated = config.num_attention_heads - config.num_key_value_heads
+    assert plain_bytes - bytes_ == config.num_hidden_layers * 2 * rows * repeated * seq * head_dim * 4
+
+
+def test_unexpanded_heads_only_where_they_help_and_a_users_switch_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(FORCE_GQA_ENV, raising=False)
+    seen: list[str | None] = []
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
+    assert not grouped_sdpa_on_cpu(gpt2)  # no grouped key/value heads
+    with unexpanded_kv_heads(gpt2):
+        seen.append(os.environ.get(FORCE_GQA_ENV))
+    eager = tiny_llama(VOCAB)
+    eager.config._attn_implementation = "eager"
+    assert not grouped_sdpa_on_cpu(eager)  # not sdpa: nothing to ask
+    llama = tiny_llama(VOCAB)
+    with unexpanded_kv_heads(llama):
+        seen.append(os.environ.get(FORCE_GQA_ENV))
+    monkeypatch.setenv(FORCE_GQA_ENV, "0")  # the user's own setting wins
+    with unexpanded_kv_heads(llama):
+        seen.append(os.environ.get(FORCE_GQA_ENV))
+    assert seen == [None, "1", "0"] and os.environ[FORCE_GQA_ENV] == "0"
+    monkeypatch.delenv(FORCE_GQA_ENV)
+    with pytest.raises(RuntimeError, match="boom"), unexpanded_kv_heads(llama):
+        raise RuntimeError("boom")
+    assert FORCE_GQA_ENV not in os.environ  # restored on an error too
+
+
+def test_the_training_loop_keeps_key_value_heads_unexpanded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(FORCE_GQA_ENV, raising=False)
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(VOCAB), LoraConfig(r=4, task_type=TaskType.CAUSAL_LM))
+    seen: list[str | None] = []
+    attention = model.get_base_model().model.layers[0].self_attn
+    handle = attention.register_forward_pre_hook(lambda *_: seen.append(os.environ.get(FORCE_GQA_ENV)))
+    g = torch.Generator().manual_seed(2)
+    data = []
+    for i in range(8):
+        ids = torch.randint(3, VOCAB, (8 + i % 3,), generator=g).tolist()
+        data.append(Encoded(ids, [-100] * 3 + ids[3:]))
+    TrainLoop(model, data, TrainConfig(steps=2, batch_size=4, seed=0), pad_token_id=0).run(progress=False)
+    handle.remove()
+    assert seen == ["1", "1"] and FORCE_GQA_ENV not in os.environ

@@ -13,7 +13,9 @@ imports anything heavy, looks for jemalloc and, if it finds it and it is not loa
 itself again with the library in ``LD_PRELOAD`` (same process id, same arguments; children
 such as compare's workers inherit it). ``PEFTLAB_ALLOCATOR`` says what to use:
 
-- ``auto`` (the default): jemalloc if its library is found, else the system allocator;
+- ``auto`` (the default): jemalloc if its library is found (first in the active environment's
+  ``lib``, where ``./run setup`` puts Debian's ``libjemalloc2``, pinned and hash-checked; then
+  the system's), else the system allocator;
 - ``system``: the C library's malloc as it comes, nothing preloaded, nothing tuned;
 - ``glibc-tuned``: glibc's malloc with the tunables in :data:`GLIBC_TUNABLES`, a fixed 1 MiB
   mmap threshold (``GLIBC_TUNABLES`` is read by the C library when a process starts, so it is

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from peftlab.devices import Precision, device_of
 from peftlab.training.encoding import BatchStream, Encoded, collate, num_targets
 from peftlab.training.lm_head import supervised_loss_sum
-from peftlab.training.saved_activations import recomputed_activations
+from peftlab.training.saved_activations import recomputed_activations, unexpanded_kv_heads
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -378,7 +378,11 @@ class TrainLoop:
             # under DDP, only the last micro-batch all-reduces the accumulated gradients
             skip_sync = not last and isinstance(self.forward_module, DistributedDataParallel)
             with self.forward_module.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
-                with self.precision.autocast(), recomputed_activations(self.model):
+                with (
+                    self.precision.autocast(),
+                    recomputed_activations(self.model),
+                    unexpanded_kv_heads(self.model),
+                ):
                     summed = supervised_loss_sum(self.forward_module, self.model, batch, labels)
                 scaled = summed * scale
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
