@@ -289,3 +289,27 @@ def test_the_training_loop_keeps_key_value_heads_unexpanded(monkeypatch: pytest.
     TrainLoop(model, data, TrainConfig(steps=2, batch_size=4, seed=0), pad_token_id=0).run(progress=False)
     handle.remove()
     assert seen == ["1", "1"] and FORCE_GQA_ENV not in os.environ
+
+
+def test_activation_checkpointing_recomputes_with_the_same_unexpanded_heads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Checkpointing runs each layer's forward again in backward: the switch must hold there too
+    (else the recomputed keys/values are repeated and torch refuses their other shapes)."""
+    monkeypatch.delenv(FORCE_GQA_ENV, raising=False)
+    g = torch.Generator().manual_seed(2)
+    data = []
+    for i in range(8):  # rows of different lengths: padded batches
+        ids = torch.randint(3, VOCAB, (8 + i % 3,), generator=g).tolist()
+        data.append(Encoded(ids, [-100] * 3 + ids[3:]))
+    losses = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(VOCAB), LoraConfig(r=4, task_type=TaskType.CAUSAL_LM))
+        _nonzero(model)
+        if checkpointing:
+            model.activation_checkpointing_enable()  # type: ignore[operator]
+        loop = TrainLoop(model, data, TrainConfig(steps=2, batch_size=4, seed=0), pad_token_id=0)
+        losses.append(loop.run(progress=False).losses)
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-5)
+    assert FORCE_GQA_ENV not in os.environ

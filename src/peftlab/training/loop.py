@@ -377,12 +377,11 @@ class TrainLoop:
             last = number == len(pieces) - 1
             # under DDP, only the last micro-batch all-reduces the accumulated gradients
             skip_sync = not last and isinstance(self.forward_module, DistributedDataParallel)
-            with self.forward_module.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
-                with (
-                    self.precision.autocast(),
-                    recomputed_activations(self.model),
-                    unexpanded_kv_heads(self.model),
-                ):
+            # unexpanded key/value heads through the backward pass too: activation checkpointing
+            # runs the forward pass again there, and it must save what it saved the first time
+            sync = self.forward_module.no_sync() if skip_sync else contextlib.nullcontext()  # type: ignore[operator]
+            with sync, unexpanded_kv_heads(self.model):
+                with self.precision.autocast(), recomputed_activations(self.model):
                     summed = supervised_loss_sum(self.forward_module, self.model, batch, labels)
                 scaled = summed * scale
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()

@@ -30,7 +30,8 @@ that (~70 MiB for SmolLM2-135M at batch 4 x 128 in fp32, the difference between 
 fine-tuning peak 0.51 and 0.48 with ``peftlab train`` on padded rows). It does so because on CUDA
 a masked grouped SDPA falls back to the math kernel; PyTorch's CPU kernel runs it as it is
 (tested equal within fp32 rounding, and no slower), so on the CPU the training loop asks
-transformers for it through transformers' own switch, ``TRANSFORMERS_SDPA_FORCE_GQA``.
+transformers for it through transformers' own switch, ``TRANSFORMERS_SDPA_FORCE_GQA``, for each
+forward and backward pass.
 """
 
 from __future__ import annotations
@@ -162,9 +163,11 @@ def grouped_sdpa_on_cpu(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def unexpanded_kv_heads(model: nn.Module) -> Iterator[None]:
-    """For a forward pass run inside the block on the CPU with grouped-query attention, keep
-    key/value heads unexpanded under an attention mask too (see the module docstring). A
-    ``TRANSFORMERS_SDPA_FORCE_GQA`` the user set is left as it is."""
+    """For the passes run inside the block on the CPU with grouped-query attention, keep
+    key/value heads unexpanded under an attention mask too (see the module docstring). Run the
+    backward pass inside it as well: activation checkpointing recomputes the forward pass there,
+    and must save tensors of the shapes it saved the first time. A ``TRANSFORMERS_SDPA_FORCE_GQA``
+    the user set is left as it is."""
     if FORCE_GQA_ENV in os.environ or not grouped_sdpa_on_cpu(model):
         yield
         return
