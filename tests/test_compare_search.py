@@ -221,3 +221,35 @@ def test_an_extension_killed_before_its_rate_was_drawn_is_resumed(
     assert [lr for lr, _ in resumed.trained] == [1.8e-2, 5.4e-2]
     uninterrupted = _search(FakeSession(best_lr=1.0), _store(tmp_path, "clean.db"))
     assert (lr, [t.to_dict() for t in trials]) == (uninterrupted[0], [t.to_dict() for t in uninterrupted[1]])
+
+
+def test_a_trial_killed_after_the_pruner_stopped_it_stays_pruned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill after the pruner decided to stop a trial but before the study was told (the run
+    winding down, its attributes being written) leaves a RUNNING trial whose reports look as if
+    it went on; the resumed search stops it at the same validation, as an uninterrupted run
+    does, instead of training it to the end."""
+    import optuna
+
+    real_tell = optuna.study.Study.tell
+
+    def die_before_telling_a_prune(
+        study: Any, trial: Any, values: Any = None, state: Any = None, **kw: Any
+    ) -> Any:
+        if state == optuna.trial.TrialState.PRUNED:
+            raise Killed
+        return real_tell(study, trial, values, state, **kw)
+
+    store = _store(tmp_path)
+    monkeypatch.setattr(optuna.study.Study, "tell", die_before_telling_a_prune)
+    with pytest.raises(Killed):
+        _search(FakeSession(), store, "full")
+    monkeypatch.undo()
+    running = store.study(f"search:{LORA.name}").get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert len(running) == 1 and running[0].last_step == 5  # reported at the first rung, then killed
+    resumed = FakeSession()
+    lr, trials = _search(resumed, store, "full")
+    assert resumed.trained[0] == (running[0].params["learning_rate"], 20)  # stopped at the rung again
+    uninterrupted = _search(FakeSession(), _store(tmp_path, "clean.db"), "full")
+    assert (lr, [t.to_dict() for t in trials]) == (uninterrupted[0], [t.to_dict() for t in uninterrupted[1]])

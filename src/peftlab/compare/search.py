@@ -37,6 +37,9 @@ from peftlab.training.loop import TrainingDiverged
 
 PARAM = "learning_rate"
 EXTENSION = "extension"  # the user attribute marking a trial enqueued beyond the grid's edge
+# the user attribute recording the step at which the pruner stopped a trial, written as soon as it
+# decides: a worker killed before it tells the study leaves a trial that looks as if it went on
+PRUNED_AT = "pruned_at"
 REDUCTION_FACTOR = 3  # successive halving keeps the best third at each rung
 GRID_STEP = 3  # every factor in SEARCH_GRIDS is a power of it: one step further is x3 or /3
 MAX_EXTENSIONS = 2  # each costs a trial; two steps reach x27 / /27 of the preset from a quick grid
@@ -184,7 +187,9 @@ def _run_pending(
         trial = optuna.trial.Trial(study, frozen._trial_id)
         if PARAM not in frozen.params:  # killed between taking the trial and drawing its rate
             trial.suggest_float(PARAM, distribution.low, distribution.high, log=True)
-        _run_trial(session, study, trial, preset, frozen.last_step, on_start)
+        _run_trial(
+            session, study, trial, preset, frozen.last_step, on_start, frozen.user_attrs.get(PRUNED_AT)
+        )
         on_trial()
     while study.get_trials(deepcopy=False, states=(states.WAITING,)):
         trial = study.ask({PARAM: distribution})
@@ -210,10 +215,12 @@ def _run_trial(
     preset: MethodPreset,
     reported: int | None,
     on_start: Callable[[TrialStart], None] | None,
+    pruned_at: int | None = None,
 ) -> None:
     """Train one learning rate for the search budget (on the final run's schedule), reporting
     each validation loss to the pruner; ``reported``: the last step a killed run of this trial
-    already reported."""
+    already reported, ``pruned_at``: the step at which the pruner had stopped it (the kill came
+    before the study was told)."""
     optuna = optuna_module()
     lr = float(trial.params[PARAM])
     sizes = session.sizes
@@ -230,9 +237,13 @@ def _run_trial(
         metrics.append(result.metric)
         patience_ran_out = stopper(seen, result)  # as the final run will see it
         if reported is not None and step <= reported:
+            if step == pruned_at:  # decided before the kill: pruned here
+                pruned = True
+                return True
             return patience_ran_out  # decided before the kill: this trial went on
         trial.report(best[-1], step)
         if trial.should_prune():
+            trial.set_user_attr(PRUNED_AT, step)  # before anything else: see PRUNED_AT
             pruned = True
             return True
         return patience_ran_out
