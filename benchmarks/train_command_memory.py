@@ -36,13 +36,13 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from compare_memory import peak_of
 from targets import Targets
 
 METHODS = ("full", "lora")
@@ -74,20 +74,15 @@ def run_once(method: str, alloc: str, data: Path, out: Path, args: argparse.Name
     drop = ("LD_PRELOAD", "PEFTLAB_ALLOCATOR_PRELOADED", "GLIBC_TUNABLES")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PEFTLAB_ALLOCATOR"] = alloc
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd[2:])} failed:\n{err[-3000:]}")
+    peak, wall = peak_of(cmd, env)
     metrics = json.loads((out / "metrics.json").read_text())
     steps = metrics["history"]["step_times"][1:] or metrics["history"]["step_times"]
     return {
-        "peak_mib": usage.ru_maxrss / 1024,
+        "peak_mib": peak / 2**20,
         "step_s": statistics.median(steps),
         "allocator": metrics["allocator"],
         "max_length": metrics["lengths"]["max_length"],
-        "wall_s": time.perf_counter() - started,
+        "wall_s": wall,
     }
 
 

@@ -180,14 +180,20 @@ def test_no_hooks_are_left_behind_and_eval_is_untouched(recomputed: list[str]) -
     assert recomputed == []
 
 
-def test_the_training_loop_recomputes(recomputed: list[str]) -> None:
-    torch.manual_seed(0)
-    model = get_peft_model(tiny_llama(VOCAB), LoraConfig(r=4, task_type=TaskType.CAUSAL_LM))
+def _rows() -> list[Encoded]:
+    """8 training rows of 8-10 tokens (batches of them are padded), the first 3 not supervised."""
     g = torch.Generator().manual_seed(2)
     data = []
     for i in range(8):
         ids = torch.randint(3, VOCAB, (8 + i % 3,), generator=g).tolist()
         data.append(Encoded(ids, [-100] * 3 + ids[3:]))
+    return data
+
+
+def test_the_training_loop_recomputes(recomputed: list[str]) -> None:
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(VOCAB), LoraConfig(r=4, task_type=TaskType.CAUSAL_LM))
+    data = _rows()
     TrainLoop(model, data, TrainConfig(steps=2, batch_size=4, seed=0), pad_token_id=0).run(progress=False)
     assert recomputed == ["SiLUActivation"] * 4  # 2 layers x 2 steps
 
@@ -281,11 +287,7 @@ def test_the_training_loop_keeps_key_value_heads_unexpanded(monkeypatch: pytest.
     seen: list[str | None] = []
     attention = model.get_base_model().model.layers[0].self_attn
     handle = attention.register_forward_pre_hook(lambda *_: seen.append(os.environ.get(FORCE_GQA_ENV)))
-    g = torch.Generator().manual_seed(2)
-    data = []
-    for i in range(8):
-        ids = torch.randint(3, VOCAB, (8 + i % 3,), generator=g).tolist()
-        data.append(Encoded(ids, [-100] * 3 + ids[3:]))
+    data = _rows()
     TrainLoop(model, data, TrainConfig(steps=2, batch_size=4, seed=0), pad_token_id=0).run(progress=False)
     handle.remove()
     assert seen == ["1", "1"] and FORCE_GQA_ENV not in os.environ
@@ -297,11 +299,7 @@ def test_activation_checkpointing_recomputes_with_the_same_unexpanded_heads(
     """Checkpointing runs each layer's forward again in backward: the switch must hold there too
     (else the recomputed keys/values are repeated and torch refuses their other shapes)."""
     monkeypatch.delenv(FORCE_GQA_ENV, raising=False)
-    g = torch.Generator().manual_seed(2)
-    data = []
-    for i in range(8):  # rows of different lengths: padded batches
-        ids = torch.randint(3, VOCAB, (8 + i % 3,), generator=g).tolist()
-        data.append(Encoded(ids, [-100] * 3 + ids[3:]))
+    data = _rows()
     losses = []
     for checkpointing in (False, True):
         torch.manual_seed(0)

@@ -143,6 +143,8 @@ def recomputed_activations(model: nn.Module) -> Iterator[None]:
 # transformers' switch (``integrations/sdpa_attention.py``, ``use_gqa_in_sdpa``): "1" runs grouped
 # SDPA with ``enable_gqa=True`` even with an attention mask, instead of repeating the key/value heads
 FORCE_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+# SDPA's enable_gqa came with torch 2.5
+_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 def grouped_sdpa_on_cpu(model: nn.Module) -> bool:
@@ -151,8 +153,8 @@ def grouped_sdpa_on_cpu(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
-    if tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 5):
-        return False  # SDPA's enable_gqa came with torch 2.5
+    if not _SDPA_HAS_GQA:
+        return False
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None)
     if not isinstance(heads, int) or not isinstance(kv_heads, int) or not 0 < kv_heads < heads:
